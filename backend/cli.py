@@ -1,0 +1,76 @@
+"""The `clipseg` command: one entry point, subcommands implemented next to the code they drive.
+
+Each subcommand lives in a module exposing `configure(parser)` and `run(args) -> int`; the module is imported only
+when its subcommand is used, so `clipseg --help` stays instant and `clipseg serve` never imports training code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "model": ("clipseg_model.commands", "model utilities: `clipseg model init --preset P --out DIR`"),
+    "predict": ("clipseg_model.predict_command", "segment an image with phrases; writes mask PNGs and an overlay"),
+    "serve": ("backend.serve_command", "run the Label Studio ML backend (embedded Redis + worker when REDIS_URL is unset)"),
+    "worker": ("finetune.worker_command", "run an RQ worker for fine-tuning jobs"),
+    "scheduler": ("finetune.scheduler_command", "run the periodic fine-tune scheduler"),
+    "finetune": ("finetune.finetune_command", "queue (or run) a fine-tune for a project"),
+    "jobs": ("finetune.jobs_command", "list queued, running and failed jobs with progress"),
+    "versions": ("finetune.versions_command", "list model versions with metrics"),
+    "rollback": ("finetune.versions_command", "make an earlier model version active again"),
+    "status": ("finetune.status_command", "Redis, queue, workers and versions at a glance"),
+    "train": ("finetune.train_command", "train a model (RefCOCO or generated data)"),
+    "eval": ("finetune.eval_command", "evaluate a model: Dice, mIoU, oIoU, Prec@X, HTML report"),
+    "bench": ("clipseg_model.bench_command", "inference benchmark against HF CLIPSeg (random full-size weights)"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipseg",
+        description="Text-prompted segmentation for Label Studio.",
+        epilog="commands:\n" + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="see the list below")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv[1:]), run one subcommand and return its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv[:1] or ["--help"])
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"clipseg {name}", description=COMMANDS[name][1])
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: LOG_LEVEL or INFO)")
+    configure = getattr(module, f"configure_{name}", None) or module.configure
+    run = getattr(module, f"run_{name}", None) or module.run
+    configure(parser)
+    args = parser.parse_args(rest)
+    from backend.logs import setup_logging
+    from backend.settings import Settings
+
+    settings = Settings.from_env()
+    setup_logging(args.log_level or settings.log_level, settings.log_json)
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except UserFacingError as exc:  # one clear line, no traceback soup
+        logging.getLogger("clipseg").debug("details", exc_info=True)
+        print(f"clipseg {name}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+class UserFacingError(Exception):
+    """An error whose message is the whole story for the user (missing weights, bad input file, ...)."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

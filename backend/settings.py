@@ -1,0 +1,101 @@
+"""Settings: the one place that reads the environment.
+
+Every other module receives a `Settings` (or plain arguments) instead of calling `os.environ`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _mapping(value: str) -> dict[str, str]:
+    """Parse `person=a person;car=a car` (`;` or newline separated) into a dict."""
+    out: dict[str, str] = {}
+    for item in value.replace("\n", ";").split(";"):
+        if "=" in item:
+            key, val = item.split("=", 1)
+            if key.strip():
+                out[key.strip()] = val.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration. Field metadata names the environment variable and documents it."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"env": "MODEL", "help": "hub id or local directory of the model"})
+    device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto, cpu, cuda or cuda:N"})
+    bf16: bool = field(default=False, metadata={"env": "BF16", "help": "bf16 autocast on CPU (always on CUDA)"})
+    threshold: float = field(default=0.5, metadata={"env": "THRESHOLD", "help": "probability above which a pixel is in the mask"})
+    data_dir: Path = field(default=Path("data"), metadata={"env": "DATA_DIR", "help": "checkpoints, embedded Redis, spool"})
+    redis_url: str = field(default="", metadata={"env": "REDIS_URL", "help": "empty: `clipseg serve` starts an embedded Redis"})
+    label_studio_url: str = field(default="", metadata={"env": "LABEL_STUDIO_URL", "help": "base URL for image downloads; /setup's hostname when empty"})
+    label_studio_api_key: str = field(default="", metadata={"env": "LABEL_STUDIO_API_KEY", "help": "legacy token or personal access token; /setup's token when empty"})
+    basic_auth_user: str = field(default="", metadata={"env": "BASIC_AUTH_USER", "help": "HTTP basic auth user for the backend (off when empty)"})
+    basic_auth_pass: str = field(default="", metadata={"env": "BASIC_AUTH_PASS", "help": "HTTP basic auth password"})
+    prompt_field: str = field(default="", metadata={"env": "PROMPT_FIELD", "help": "task data field holding the phrase (e.g. expression)"})
+    label_prompts: Mapping[str, str] = field(default_factory=dict, metadata={"env": "LABEL_PROMPTS", "help": "label=phrase;... mapping"})
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={"env": "ALLOWED_IMAGE_HOSTS", "help": "extra hosts images may come from"})
+    allow_private_networks: bool = field(default=False, metadata={"env": "ALLOW_PRIVATE_NETWORKS", "help": "allow image URLs on private ranges"})
+    image_timeout: float = field(default=10.0, metadata={"env": "IMAGE_TIMEOUT", "help": "seconds per image download"})
+    max_image_pixels: int = field(default=50_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "help": "larger images are refused"})
+    max_request_bytes: int = field(default=32 * 1024 * 1024, metadata={"env": "MAX_REQUEST_BYTES", "help": "request body limit"})
+    polygon: bool = field(default=False, metadata={"env": "POLYGONS", "help": "answer PolygonLabels controls when both exist"})
+    finetune_every: int = field(default=20, metadata={"env": "FINETUNE_EVERY", "help": "new corrections per project that trigger a fine-tune"})
+    finetune_interval: int = field(default=3600, metadata={"env": "FINETUNE_INTERVAL", "help": "seconds between periodic checks"})
+    finetune_steps: int = field(default=200, metadata={"env": "FINETUNE_STEPS", "help": "optimizer steps per fine-tune"})
+    replay_ratio: float = field(default=1.0, metadata={"env": "REPLAY_RATIO", "help": "base samples per correction in a fine-tune"})
+    promote_epsilon: float = field(default=0.01, metadata={"env": "PROMOTE_EPSILON", "help": "allowed drop of the base score"})
+    refcoco_dir: str = field(default="", metadata={"env": "REFCOCO_DIR", "help": "local RefCOCO for replay (else generated data)"})
+    job_timeout: int = field(default=3600, metadata={"env": "JOB_TIMEOUT", "help": "seconds before an RQ job is killed"})
+    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "DEBUG, INFO, WARNING"})
+    log_json: bool = field(default=False, metadata={"env": "LOG_JSON", "help": "one JSON object per log line"})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Build settings from `environ` (default: the process environment); keyword overrides win."""
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if name not in env or f.name in overrides:
+                continue
+            raw = env[name]
+            kind = dict if callable(f.default_factory) else type(f.default)
+            if f.name == "allowed_hosts":
+                values[f.name] = _list(raw)
+            elif kind is dict:
+                values[f.name] = _mapping(raw)
+            elif kind is bool:
+                values[f.name] = _bool(raw)
+            elif kind is int:
+                values[f.name] = int(raw)
+            elif kind is float:
+                values[f.name] = float(raw)
+            elif f.name == "data_dir":
+                values[f.name] = Path(raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        return cls(**values)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, help) for every setting: the README table and the compose-file test use it."""
+    rows = []
+    for f in fields(Settings):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        rows.append((f.metadata["env"], str(default), f.metadata["help"]))
+    return rows

@@ -1,0 +1,4 @@
+"""Text-prompted segmentation models (CLIPSeg family): configs, architectures, checkpoints, predictor.
+
+Imports nothing from serving, queues or Label Studio.
+"""

@@ -1,0 +1,1 @@
+"""Datasets, training, evaluation and the RQ fine-tuning jobs."""
