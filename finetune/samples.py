@@ -1,0 +1,148 @@
+"""The one item type every dataset in `finetune` yields: an image, a referring phrase and its mask.
+
+Loaders (RefCOCO formats, generated shapes, Label Studio corrections) all return `ReferringSample`,
+so training and evaluation never need to know where a sample came from.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class ReferringSample:
+    """One referring-segmentation example.
+
+    Attributes:
+        image: RGB PIL image of size (W, H).
+        phrase: the referring expression, e.g. "the red circle".
+        mask: bool array of shape (H, W), True on the referred object.
+        source: short name of the dataset it came from ("shapes", "refcoco-hf", ...).
+        meta: free-form extras (ids, split, the concept a phrase tests); JSON-friendly values.
+    """
+
+    image: Image.Image
+    phrase: str
+    mask: np.ndarray
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Normalise once here so no consumer has to guess dtype or mode.
+        if self.image.mode != "RGB":
+            self.image = self.image.convert("RGB")
+        mask = np.asarray(self.mask)
+        if mask.ndim != 2:
+            raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+        if mask.dtype != bool:
+            mask = mask > 0
+        w, h = self.image.size
+        if mask.shape != (h, w):
+            raise ValueError(f"mask shape {mask.shape} does not match image size (H, W) = {(h, w)}")
+        self.mask = mask
+
+
+@runtime_checkable
+class ReferringDataset(Protocol):
+    """Anything indexable that yields `ReferringSample` (map-style, like a torch Dataset)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> ReferringSample: ...
+
+
+class SampleList:
+    """A `ReferringDataset` over an in-memory list of samples."""
+
+    def __init__(self, samples: Sequence[ReferringSample]) -> None:
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> ReferringSample:
+        return self.samples[index]
+
+
+class Subset:
+    """A view of `dataset` restricted to `indices` (kept in the given order)."""
+
+    def __init__(self, dataset: ReferringDataset, indices: Sequence[int]) -> None:
+        n = len(dataset)
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        bad = [i for i in self.indices if not -n <= i < n]
+        if bad:
+            raise IndexError(f"indices out of range for dataset of length {n}: {bad[:5]}")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> ReferringSample:
+        return self.dataset[self.indices[index]]
+
+
+class Concat:
+    """Several datasets one after another."""
+
+    def __init__(self, datasets: Sequence[ReferringDataset]) -> None:
+        self.datasets = list(datasets)
+        self._ends: list[int] = []
+        total = 0
+        for ds in self.datasets:
+            total += len(ds)
+            self._ends.append(total)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int) -> ReferringSample:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for length {n}")
+        which = bisect.bisect_right(self._ends, index)
+        start = self._ends[which - 1] if which else 0
+        return self.datasets[which][index - start]
+
+
+def subset(dataset: ReferringDataset, indices: Sequence[int]) -> Subset:
+    """Return a view of `dataset` holding only `indices`."""
+    return Subset(dataset, indices)
+
+
+def concat(*datasets: ReferringDataset) -> Concat:
+    """Return the datasets chained end to end."""
+    return Concat(datasets)
+
+
+def random_split(
+    dataset: ReferringDataset, fractions: Sequence[float], seed: int = 0
+) -> list[Subset]:
+    """Split `dataset` into disjoint random subsets with sizes proportional to `fractions`.
+
+    The last part takes the rounding remainder so that every index is used exactly once.
+    """
+    if not fractions or any(f < 0 for f in fractions):
+        raise ValueError("fractions must be non-empty and non-negative")
+    n = len(dataset)
+    order = np.random.default_rng(seed).permutation(n)
+    total = float(sum(fractions))
+    sizes = [int(n * f / total) for f in fractions[:-1]]
+    sizes.append(n - sum(sizes))
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(Subset(dataset, order[start : start + size].tolist()))
+        start += size
+    return parts
+
+
+def iterate(dataset: ReferringDataset) -> Iterator[ReferringSample]:
+    """Yield every sample of a map-style dataset in order."""
+    for i in range(len(dataset)):
+        yield dataset[i]
