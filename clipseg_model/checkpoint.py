@@ -1,0 +1,117 @@
+"""Checkpoint I/O: trainable weights in safetensors plus a JSON file holding the architecture, base model and
+version metadata. Never pickle. Directories are written atomically (temp dir + rename).
+
+Layout of a checkpoint directory:
+
+    clipseg_config.json   {"format": 1, "config": ModelConfig, "metadata": {"version": ..., "parent": ..., ...}}
+    trainable.safetensors the decoder (and any unfrozen CLIP layers)
+    base/                 optional: the pretrained backbone, when it is not a hub id (e.g. `clipseg model init`)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from clipseg_model.config import ModelConfig
+from clipseg_model.errors import CheckpointMismatchError
+from clipseg_model.segmenter_base import SegmentationModel
+
+CONFIG_FILE = "clipseg_config.json"
+WEIGHTS_FILE = "trainable.safetensors"
+FORMAT = 1
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, metadata) of a checkpoint directory; `config.base_model` resolved against the directory."""
+    path = Path(path)
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text())
+        config = ModelConfig.from_dict(data["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointMismatchError(f"{path / CONFIG_FILE} is not a valid checkpoint config: {exc}") from exc
+    if data.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{path}: checkpoint format {data.get('format')!r}, this code reads {FORMAT}")
+    base = config.base_model
+    if base and not os.path.isabs(base) and (path / base).exists():
+        config = config.replace(base_model=str((path / base).resolve()))
+    return config, dict(data.get("metadata") or {})
+
+
+def save_checkpoint(model: SegmentationModel, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                    base_dir: str | os.PathLike | None = None, move_base: bool = False) -> Path:
+    """Write `model`'s trainable weights and config to `out_dir` atomically; refuse to overwrite.
+
+    `base_dir`, when given, is copied (moved with `move_base`) to `out_dir/base` and the config points there,
+    which makes the directory self-contained.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"checkpoint directory {out_dir} already exists")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        config = model.config
+        if base_dir is not None:
+            (shutil.move if move_base else shutil.copytree)(str(base_dir), str(tmp / "base"))
+            config = config.replace(base_model="base")
+        meta = {"created": time.time(), **(metadata or {})}
+        state = model.trainable_state_dict()
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"architecture": config.architecture})
+        (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "config": config.to_dict(), "metadata": meta}, indent=2))
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_trainable_weights(model: SegmentationModel, checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint's trainable weights into `model` after checking they belong to it. Returns the metadata.
+
+    Raises CheckpointMismatchError naming the mismatch (architecture, missing/unexpected tensors, shapes), and for a
+    corrupt or truncated weights file.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    config, metadata = read_checkpoint_config(checkpoint_dir)
+    if config.architecture != model.config.architecture:
+        raise CheckpointMismatchError(
+            f"checkpoint {checkpoint_dir} is a {config.architecture!r} model; it cannot be loaded into a "
+            f"{model.config.architecture!r} model"
+        )
+    try:
+        state = load_file(str(checkpoint_dir / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointMismatchError(f"{checkpoint_dir / WEIGHTS_FILE} is unreadable ({exc})") from exc
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"checkpoint {checkpoint_dir} does not fit this {config.architecture} model: unexpected tensors "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointMismatchError(f"checkpoint {checkpoint_dir} has tensors of other shapes: {wrong[:5]}")
+    missing = sorted(k for k, p in model.named_parameters() if p.requires_grad and k not in state)
+    if missing:
+        raise CheckpointMismatchError(f"checkpoint {checkpoint_dir} lacks trainable tensors {missing[:5]}")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    model.version = str(metadata.get("version", checkpoint_dir.name))
+    return metadata

@@ -1,0 +1,153 @@
+"""Model configuration: one dataclass for both architectures, and the named presets.
+
+A `ModelConfig` is everything needed to rebuild a model: it is stored (as JSON) next to every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FILM_DECODER = "film-decoder"
+CLIPSEG_RD64 = "clipseg-rd64"
+ARCHITECTURES = (FILM_DECODER, CLIPSEG_RD64)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and preprocessing of a segmentation model.
+
+    `base_model` names the pretrained part: a CLIP checkpoint for `film-decoder`, a CLIPSeg checkpoint for
+    `clipseg-rd64` (hub id or local directory; relative paths are resolved against the checkpoint directory).
+    """
+
+    architecture: str = FILM_DECODER
+    base_model: str = "openai/clip-vit-base-patch16"
+    image_size: int = 224  # square network input, pixels
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    # --- film-decoder only ---
+    d_model: int = 768  # decoder width
+    n_layers: int = 3  # decoder transformer layers (self-attention + 4x FFN, post-norm)
+    n_heads: int = 12
+    dropout: float = 0.1
+    extract_layers: tuple[int, ...] = ()  # CLIP layers (1-based) whose tokens feed the decoder; () = last hidden state
+    learned_upsampler: bool = False  # transposed convolutions instead of one bilinear step
+    output_size: int = 224  # side of the logit map the model returns (seed: 224)
+    # --- both ---
+    unfreeze_last: int = 0  # train the last k CLIP vision layers too (0: CLIP frozen)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
+        object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
+        object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass(frozen=True)
+class TinyBackbone:
+    """Sizes of a random-weight CLIP/CLIPSeg backbone that `clipseg model init` builds for tests and benchmarks."""
+
+    hidden: int = 32
+    layers: int = 4
+    heads: int = 2
+    patch: int = 16
+    image: int = 64
+    projection: int = 32
+    text_layers: int = 2
+    reduce_dim: int = 16  # CLIPSeg decoder width
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: ModelConfig
+    description: str
+    backbone: TinyBackbone | None = None  # None: full-size (ViT-B/16 shapes)
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "seed": Preset(
+        ModelConfig(),
+        "the seed design: frozen CLIP ViT-B/16 at 224 px, last hidden state, FiLM, 3 post-norm layers, bilinear x16",
+    ),
+    "improved": Preset(
+        ModelConfig(
+            image_size=352,
+            d_model=256,
+            n_heads=8,
+            extract_layers=(3, 6, 9),
+            learned_upsampler=True,
+            output_size=352,
+        ),
+        "CLIP layers 3/6/9, 352 px with interpolated position embeddings, learned upsampler",
+    ),
+    "clipseg-rd64": Preset(
+        ModelConfig(
+            architecture=CLIPSEG_RD64,
+            base_model="CIDAS/clipseg-rd64-refined",
+            image_size=352,
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+            output_size=352,
+        ),
+        "transformers' CLIPSegForImageSegmentation (CIDAS/clipseg-rd64-refined): the zero-shot default",
+    ),
+    "tiny-seed": Preset(
+        ModelConfig(image_size=64, d_model=32, n_heads=2, n_layers=1, output_size=64),
+        "tests: the seed design on a tiny random CLIP",
+        TinyBackbone(),
+    ),
+    "tiny-improved": Preset(
+        ModelConfig(image_size=96, d_model=32, n_heads=2, n_layers=1, extract_layers=(1, 2, 3),
+                    learned_upsampler=True, output_size=96),
+        "tests: the improved options on a tiny random CLIP (trained at 64 px, run at 96 px)",
+        TinyBackbone(),
+    ),
+    "tiny-clipseg": Preset(
+        ModelConfig(architecture=CLIPSEG_RD64, base_model="", image_size=64, image_mean=IMAGENET_MEAN,
+                    image_std=IMAGENET_STD, output_size=64),
+        "tests: CLIPSegForImageSegmentation with a tiny random backbone",
+        TinyBackbone(),
+    ),
+    "small-film": Preset(
+        ModelConfig(image_size=96, d_model=64, n_heads=4, n_layers=2, extract_layers=(2, 4),
+                    learned_upsampler=True, output_size=96, unfreeze_last=4),
+        "CPU learning benchmark: small random CLIP (patch 8), vision tower trained from scratch",
+        TinyBackbone(hidden=64, layers=4, heads=4, patch=8, image=96, projection=64, text_layers=2),
+    ),
+}
+
+
+def preset(name: str) -> Preset:
+    """Look a preset up by name, with the list of valid names in the error."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

@@ -1,0 +1,132 @@
+"""`film-decoder`: the seed design. Frozen CLIP encodes image and phrase; FiLM conditions the image tokens on the
+phrase (`gamma(t) * x + beta(t)`); a few post-norm transformer layers decode; a linear head gives one logit per
+patch; upsampling gives the mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel
+
+from clipseg_model.config import ModelConfig
+from clipseg_model.segmenter_base import ImageFeatures, SegmentationModel, run_vision_layers
+from clipseg_model.text import tokenize
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation: x * gamma(t) + beta(t), both linear in the text embedding."""
+
+    def __init__(self, text_dim: int, d_model: int):
+        super().__init__()
+        self.gamma = nn.Linear(text_dim, d_model)
+        self.beta = nn.Linear(text_dim, d_model)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """x: (P, T, d_model) tokens, text: (P, text_dim) → (P, T, d_model)."""
+        return self.gamma(text).unsqueeze(1) * x + self.beta(text).unsqueeze(1)
+
+
+class LearnedUpsampler(nn.Module):
+    """Patch grid → pixels with transposed convolutions (x`scale`), in place of one bilinear step."""
+
+    def __init__(self, d_model: int, scale: int):
+        super().__init__()
+        if scale & (scale - 1):
+            raise ValueError(f"learned upsampler needs a power-of-two patch size, got {scale}")
+        hidden = max(16, d_model // 2)
+        layers: list[nn.Module] = [nn.Conv2d(d_model, hidden, 3, padding=1), nn.GELU()]
+        while scale > 1:
+            step = 4 if scale % 4 == 0 else 2
+            out = max(8, hidden // 2)
+            layers += [nn.ConvTranspose2d(hidden, out, step, stride=step), nn.GELU()]
+            hidden, scale = out, scale // step
+        layers.append(nn.Conv2d(hidden, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """(P, d_model, g, g) → (P, 1, g * scale, g * scale)."""
+        return self.net(grid)
+
+
+class FilmDecoderModel(SegmentationModel):
+    """CLIP ViT + FiLM + transformer decoder. See `ModelConfig` for the options the `seed`/`improved` presets set."""
+
+    def __init__(self, config: ModelConfig, clip: CLIPModel, tokenizer):
+        super().__init__()
+        self.config = config
+        # One CLIPModel holds both towers (the same weights as CLIPVisionModelWithProjection +
+        # CLIPTextModelWithProjection, read from the checkpoint once).
+        self.clip = clip
+        self.vision = clip.vision_model  # embeddings, pre_layrnorm, encoder
+        self.tokenizer = tokenizer
+        vision_cfg, text_cfg = clip.config.vision_config, clip.config.text_config
+        width = vision_cfg.hidden_size
+        self.patch_size = vision_cfg.patch_size
+        self.text_max_positions = text_cfg.max_position_embeddings
+        text_dim = clip.config.projection_dim
+        n_vision_layers = vision_cfg.num_hidden_layers
+        self.read_layers = config.extract_layers or (n_vision_layers,)
+        if max(self.read_layers) > n_vision_layers:
+            raise ValueError(f"extract_layers {config.extract_layers} exceed the {n_vision_layers} CLIP layers")
+
+        # Several layers are projected and summed; the seed reads the last layer as is (width == d_model there).
+        if len(self.read_layers) == 1 and width == config.d_model:
+            self.reduces = nn.ModuleList([nn.Identity()])
+        else:
+            self.reduces = nn.ModuleList([nn.Linear(width, config.d_model) for _ in self.read_layers])
+        self.film = FiLM(text_dim, config.d_model)
+        layer = nn.TransformerEncoderLayer(
+            config.d_model, config.n_heads, dim_feedforward=4 * config.d_model, dropout=config.dropout,
+            activation="gelu", batch_first=True, norm_first=False,
+        )
+        self.blocks = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
+        if config.learned_upsampler:
+            self.upsampler: nn.Module | None = LearnedUpsampler(config.d_model, self.patch_size)
+            self.head = None
+        else:
+            self.upsampler = None
+            self.head = nn.Linear(config.d_model, 1)
+        self.apply_freezing()
+
+    def backbone_modules(self) -> list[nn.Module]:
+        return [self.clip]
+
+    def unfreezable_layers(self) -> list[nn.Module]:
+        return list(self.vision.encoder.layers[: max(self.read_layers)])
+
+    def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        """(B, 3, S, S) → features: one (B, 1 + (S/patch)^2, width) tensor per read layer."""
+        grad = torch.is_grad_enabled() and self.config.unfreeze_last > 0
+        with torch.set_grad_enabled(grad):
+            layers = run_vision_layers(
+                self.vision.embeddings, self.vision.pre_layrnorm, self.vision.encoder.layers,
+                pixel_values.to(self.device), self.read_layers,
+            )
+        return ImageFeatures(layers)
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """P phrases → (P, projection_dim) CLIP text embeddings."""
+        tokens = tokenize(self.tokenizer, prompts, self.text_max_positions, self.device)
+        with torch.no_grad():
+            return self.clip.get_text_features(**tokens).pooler_output
+
+    def decode(self, features: ImageFeatures, text: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of B images + (P, text_dim) embeddings → logits (P, output_size, output_size)."""
+        if image_index is not None:
+            features = features.select(image_index.to(features.layers[0].device))
+        x = sum(reduce(h) for reduce, h in zip(self.reduces, features.layers))  # (P, 1 + N, d_model)
+        x = self.film(x, text.to(x.dtype))
+        x = self.blocks(x)[:, 1:]  # drop CLS: (P, N, d_model)
+        grid = int(math.isqrt(x.shape[1]))
+        if self.upsampler is not None:
+            maps = self.upsampler(x.transpose(1, 2).reshape(x.shape[0], -1, grid, grid))  # (P, 1, g*patch, g*patch)
+        else:
+            maps = self.head(x).transpose(1, 2).reshape(x.shape[0], 1, grid, grid)  # (P, 1, g, g)
+        size = self.config.output_size
+        if maps.shape[-1] != size:
+            maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+        return maps[:, 0]

@@ -1,0 +1,64 @@
+"""`clipseg predict IMAGE "phrase" ... --out DIR`: try a model by hand; writes mask PNGs and an overlay."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from backend.settings import Settings
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    settings = Settings.from_env()
+    parser.add_argument("image", type=Path)
+    parser.add_argument("phrases", nargs="+", help="one or more referring phrases")
+    parser.add_argument("--model", default=settings.model, help=f"directory or hub id (default: MODEL or {settings.model})")
+    parser.add_argument("--out", type=Path, default=Path("predictions"))
+    parser.add_argument("--threshold", type=float, default=settings.threshold)
+    parser.add_argument("--device", default=settings.device)
+    parser.add_argument("--bf16", action="store_true", default=settings.bf16)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-")[:40] or "prompt"
+
+
+def overlay(image: Image.Image, masks: list[np.ndarray], alpha: float = 0.5) -> Image.Image:
+    """Colour each (H, W) bool mask over `image` (RGB) with its own palette colour."""
+    canvas = np.asarray(image, dtype=np.float32).copy()
+    for i, mask in enumerate(masks):
+        colour = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * colour
+    return Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+
+
+def run(args: argparse.Namespace) -> int:
+    from backend.cli import UserFacingError
+    from clipseg_model.errors import CheckpointMismatchError, ModelNotAvailableError
+    from clipseg_model.image_io import to_display_rgb
+    from clipseg_model.loading import load_model
+    from clipseg_model.predictor import Segmenter
+
+    try:
+        image = to_display_rgb(Image.open(args.image))
+    except (OSError, ValueError) as exc:
+        raise UserFacingError(f"cannot read image {args.image}: {exc}") from exc
+    try:
+        model = load_model(args.model, args.device)
+    except (ModelNotAvailableError, CheckpointMismatchError) as exc:
+        raise UserFacingError(str(exc)) from exc
+    segmenter = Segmenter(model, threshold=args.threshold, bf16=args.bf16)
+    predictions = segmenter.predict(image, args.phrases)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, pred in enumerate(predictions):
+        path = args.out / f"mask_{i:02d}_{_slug(pred.prompt)}.png"
+        Image.fromarray(pred.mask.astype(np.uint8) * 255, "L").save(path)
+        print(f"{pred.prompt!r}: {int(pred.mask.sum())} px ({pred.mask.mean():.1%}), score {pred.score:.3f} -> {path}")
+    overlay(image, [p.mask for p in predictions]).save(args.out / "overlay.png")
+    print(f"overlay -> {args.out / 'overlay.png'} (model {model.version})")
+    return 0

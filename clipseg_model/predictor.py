@@ -1,0 +1,155 @@
+"""The predictor: images and phrases in, one probability map, mask and score per phrase out.
+
+All phrases of an image share one vision pass; several images are batched; repeated phrases and re-prompted
+images come from bounded caches; bf16 autocast is available on CPU and fp16 autocast is used on CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipseg_model.caches import LRUCache
+from clipseg_model.image_io import image_digest, to_display_rgb
+from clipseg_model.segmenter_base import ImageFeatures, SegmentationModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MaskPrediction:
+    """One phrase's answer at the image's displayed (EXIF-transposed) size H x W."""
+
+    prompt: str
+    probability: np.ndarray  # (H, W) float32 in [0, 1]
+    mask: np.ndarray  # (H, W) bool, probability > threshold
+    score: float  # mean probability inside the mask (0 when empty): low = uncertain, review first
+
+
+class Segmenter:
+    """Thread-safe predictor around a `SegmentationModel`; `swap_model` replaces it between requests."""
+
+    def __init__(
+        self,
+        model: SegmentationModel,
+        threshold: float = 0.5,
+        bf16: bool = False,
+        text_cache_entries: int = 4096,
+        feature_cache_bytes: int = 512 * 1024 * 1024,
+        max_prompts_per_pass: int = 64,
+    ):
+        self.threshold = threshold
+        self.bf16 = bf16
+        self.max_prompts_per_pass = max_prompts_per_pass
+        self.text_cache: LRUCache[torch.Tensor] = LRUCache(text_cache_entries)
+        self.feature_cache: LRUCache[ImageFeatures] = LRUCache(feature_cache_bytes, lambda f: f.nbytes)
+        self._lock = threading.RLock()
+        self.model = model
+
+    # ---- model management ----------------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def swap_model(self, model: SegmentationModel) -> None:
+        """Serve `model` from the next call on; caches of the old model are dropped."""
+        with self._lock:
+            self.model = model.eval()
+            self.text_cache.clear()
+            self.feature_cache.clear()
+        log.info("now serving model version %s", model.version)
+
+    def _autocast(self):
+        device = self.model.device
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        if self.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- building blocks -----------------------------------------------------------------------------
+    def _text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(P, D) float32 embeddings, encoding only phrases not cached yet (in one batch)."""
+        key = lambda p: (self.model.version, self.bf16, p)  # noqa: E731
+        missing = sorted({p for p in prompts if self.text_cache.get(key(p)) is None})
+        if missing:
+            with self._autocast():
+                fresh = self.model.encode_text(missing).float()
+            for prompt, row in zip(missing, fresh):
+                self.text_cache.put(key(prompt), row.clone())
+        rows = [self.text_cache.get(key(p)) for p in prompts]
+        if any(r is None for r in rows):  # evicted in between (tiny cache): compute directly
+            with self._autocast():
+                return self.model.encode_text(list(prompts)).float()
+        return torch.stack(rows)  # type: ignore[arg-type]
+
+    def _image_features(self, images: Sequence[Image.Image]) -> ImageFeatures:
+        """Features of every image, with one vision pass over the ones not cached."""
+        keys = [(self.model.version, self.bf16, image_digest(im)) for im in images]
+        cached = {k: self.feature_cache.get(k) for k in set(keys)}
+        todo = [k for k, v in cached.items() if v is None]
+        if todo:
+            first = {k: im for k, im in zip(keys, images)}
+            pixels = self.model.preprocess([first[k] for k in todo]).to(self.model.device)
+            with self._autocast():
+                features = self.model.encode_images(pixels)
+            for k, single in zip(todo, features.split()):
+                single = ImageFeatures([h.clone() for h in single.layers])
+                cached[k] = single
+                self.feature_cache.put(k, single)
+        return ImageFeatures.cat([cached[k] for k in keys])  # type: ignore[misc]
+
+    # ---- public API ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """Raw logits at model resolution: for image i, a (P_i, S, S) float32 tensor. Images must be RGB."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompt lists")
+        with self._lock:
+            flat = [p for group in prompts for p in group]
+            if not flat:
+                return [torch.zeros(0, self.model.config.output_size, self.model.config.output_size) for _ in images]
+            features = self._image_features(images)
+            text = self._text_embeddings(flat)
+            index = torch.tensor([i for i, group in enumerate(prompts) for _ in group], device=self.model.device)
+            chunks = []
+            for start in range(0, len(flat), self.max_prompts_per_pass):
+                sl = slice(start, start + self.max_prompts_per_pass)
+                with self._autocast():
+                    chunks.append(self.model.decode(features, text[sl].to(self.model.device), index[sl]).float())
+            out = torch.cat(chunks)
+        return list(out.split([len(g) for g in prompts]))
+
+    def predict_batch(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]]) -> list[list[MaskPrediction]]:
+        """For each image its list of `MaskPrediction`s, one per phrase, at the image's displayed size."""
+        shown = [to_display_rgb(im) for im in images]
+        all_logits = self.logits(shown, prompts)
+        results = []
+        for image, group, logits in zip(shown, prompts, all_logits):
+            results.append(self._postprocess(group, logits, image.size))
+        return results
+
+    def predict(self, image: Image.Image, prompts: Sequence[str]) -> list[MaskPrediction]:
+        """One image, P phrases → P predictions (an empty list for no phrases)."""
+        return self.predict_batch([image], [list(prompts)])[0]
+
+    def _postprocess(self, prompts: Sequence[str], logits: torch.Tensor, size: tuple[int, int]) -> list[MaskPrediction]:
+        width, height = size
+        if not len(prompts):
+            return []
+        prob = torch.sigmoid(logits).unsqueeze(1)  # (P, 1, S, S)
+        prob = F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)[:, 0].clamp_(0, 1)
+        prob_np = prob.cpu().numpy().astype(np.float32, copy=False)
+        out = []
+        for prompt, p in zip(prompts, prob_np):
+            mask = p > self.threshold
+            score = float(p[mask].mean()) if mask.any() else 0.0
+            out.append(MaskPrediction(prompt, p, mask, score))
+        return out

@@ -1,0 +1,160 @@
+"""The interface both architectures implement: encode images once, decode many prompts.
+
+    features = model.encode_images(pixel_values)          # vision pass, once per image
+    text = model.encode_text(["left player", "ball"])     # (P, D), cacheable per phrase
+    logits = model.decode(features, text, image_index)    # (P, S, S), one map per prompt
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from clipseg_model.config import ModelConfig
+
+
+@dataclass
+class ImageFeatures:
+    """Vision activations of a batch of images.
+
+    `layers[i]` has shape (B, 1 + N, C): CLS token then N patch tokens, for the i-th layer the decoder reads.
+    """
+
+    layers: list[torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].shape[0]
+
+    def select(self, index: torch.Tensor) -> "ImageFeatures":
+        """Rows `index` (shape (P,), long) of every layer: (P, 1 + N, C) each — one row per prompt."""
+        return ImageFeatures([h.index_select(0, index) for h in self.layers])
+
+    def to(self, device: torch.device | str) -> "ImageFeatures":
+        return ImageFeatures([h.to(device) for h in self.layers])
+
+    def split(self) -> list["ImageFeatures"]:
+        """One `ImageFeatures` per image (views, no copy)."""
+        return [ImageFeatures([h[i : i + 1] for h in self.layers]) for i in range(self.batch_size)]
+
+    @staticmethod
+    def cat(items: Sequence["ImageFeatures"]) -> "ImageFeatures":
+        return ImageFeatures([torch.cat(parts, 0) for parts in zip(*(f.layers for f in items))])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self.layers)
+
+
+def run_vision_layers(
+    embeddings: nn.Module,
+    pre_layernorm: nn.Module,
+    layers: Sequence[nn.Module],
+    pixel_values: torch.Tensor,
+    wanted: Sequence[int],
+) -> list[torch.Tensor]:
+    """Run a CLIP vision tower only as deep as needed.
+
+    Args:
+        pixel_values: (B, 3, S, S) normalised images; S may differ from the pretraining size (position
+            embeddings are interpolated).
+        wanted: 1-based layer numbers whose outputs are returned; 0 means the embeddings themselves.
+    Returns:
+        One (B, 1 + N, C) tensor per entry of `wanted`, in that order. Layers after max(wanted) never run.
+    """
+    depth = max(wanted)
+    if depth > len(layers):
+        raise ValueError(f"layer {depth} requested but the vision tower has {len(layers)} layers")
+    hidden = pre_layernorm(embeddings(pixel_values, interpolate_pos_encoding=True))
+    outputs = {0: hidden}
+    for number, layer in enumerate(layers[:depth], start=1):
+        hidden = layer(hidden, None)
+        if isinstance(hidden, tuple):  # older transformers return (hidden,)
+            hidden = hidden[0]
+        outputs[number] = hidden
+    return [outputs[i] for i in wanted]
+
+
+class SegmentationModel(nn.Module):
+    """Base class of the model family. Subclasses build `self.vision_layers` etc. and implement the hooks."""
+
+    config: ModelConfig
+    version: str = "untrained"
+
+    # ---- hooks -------------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        """(B, 3, S, S) float → features of the B images."""
+        raise NotImplementedError
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """P phrases → (P, D) float text embeddings (truncated to the tokenizer's 77 tokens)."""
+        raise NotImplementedError
+
+    def decode(self, features: ImageFeatures, text: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (P, S_out, S_out) for P prompts; prompt p looks at image `image_index[p]` (default p)."""
+        raise NotImplementedError
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """The pretrained CLIP modules (frozen, eval mode, unless unfrozen)."""
+        raise NotImplementedError
+
+    def unfreezable_layers(self) -> list[nn.Module]:
+        """Vision layers that `unfreeze_last=k` may train, shallowest first."""
+        raise NotImplementedError
+
+    # ---- shared behaviour ----------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Training path: B images and B phrases (one each) → logits (B, S_out, S_out)."""
+        if len(prompts) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images but {len(prompts)} prompts")
+        return self.decode(self.encode_images(pixel_values), self.encode_text(prompts))
+
+    def apply_freezing(self) -> None:
+        """Freeze the backbone except its last `config.unfreeze_last` vision layers."""
+        for module in self.backbone_modules():
+            module.requires_grad_(False)
+        k = self.config.unfreeze_last
+        if k:
+            for layer in self.unfreezable_layers()[-k:]:
+                layer.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SegmentationModel":
+        """Like nn.Module.train, but frozen backbone parts stay in eval mode (no dropout, fixed statistics)."""
+        super().train(mode)
+        if mode:
+            for module in self.backbone_modules():
+                if not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that receive gradients: the decoder, plus unfrozen CLIP layers."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """State of the trainable part only: what a checkpoint stores."""
+        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        buffers = {name for name, _ in self.decoder_named_buffers()}
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k in names or k in buffers}
+
+    def decoder_named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def preprocess(self, images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
+        """RGB PIL images → (B, 3, S, S) float32, resized (no crop: masks must cover the whole image) and
+        normalised with the backbone's mean/std."""
+        size = size or self.config.image_size
+        arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) for im in images]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
+        mean = torch.tensor(self.config.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.image_std).view(1, 3, 1, 1)
+        return (batch - mean) / std
