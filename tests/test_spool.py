@@ -1,0 +1,133 @@
+"""Spool: events survive Redis being down (dead port, then a real redis-server killed and restarted)."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from finetune.corrections import CorrectionStore
+from finetune.spool import Spool, accept_event
+from tests.fixtures.webhooks import annotation_event, brush_region, deleted_event, scene
+
+DEAD_URL = "redis://127.0.0.1:1/13"  # nothing listens on port 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _events(n: int, image_seed: int = 0) -> tuple[bytes, list[dict]]:
+    image, mask = scene(seed=image_seed)
+    return image, [annotation_event([brush_region(mask)], annotation_id=100 + i, task_id=i) for i in range(n)]
+
+
+def _factory(url: str):
+    return lambda: CorrectionStore(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1))
+
+
+def test_append_is_atomic_and_ordered(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    paths = [spool.append({"action": "ANNOTATION_CREATED", "i": i}) for i in range(50)]
+    assert spool.pending() == paths
+    assert [json.loads(p.read_text())["i"] for p in spool.pending()] == list(range(50))
+    assert not list((tmp_path / "spool").glob(".tmp-*"))
+
+
+def test_redis_down_spools_then_replays(tmp_path, redis_url):
+    spool = Spool(tmp_path / "spool")
+    image, events = _events(5)
+    loader = lambda task: image  # noqa: E731
+    assert [accept_event(e, _factory(DEAD_URL), spool, loader) for e in events] == ["spooled"] * 5
+    assert len(spool) == 5
+    assert accept_event(deleted_event(101), _factory(DEAD_URL), spool, loader) == "spooled"
+    # Redis is back: the next event replays the spool first, in order, then is stored itself
+    _, mask = scene(seed=1)
+    late = annotation_event([brush_region(mask)], annotation_id=200, task_id=50)
+    assert accept_event(late, _factory(redis_url), spool, loader) == "stored"
+    assert len(spool) == 0
+    store = _factory(redis_url)()
+    assert sorted(s.annotation_id for s in store.samples(1)) == [100, 102, 103, 104, 200]
+    assert store.count(1) == 5
+
+
+def test_pending_events_keep_order_while_replay_cannot_finish(tmp_path, redis_url):
+    spool = Spool(tmp_path / "spool")
+    image, mask = scene(seed=2)
+    _, mask2 = scene(seed=3)
+    created = annotation_event([brush_region(mask)], annotation_id=7)
+    assert accept_event(created, _factory(DEAD_URL), spool, lambda t: image) == "spooled"
+
+    def flaky_loader(task):  # Label Studio down during replay: the spooled event stays, the new one queues behind
+        raise OSError("LS unreachable")
+
+    updated = annotation_event([brush_region(mask2)], annotation_id=7, action="ANNOTATION_UPDATED",
+                               updated_at="2026-11-26T21:00:00Z")
+    assert accept_event(updated, _factory(redis_url), spool, flaky_loader) == "spooled"
+    assert len(spool) == 2
+    result = spool.replay(_factory(redis_url)(), lambda t: image)
+    assert (result.replayed, result.pending, result.error) == (2, 0, None)
+    [s] = _factory(redis_url)().samples(1)
+    assert np.array_equal(s.mask, mask2)  # the update won, as in Label Studio
+
+
+def test_malformed_file_is_set_aside(tmp_path, redis_url):
+    spool = Spool(tmp_path / "spool")
+    image, events = _events(2)
+    spool.append(events[0])
+    (spool.dir / f"{time.time_ns():020d}-0-000000.json").write_text("{not json")
+    spool.append({"action": "ANNOTATION_CREATED", "annotation": {}})  # no id
+    spool.append(events[1])
+    result = spool.replay(_factory(redis_url)(), lambda t: image)
+    assert (result.replayed, result.rejected, result.pending) == (2, 2, 0)
+    assert len(list((spool.dir / "rejected").iterdir())) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_real_redis_restart_loses_nothing(tmp_path):
+    """A redis-server of our own is killed mid-stream and restarted on the same port with its data."""
+    port = _free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+           "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+
+    def start():
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(url).ping()
+                return proc, url
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    proc, url = start()
+    spool = Spool(tmp_path / "spool")
+    image, events = _events(30, image_seed=4)
+    outcomes = []
+    try:
+        for i, event in enumerate(events):
+            if i == 10:
+                proc.kill()
+                proc.wait()
+            if i == 20:
+                proc, url = start()
+            outcomes.append(accept_event(event, _factory(url), spool, lambda t: image))
+        assert outcomes[:10] == ["stored"] * 10 and outcomes[10:20] == ["spooled"] * 10
+        assert outcomes[20:] == ["stored"] * 10  # the first event after the restart replayed the spool
+        store = _factory(url)()
+        assert sorted(s.annotation_id for s in store.samples()) == [100 + i for i in range(30)]
+        assert len(spool) == 0
+    finally:
+        proc.kill()
+        proc.wait()
