@@ -1,7 +1,9 @@
 """The `clipseg` command: one entry point, subcommands implemented next to the code they drive.
 
-Each subcommand lives in a module exposing `configure(parser)` and `run(args) -> int`; the module is imported only
-when its subcommand is used, so `clipseg --help` stays instant and `clipseg serve` never imports training code.
+Each subcommand lives in a module exposing `configure(parser, settings)` and `run(args, settings) -> int`; the module
+is imported only when its subcommand is used, so `clipseg --help` stays instant and `clipseg serve` never imports
+training code. Settings (read from the environment in `backend.settings`) are handed in, so command modules in
+`clipseg_model` and `finetune` read no environment themselves.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import argparse
 import importlib
 import logging
 import sys
+
+from clipseg_model.errors import ClipsegError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -51,26 +55,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: LOG_LEVEL or INFO)")
     configure = getattr(module, f"configure_{name}", None) or module.configure
     run = getattr(module, f"run_{name}", None) or module.run
-    configure(parser)
-    args = parser.parse_args(rest)
     from backend.logs import setup_logging
     from backend.settings import Settings
 
     settings = Settings.from_env()
+    configure(parser, settings)
+    args = parser.parse_args(rest)
     setup_logging(args.log_level or settings.log_level, settings.log_json)
     try:
-        return int(run(args) or 0)
+        return int(run(args, settings) or 0)
     except KeyboardInterrupt:
         return 130
-    except UserFacingError as exc:  # one clear line, no traceback soup
+    except ClipsegError as exc:  # one clear line, no traceback soup
         logging.getLogger("clipseg").debug("details", exc_info=True)
         print(f"clipseg {name}: error: {exc}", file=sys.stderr)
         return 1
 
 
-class UserFacingError(Exception):
-    """An error whose message is the whole story for the user (missing weights, bad input file, ...)."""
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy, so exception classes are the same objects.
+    from backend.cli import main as _main
+
+    sys.exit(_main())

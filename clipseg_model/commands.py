@@ -8,7 +8,7 @@ from pathlib import Path
 from clipseg_model.config import PRESETS
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def configure(parser: argparse.ArgumentParser, settings) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     init = sub.add_parser("init", help="build a preset with random weights (and tokenizer files) in a directory")
     init.add_argument("--preset", required=True, choices=sorted(PRESETS))
@@ -21,8 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     info.add_argument("model", help="directory or hub id")
 
 
-def run(args: argparse.Namespace) -> int:
-    from backend.cli import UserFacingError
+def run(args: argparse.Namespace, settings) -> int:
+    from clipseg_model.errors import ClipsegError
 
     if args.action == "presets":
         for name, p in PRESETS.items():
@@ -32,18 +32,14 @@ def run(args: argparse.Namespace) -> int:
         from clipseg_model.random_init import init_model
 
         if args.out.exists():
-            raise UserFacingError(f"{args.out} already exists; choose another --out or remove it")
+            raise ClipsegError(f"{args.out} already exists; choose another --out or remove it")
         init_model(args.preset, args.out, seed=args.seed, bpe_path=args.vocab)
         print(f"wrote {args.out} (preset {args.preset}, random weights); try: clipseg predict IMAGE 'a phrase' --model {args.out}")
         return 0
     if args.action == "info":
-        from clipseg_model.errors import CheckpointMismatchError, ModelNotAvailableError
         from clipseg_model.loading import load_model
 
-        try:
-            model = load_model(args.model, "cpu")
-        except (ModelNotAvailableError, CheckpointMismatchError) as exc:
-            raise UserFacingError(str(exc)) from exc
+        model = load_model(args.model, "cpu")
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.trainable_parameters())
         print(json.dumps({"architecture": model.config.architecture, "version": model.version,

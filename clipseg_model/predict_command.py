@@ -8,13 +8,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend.settings import Settings
-
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230)]
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    settings = Settings.from_env()
+def configure(parser: argparse.ArgumentParser, settings) -> None:
+    """Arguments; defaults come from `settings` (MODEL, THRESHOLD, DEVICE, BF16)."""
     parser.add_argument("image", type=Path)
     parser.add_argument("phrases", nargs="+", help="one or more referring phrases")
     parser.add_argument("--model", default=settings.model, help=f"directory or hub id (default: MODEL or {settings.model})")
@@ -37,9 +35,8 @@ def overlay(image: Image.Image, masks: list[np.ndarray], alpha: float = 0.5) -> 
     return Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
 
 
-def run(args: argparse.Namespace) -> int:
-    from backend.cli import UserFacingError
-    from clipseg_model.errors import CheckpointMismatchError, ModelNotAvailableError
+def run(args: argparse.Namespace, settings) -> int:
+    from clipseg_model.errors import ClipsegError
     from clipseg_model.image_io import to_display_rgb
     from clipseg_model.loading import load_model
     from clipseg_model.predictor import Segmenter
@@ -47,11 +44,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         image = to_display_rgb(Image.open(args.image))
     except (OSError, ValueError) as exc:
-        raise UserFacingError(f"cannot read image {args.image}: {exc}") from exc
-    try:
-        model = load_model(args.model, args.device)
-    except (ModelNotAvailableError, CheckpointMismatchError) as exc:
-        raise UserFacingError(str(exc)) from exc
+        raise ClipsegError(f"cannot read image {args.image}: {exc}") from exc
+    model = load_model(args.model, args.device)
     segmenter = Segmenter(model, threshold=args.threshold, bf16=args.bf16)
     predictions = segmenter.predict(image, args.phrases)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -33,3 +33,16 @@ def redis_conn(redis_url):
     conn = redis.Redis.from_url(redis_url)
     yield conn
     conn.close()
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(models_root):
+    """Call with a tiny preset name; returns the model directory (built once per session)."""
+    from tests.fixtures.models import tiny_model_dir
+
+    return lambda preset: tiny_model_dir(preset, models_root)

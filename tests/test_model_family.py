@@ -1,0 +1,176 @@
+"""Both architectures behind one interface: shapes, FiLM, freezing, checkpoints, multi-prompt equivalence."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clipseg_model.checkpoint import CONFIG_FILE, load_trainable_weights, save_checkpoint
+from clipseg_model.config import PRESETS, ModelConfig
+from clipseg_model.errors import CheckpointMismatchError, ModelNotAvailableError
+from clipseg_model.film_decoder import FiLM
+from clipseg_model.loading import load_model
+from clipseg_model.losses import segmentation_loss
+
+TINY = ["tiny-seed", "tiny-improved", "tiny-clipseg"]
+
+
+@pytest.fixture(params=TINY)
+def model(request, tiny_model_factory):
+    return load_model(tiny_model_factory(request.param), "cpu")
+
+
+def test_shapes_and_dtypes(model):
+    s = model.config.image_size
+    pixels = torch.randn(2, 3, s, s)
+    features = model.encode_images(pixels)
+    assert features.batch_size == 2 and all(h.dtype == torch.float32 for h in features.layers)
+    text = model.encode_text(["a red circle", "the left square", "x"])
+    assert text.shape[0] == 3 and text.dtype == torch.float32
+    logits = model.decode(features, text, torch.tensor([0, 1, 1]))
+    assert logits.shape == (3, model.config.output_size, model.config.output_size)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert model.forward(pixels, ["a", "b"]).shape == (2, model.config.output_size, model.config.output_size)
+
+
+def test_film_is_gamma_x_plus_beta():
+    torch.manual_seed(0)
+    film = FiLM(text_dim=8, d_model=6)
+    x, t = torch.randn(3, 5, 6), torch.randn(3, 8)
+    expected = (t @ film.gamma.weight.T + film.gamma.bias)[:, None, :] * x + (t @ film.beta.weight.T + film.beta.bias)[:, None, :]
+    assert torch.allclose(film(x, t), expected, atol=1e-6)
+
+
+def test_seed_preset_matches_the_seed_design():
+    seed = PRESETS["seed"].config
+    assert (seed.image_size, seed.d_model, seed.output_size, seed.extract_layers, seed.learned_upsampler) == (224, 768, 224, (), False)
+    assert seed.base_model == "openai/clip-vit-base-patch16" and seed.unfreeze_last == 0
+    improved = PRESETS["improved"].config
+    assert improved.extract_layers == (3, 6, 9) and improved.image_size == 352 and improved.learned_upsampler
+
+
+def test_frozen_backbone_gets_no_gradient(model):
+    model.train()
+    s = model.config.image_size
+    logits = model(torch.randn(2, 3, s, s), ["a", "b"])
+    loss = segmentation_loss(logits, torch.rand(2, s, s) > 0.5, dice_weight=1.0)
+    loss.backward()
+    backbone = [p for m in model.backbone_modules() for p in m.parameters()]
+    assert backbone and all(p.grad is None for p in backbone)
+    assert all(not m.training for m in model.backbone_modules())  # dropout off in the frozen part
+    trainable = list(model.trainable_parameters())
+    assert trainable and all(p.grad is not None for p in trainable)
+    assert {id(p) for p in trainable}.isdisjoint({id(p) for p in backbone})
+
+
+def test_unfreeze_last_layers_trains_them(tiny_model_factory):
+    model = load_model(tiny_model_factory("tiny-seed"), "cpu")
+    before = {id(p) for p in model.trainable_parameters()}
+    model.config = model.config.replace(unfreeze_last=1)
+    model.apply_freezing()
+    model.train()
+    extra = [p for p in model.trainable_parameters() if id(p) not in before]
+    assert extra, "the last vision layer should be trainable"
+    s = model.config.image_size
+    model(torch.randn(1, 3, s, s), ["a"]).sum().backward()
+    assert all(p.grad is not None for p in extra)
+    last = model.unfreezable_layers()[-1]
+    assert all(p.requires_grad for p in last.parameters())
+    assert not any(p.requires_grad for p in model.unfreezable_layers()[0].parameters())
+
+
+def test_save_load_round_trip_is_identical(model, tmp_path):
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # make it differ from the init checkpoint
+    s = model.config.image_size
+    pixels = torch.randn(1, 3, s, s)
+    with torch.no_grad():
+        expected = model(pixels, ["the red one"])
+    out = save_checkpoint(model, tmp_path / "ckpt", {"version": "v-test", "parent": "init"}, base_dir=model.config.base_model)
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    assert meta["config"]["architecture"] == model.config.architecture and meta["metadata"]["version"] == "v-test"
+    assert not list(tmp_path.glob(".ckpt.*")), "no temp directory left behind"
+    loaded = load_model(out, "cpu")
+    assert loaded.version == "v-test"
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels, ["the red one"]), expected)
+
+
+def test_wrong_architecture_is_refused_with_clear_message(tiny_model_factory):
+    film = load_model(tiny_model_factory("tiny-seed"), "cpu")
+    with pytest.raises(CheckpointMismatchError, match="'clipseg-rd64' model; it cannot be loaded into a 'film-decoder'"):
+        load_trainable_weights(film, tiny_model_factory("tiny-clipseg"))
+    improved = load_model(tiny_model_factory("tiny-improved"), "cpu")
+    with pytest.raises(CheckpointMismatchError, match="does not fit|other shapes|lacks"):
+        load_trainable_weights(improved, tiny_model_factory("tiny-seed"))
+
+
+def test_corrupt_weights_are_refused(tiny_model_factory, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_factory("tiny-seed"), bad)
+    (bad / "trainable.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointMismatchError, match="unreadable"):
+        load_model(bad, "cpu")
+
+
+def test_many_prompts_equal_one_at_a_time(model):
+    """One vision pass for P prompts gives the same logits as P separate calls (float32: rtol 1e-4, atol 1e-4)."""
+    s = model.config.image_size
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, s, s)
+    prompts = ["a red circle", "the leftmost square", "blue", "the bigger shape"]
+    index = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        together = model.decode(model.encode_images(pixels), model.encode_text(prompts), index)
+        for i, prompt in enumerate(prompts):
+            alone = model.decode(model.encode_images(pixels[index[i] : index[i] + 1]), model.encode_text([prompt]))
+            assert torch.allclose(together[i], alone[0], rtol=1e-4, atol=1e-4), prompt
+
+
+def test_layer_cut_matches_hf_clipseg(tiny_model_factory):
+    """Our truncated single vision pass equals CLIPSegForImageSegmentation called the ordinary way."""
+    model = load_model(tiny_model_factory("tiny-clipseg"), "cpu")
+    hf = model.hf
+    assert max(model.read_layers) < hf.config.vision_config.num_hidden_layers  # really cut
+    s = model.config.image_size
+    torch.manual_seed(2)
+    pixels = torch.randn(1, 3, s, s)
+    prompts = ["a cat", "the remote on the left", "blanket"]
+    tokens = model.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = hf(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                       pixel_values=pixels.expand(3, -1, -1, -1)).logits
+        ours = model.decode(model.encode_images(pixels), model.encode_text(prompts), torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_bce_and_dice():
+    logits = torch.tensor([[[10.0, -10.0], [-10.0, 10.0]]])
+    target = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    assert segmentation_loss(logits, target).item() < 1e-3
+    assert segmentation_loss(logits, 1 - target, dice_weight=1.0).item() > 10
+
+
+def test_offline_missing_model_is_one_clear_line(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotAvailableError) as info:
+        load_model("CIDAS/clipseg-rd64-refined", "cpu")
+    message = str(info.value)
+    assert "CIDAS/clipseg-rd64-refined" in message and "offline" in message and "\n" not in message
+    with pytest.raises(ModelNotAvailableError, match="does not exist"):
+        load_model("./no/such/dir", "cpu")
+
+
+def test_config_round_trip_and_validation():
+    cfg = PRESETS["improved"].config
+    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(ValueError, match="unknown architecture"):
+        ModelConfig(architecture="unet")
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({"architecture": "film-decoder", "colour": 1})
