@@ -1,0 +1,728 @@
+"""Task image reference → RGB `PIL.Image`, safely.
+
+References Label Studio puts in task data, and how each is fetched:
+- `/data/upload/<project>/<file>` (also `upload/...`), `/data/local-files/?d=<path>`, `/storage-data/uploaded/?filepath=`
+  → Label Studio's base URL + path, with its Authorization header;
+- `s3://`, `gs://`, `azure-blob://` → `<base>/tasks/<task_id>/presign/?fileuri=<urlsafe-b64(uri)>` (the path
+  label-studio-sdk's `get_local_path` builds), which redirects to a signed URL or proxies the bytes;
+- `http(s)://...` → directly, only from Label Studio's host or `allowed_hosts`;
+- `data:image/...;base64,...` → decoded in memory.
+
+Authentication (only ever sent to Label Studio's own origin): a legacy key goes as `Token <key>`; a JWT-shaped
+key with `token_type` "refresh" (a personal access token) is exchanged at `POST /api/token/refresh/` for a
+short-lived access token sent as `Bearer`, cached and renewed before it expires and once more on a 401.
+
+SSRF rules: no `file:`; only Label Studio's origin, `allowed_hosts`, or hosts Label Studio itself redirects to;
+every resolved address is checked (loopback/private need `allow_private_networks` unless it is Label Studio's
+own origin; link-local such as 169.254.169.254 only for Label Studio's own origin); the socket connects to the
+address that was checked, so DNS rebinding cannot swap it; redirects are followed by hand and re-checked.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import json
+import logging
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable
+from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urljoin, urlsplit
+
+import numpy as np
+import requests
+from PIL import Image, ImageOps, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Resolver = Callable[[str, int], list[str]]
+
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
+_REDIRECTS = {301, 302, 303, 307, 308}
+_LS_PATH_PREFIXES = ("/data/", "/storage-data/")
+_TOKEN_REFRESH_MARGIN_S = 30.0  # renew the access token this long before its `exp`
+_ACCESS_TOKEN_FALLBACK_TTL_S = 240.0  # Label Studio access tokens live 5 min; used when `exp` is unreadable
+
+
+class ImageFetchError(Exception):
+    """An image could not be fetched or decoded; `status` is the HTTP-like code the caller may report.
+
+    400 bad reference, 401/403 auth or policy refusal, 404 missing, 413 too large, 415 not an image,
+    422 undecodable image, 502 upstream failure, 504 timeout.
+    """
+
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.message} (status {self.status})"
+
+
+class _ForbiddenAddress(Exception):
+    """Raised inside the socket layer; deliberately not an OSError so urllib3/requests don't wrap or retry it."""
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    """A decoded image: `image` is RGB, EXIF-transposed; `width`/`height` are its size after that transpose,
+    which is what Label Studio's editor reports as `original_width`/`original_height`."""
+
+    image: Image.Image
+    width: int
+    height: int
+    source: str  # the reference, redacted for logs (no query string, no data: payload)
+
+
+def default_resolver(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (IPv4 and IPv6), as strings."""
+    infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def is_jwt(token: str) -> bool:
+    """True when `token` has a JWT's shape: three base64url parts whose first decodes to a JSON header."""
+    return _jwt_part(token, 0) is not None
+
+
+def _jwt_part(token: str, index: int) -> dict | None:
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(parts[index] + "=" * (-len(parts[index]) % 4))
+        out = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def redact(url: str) -> str:
+    """A reference safe to log: no data: payload, no query string (signed URLs carry credentials there)."""
+    if url.startswith("data:"):
+        return f"data:...({len(url)} chars)"
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    keep = f"?d={query['d'][0]}" if "d" in query else ""  # the local-files path is not a secret and helps debugging
+    return f"{parts.scheme + '://' if parts.scheme else ''}{parts.netloc}{parts.path}{keep}"
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return parts.scheme, parts.hostname.lower().rstrip("."), port
+
+
+def _split_host_pattern(pattern: str) -> tuple[str, str]:
+    """`host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address → (host, port or "")."""
+    if pattern.startswith("["):
+        host, _, rest = pattern[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    if pattern.count(":") == 1:
+        host, _, port = pattern.partition(":")
+        return host, port
+    return pattern, ""
+
+
+class _LRUBytes:
+    """Thread-safe LRU of bytes bounded by their total size."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: bytes) -> None:
+        if len(value) > self.capacity:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= len(old)
+            self._items[key] = value
+            self._size += len(value)
+            while self._size > self.capacity:
+                _, evicted = self._items.popitem(last=False)
+                self._size -= len(evicted)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# -- sockets that connect only to checked addresses ------------------------------------------------------------
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    guard: Callable[[str, int], list[str]]
+
+    def _new_conn(self) -> socket.socket:
+        # Resolve and check here, at connect time, then connect to exactly those addresses: a second DNS
+        # answer (rebinding) can't point the socket somewhere the check did not see. TLS still uses self.host.
+        addresses = type(self).guard(self.host, self.port)
+        last: Exception | None = None
+        for address in addresses:
+            self._dns_host = address
+            try:
+                return super()._new_conn()
+            except Exception as exc:  # try the next checked address
+                last = exc
+        raise last if last else _ForbiddenAddress(f"{self.host} has no address")
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    guard: Callable[[str, int], list[str]]
+    _new_conn = _GuardedHTTPConnection._new_conn
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def __init__(self, guard: Callable[[str, int], list[str]]):
+        self._guard = guard
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        guard = staticmethod(self._guard)
+        http_conn = type("GuardedHTTPConnection", (_GuardedHTTPConnection,), {"guard": guard})
+        https_conn = type("GuardedHTTPSConnection", (_GuardedHTTPSConnection,), {"guard": guard})
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+            "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+        }
+
+
+class ImageFetcher:
+    """Fetches task images with Label Studio auth, SSRF checks, limits and a bounded byte cache.
+
+    Thread-safe: one instance serves all requests of a process.
+    """
+
+    def __init__(
+        self,
+        base_url: str = "",
+        api_key: str = "",
+        *,
+        allowed_hosts: Iterable[str] = (),
+        allow_private_networks: bool = False,
+        timeout: float = 10.0,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_image_pixels: int = 50_000_000,
+        cache_bytes: int = 256 * 1024 * 1024,
+        max_redirects: int = 5,
+        resolver: Resolver = default_resolver,
+    ):
+        """
+        Args:
+            base_url: Label Studio's URL (`http://host:8080`); empty: `use_setup_credentials` provides it.
+            api_key: legacy token or personal access token; empty: /setup's `access_token`.
+            allowed_hosts: other hosts images may come from: `host`, `host:port`, `*.domain` or `*` (any host
+                that passes the address check).
+            allow_private_networks: allow loopback/private addresses for hosts other than Label Studio's.
+            timeout: seconds for one whole fetch (connect, redirects and body).
+            max_bytes: larger downloads are refused (413) without reading past the cap.
+            max_image_pixels: width*height above this is refused (413) before decoding.
+            cache_bytes: byte budget of the download cache (0 disables it).
+            resolver: host, port → addresses; injectable so tests can simulate DNS answers.
+        """
+        self._base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._setup_url = ""
+        self._setup_key = ""
+        self.allowed_hosts = tuple(h.strip().lower() for h in allowed_hosts if h.strip())
+        self.allow_private_networks = allow_private_networks
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.max_image_pixels = max_image_pixels
+        self.max_redirects = max_redirects
+        self._resolver = resolver
+        self._cache = _LRUBytes(cache_bytes)
+        self._token_lock = threading.Lock()
+        self._access_token: str | None = None
+        self._access_expires = 0.0
+        self._local = threading.local()  # one requests.Session per thread: Session is not thread-safe
+
+    @classmethod
+    def from_settings(cls, settings: Settings, hostname: str = "", access_token: str = "", **kwargs) -> "ImageFetcher":
+        """Build from `Settings`; `hostname`/`access_token` (from /setup) fill in only what settings leave empty."""
+        fetcher = cls(
+            settings.label_studio_url,
+            settings.label_studio_api_key,
+            allowed_hosts=settings.allowed_hosts,
+            allow_private_networks=settings.allow_private_networks,
+            timeout=settings.image_timeout,
+            max_image_pixels=settings.max_image_pixels,
+            **kwargs,
+        )
+        fetcher.use_setup_credentials(hostname, access_token)
+        return fetcher
+
+    def use_setup_credentials(self, hostname: str = "", access_token: str = "") -> None:
+        """Remember /setup's `hostname` and `access_token`; explicit constructor values still win."""
+        hostname = (hostname or "").rstrip("/")
+        with self._token_lock:
+            if hostname:
+                self._setup_url = hostname
+            if access_token and access_token != self._setup_key:
+                self._setup_key = access_token
+                if not self._api_key:
+                    self._access_token, self._access_expires = None, 0.0
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url or self._setup_url
+
+    @property
+    def api_key(self) -> str:
+        return self._api_key or self._setup_key
+
+    @property
+    def cache_size_bytes(self) -> int:
+        return self._cache.size
+
+    # -- public API --------------------------------------------------------------------------------------
+
+    def fetch(self, ref: str, task_id: int | str | None = None) -> FetchedImage:
+        """Fetch and decode one image reference.
+
+        Args:
+            ref: the task's image value (`/data/upload/...`, `s3://...`, `https://...`, `data:...`).
+            task_id: the task's id; needed for cloud storage URIs (presign endpoint).
+        Returns:
+            FetchedImage with an RGB, EXIF-transposed image.
+        Raises:
+            ImageFetchError: any failure, with an HTTP-like status.
+        """
+        data = self.fetch_bytes(ref, task_id)
+        return FetchedImage(*self.decode(data), source=redact(ref.strip()))
+
+    def fetch_bytes(self, ref: str, task_id: int | str | None = None) -> bytes:
+        """The raw bytes behind `ref` (cached by resolved URL; data: URIs decoded in memory)."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise ImageFetchError("empty image reference", 400)
+        ref = ref.strip()
+        if ref[:5].lower() == "data:":
+            return self._decode_data_uri(ref)
+        url, cache_key = self.resolve(ref, task_id)
+        cached = self._cache.get(cache_key)
+        if cached is not None:
+            return cached
+        started = time.monotonic()
+        data = self._download(url, deadline=started + self.timeout)
+        # Cache only what decodes: a half-broken upstream should get another chance next time.
+        self._check_header(data)
+        self._cache.put(cache_key, data)
+        logger.debug("fetched %s: %d bytes in %.3f s", redact(url), len(data), time.monotonic() - started)
+        return data
+
+    def resolve(self, ref: str, task_id: int | str | None = None) -> tuple[str, str]:
+        """(absolute URL to download, cache key) for a non-data reference; raises ImageFetchError(400/403)."""
+        scheme = urlsplit(ref).scheme.lower()
+        if scheme in CLOUD_SCHEMES or ref.startswith(tuple(s + ":" for s in CLOUD_SCHEMES)):
+            if task_id is None or str(task_id).strip() == "":
+                raise ImageFetchError(f"cloud storage URI {redact(ref)} needs the task id for presigning", 400)
+            if not str(task_id).isdigit():
+                raise ImageFetchError(f"bad task id {task_id!r}", 400)
+            base = self._require_base_url(ref)
+            fileuri = base64.urlsafe_b64encode(ref.encode()).decode()
+            # Keyed by the cloud URI: the presigned URL changes per call, the object does not.
+            return f"{base}/tasks/{task_id}/presign/?fileuri={fileuri}", ref
+        if scheme in ("http", "https"):
+            self._check_path(urlsplit(ref).path, ref)
+            return ref, ref
+        if scheme:
+            raise ImageFetchError(f"unsupported URL scheme {scheme!r} in {redact(ref)}", 403 if scheme == "file" else 400)
+        # A Label Studio-relative path. `upload/...` is how older exports store uploads.
+        path = ref if ref.startswith("/") else "/" + ref
+        if path.startswith("/upload/"):
+            path = "/data" + path
+        if not path.startswith(_LS_PATH_PREFIXES):
+            raise ImageFetchError(f"{redact(ref)} is not a Label Studio media path (/data/... or /storage-data/...)", 400)
+        self._check_path(urlsplit(path).path, ref)
+        local = parse_qs(urlsplit(path).query).get("d")
+        if local is not None:
+            self._check_path(local[-1], ref)
+        url = self._require_base_url(ref) + path
+        return url, url
+
+    # -- resolution and policy ---------------------------------------------------------------------------
+
+    def _require_base_url(self, ref: str) -> str:
+        base = self.base_url
+        if not base:
+            raise ImageFetchError(
+                f"cannot resolve {redact(ref)}: Label Studio's URL is unknown (set LABEL_STUDIO_URL or call /setup)", 400
+            )
+        if _origin(base) is None:
+            raise ImageFetchError(f"Label Studio URL {base!r} must start with http:// or https://", 400)
+        return base
+
+    @staticmethod
+    def _check_path(path: str, ref: str) -> None:
+        # Check the decoded path too: `%2e%2e` is `..` once the server unquotes it.
+        for candidate in (path, unquote(path), unquote(unquote(path))):
+            segments = candidate.replace("\\", "/").split("/")
+            if ".." in segments or "\x00" in candidate:
+                raise ImageFetchError(f"path traversal refused in {redact(ref)}", 400)
+
+    def _is_ls_origin(self, url: str) -> bool:
+        base = self.base_url
+        return bool(base) and _origin(url) is not None and _origin(url) == _origin(base)
+
+    def _host_allowed(self, url: str) -> bool:
+        origin = _origin(url)
+        if origin is None:
+            return False
+        if self._is_ls_origin(url):
+            return True
+        _, host, port = origin
+        for pattern in self.allowed_hosts:
+            if pattern == "*":
+                return True
+            name, want_port = _split_host_pattern(pattern)
+            if want_port and want_port != str(port):
+                continue
+            if name == host or (name.startswith("*.") and host.endswith(name[1:])):
+                return True
+        return False
+
+    def _address_allowed(self, address: str, ls_origin: bool) -> bool:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ls_origin:
+            return True  # Label Studio often runs on localhost or a private network: trust its configured URL
+        if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+            return False  # cloud metadata (169.254.169.254) and friends: never, even with private networks on
+        if ip.is_global:
+            return True
+        return self.allow_private_networks
+
+    def _check_addresses(self, url: str) -> None:
+        """Resolve the URL's host and refuse (403) when any address is forbidden. No connection is made."""
+        _, host, port = _origin(url)  # type: ignore[misc]
+        self._guard_for(url)(host, port)
+
+    def _guard_for(self, url: str) -> Callable[[str, int], list[str]]:
+        ls_origin = self._is_ls_origin(url)
+
+        def guard(host: str, port: int) -> list[str]:
+            try:
+                addresses = self._resolver(host, port)
+            except (OSError, UnicodeError) as exc:
+                raise ImageFetchError(f"cannot resolve host {host}: {exc}", 502) from exc
+            if not addresses:
+                raise ImageFetchError(f"host {host} has no address", 502)
+            # Every address must pass: a mixed answer is how rebinding attacks start.
+            bad = [a for a in addresses if not self._address_allowed(a, ls_origin)]
+            if bad:
+                raise _ForbiddenAddress(
+                    f"{host} resolves to a forbidden address ({', '.join(bad)}): private, loopback and link-local "
+                    "networks are refused (ALLOW_PRIVATE_NETWORKS allows private ones)"
+                )
+            return addresses
+
+        return guard
+
+    # -- HTTP --------------------------------------------------------------------------------------------
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # no proxies or netrc from the environment: a proxy would bypass the checks
+            adapter = _GuardedAdapter(self._connect_guard)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+        return session
+
+    def _connect_guard(self, host: str, port: int) -> list[str]:
+        # Called at connect time for whatever URL the session is fetching; the URL's policy was chosen when
+        # the request was made (see _request), stored per thread.
+        guard = getattr(self._local, "guard", None)
+        if guard is None:
+            raise _ForbiddenAddress("connection made outside ImageFetcher._request")
+        return guard(host, port)
+
+    def _download(self, url: str, deadline: float) -> bytes:
+        """GET with redirects followed by hand: every hop is re-checked against the host and address rules."""
+        hops = 0
+        retried_auth = False
+        trusted_redirect = False  # Label Studio's redirect (presign → bucket) may leave allowed_hosts
+        while True:
+            if not (self._host_allowed(url) or (trusted_redirect and _origin(url) is not None)):
+                if _origin(url) is None:
+                    raise ImageFetchError(f"refused URL {redact(url)}: only http(s) is fetched", 403)
+                raise ImageFetchError(
+                    f"host of {redact(url)} is not Label Studio's and not in ALLOWED_IMAGE_HOSTS", 403
+                )
+            self._check_path(urlsplit(url).path, url)
+            ls = self._is_ls_origin(url)
+            response = self._request(url, deadline, auth=ls)
+            try:
+                if response.status_code == 401 and ls and not retried_auth and self._uses_jwt():
+                    # The access token may have been revoked or expired early: refresh once and retry.
+                    retried_auth = True
+                    self._invalidate_access_token()
+                    continue
+                if response.status_code in _REDIRECTS:
+                    hops += 1
+                    if hops > self.max_redirects:
+                        raise ImageFetchError(f"too many redirects fetching {redact(url)}", 502)
+                    location = response.headers.get("Location", "")
+                    if not location:
+                        raise ImageFetchError(f"redirect without Location from {redact(url)}", 502)
+                    trusted_redirect = ls
+                    url = urljoin(url, location)
+                    continue
+                if response.status_code == 404 and ls and urlsplit(url).path.startswith("/data/upload/"):
+                    # Label Studio with cloud-backed default storage serves uploads only through its proxy.
+                    path = unquote(urlsplit(url).path[len("/data/"):])
+                    url = f"{self.base_url}/storage-data/uploaded/?filepath={quote(path, safe='/')}"
+                    continue
+                self._raise_for_status(response, url)
+                return self._read_body(response, url, deadline)
+            finally:
+                response.close()
+
+    def _request(self, url: str, deadline: float, auth: bool) -> requests.Response:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ImageFetchError(f"timed out fetching {redact(url)}", 504)
+        headers = {"Accept": "image/*,*/*;q=0.5", "User-Agent": "clipseg-ls-backend"}
+        if auth:
+            header = self._auth_header(deadline)
+            if header:
+                headers["Authorization"] = header
+        # Refuse before any connection is attempted, with a clear message; the connect-time guard repeats
+        # the check on the addresses actually used.
+        self._run_guard(self._check_addresses, url)
+        self._local.guard = self._guard_for(url)
+        try:
+            return self._run_guard(
+                self._session().get,
+                url,
+                headers=headers,
+                timeout=(min(remaining, self.timeout), min(remaining, self.timeout)),
+                allow_redirects=False,
+                stream=True,
+            )
+        except requests.Timeout as exc:
+            raise ImageFetchError(f"timed out fetching {redact(url)}", 504) from exc
+        except requests.RequestException as exc:
+            raise ImageFetchError(f"cannot fetch {redact(url)}: {type(exc).__name__}", 502) from exc
+        finally:
+            self._local.guard = None
+
+    @staticmethod
+    def _run_guard(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _ForbiddenAddress as exc:
+            raise ImageFetchError(f"refused: {exc}", 403) from None
+
+    @staticmethod
+    def _raise_for_status(response: requests.Response, url: str) -> None:
+        code = response.status_code
+        if 200 <= code < 300:
+            return
+        hint = ""
+        if code == 401:
+            hint = (
+                ": Label Studio refused the token (a JWT-only organisation needs a personal access token in "
+                "LABEL_STUDIO_API_KEY)"
+            )
+        status = code if code in (400, 401, 403, 404, 410, 413, 415) else 502
+        raise ImageFetchError(f"HTTP {code} from {redact(url)}{hint}", status)
+
+    def _read_body(self, response: requests.Response, url: str, deadline: float) -> bytes:
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise ImageFetchError(f"{redact(url)} is {declared} bytes, over the {self.max_bytes}-byte limit", 413)
+        ctype = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype in ("text/html", "application/json", "text/plain"):
+            # Typical of a login page or an error JSON answered with 200; the bytes would not decode anyway.
+            raise ImageFetchError(f"{redact(url)} returned {ctype}, not an image", 415)
+        chunks, total = [], 0
+        try:
+            for chunk in response.iter_content(64 * 1024):
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise ImageFetchError(f"{redact(url)} is over the {self.max_bytes}-byte limit", 413)
+                if time.monotonic() > deadline:
+                    # A server trickling bytes stays under the read timeout forever; the deadline stops it.
+                    raise ImageFetchError(f"timed out reading {redact(url)}", 504)
+                chunks.append(chunk)
+        except requests.RequestException as exc:
+            # requests reports a read timeout inside iter_content as a ConnectionError.
+            if isinstance(exc, requests.Timeout) or "timed out" in str(exc).lower():
+                raise ImageFetchError(f"timed out reading {redact(url)}", 504) from exc
+            raise ImageFetchError(f"connection broke while reading {redact(url)}", 502) from exc
+        return b"".join(chunks)
+
+    # -- auth --------------------------------------------------------------------------------------------
+
+    def _uses_jwt(self) -> bool:
+        return is_jwt(self.api_key)
+
+    def _invalidate_access_token(self) -> None:
+        with self._token_lock:
+            self._access_token, self._access_expires = None, 0.0
+
+    def _auth_header(self, deadline: float) -> str | None:
+        key = self.api_key
+        if not key:
+            return None
+        if not is_jwt(key):
+            return f"Token {key}"
+        claims = _jwt_part(key, 1) or {}
+        if claims.get("token_type") not in (None, "refresh"):
+            return f"Bearer {key}"  # already an access token: use it as is
+        with self._token_lock:
+            if self._access_token is None or time.time() > self._access_expires - _TOKEN_REFRESH_MARGIN_S:
+                self._access_token = self._refresh(key, deadline)
+                exp = (_jwt_part(self._access_token, 1) or {}).get("exp")
+                self._access_expires = float(exp) if isinstance(exp, (int, float)) else time.time() + _ACCESS_TOKEN_FALLBACK_TTL_S
+            return f"Bearer {self._access_token}"
+
+    def _refresh(self, refresh_token: str, deadline: float) -> str:
+        """Exchange a personal access token for an access token at Label Studio's /api/token/refresh/."""
+        url = f"{self._require_base_url('/api/token/refresh/')}/api/token/refresh/"
+        remaining = max(0.1, deadline - time.monotonic())
+        self._run_guard(self._check_addresses, url)
+        self._local.guard = self._guard_for(url)
+        try:
+            response = self._run_guard(
+                self._session().post,
+                url,
+                json={"refresh": refresh_token},
+                timeout=(remaining, remaining),
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            raise ImageFetchError(f"token refresh failed: {type(exc).__name__}", 502) from exc
+        finally:
+            self._local.guard = None
+        if response.status_code != 200:
+            raise ImageFetchError(
+                f"token refresh at {redact(url)} answered HTTP {response.status_code}: is LABEL_STUDIO_API_KEY a "
+                "valid, unexpired personal access token?",
+                401,
+            )
+        try:
+            access = response.json().get("access")
+        except ValueError:
+            access = None
+        if not isinstance(access, str) or not access:
+            raise ImageFetchError("token refresh answer has no access token", 502)
+        logger.info("refreshed the Label Studio access token")  # never the token itself
+        return access
+
+    # -- decoding ----------------------------------------------------------------------------------------
+
+    def _decode_data_uri(self, ref: str) -> bytes:
+        header, sep, payload = ref.partition(",")
+        if not sep:
+            raise ImageFetchError("malformed data: URI (no comma)", 400)
+        # Base64 is 4/3 of the bytes: refuse before decoding a huge payload.
+        if len(payload) * 3 // 4 > self.max_bytes:
+            raise ImageFetchError(f"data: URI is over the {self.max_bytes}-byte limit", 413)
+        try:
+            if header.lower().endswith(";base64"):
+                data = base64.b64decode(unquote(payload).replace(" ", "+"), validate=False)
+            else:
+                data = unquote_to_bytes(payload)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageFetchError(f"malformed base64 in data: URI: {exc}", 400) from exc
+        self._check_header(data)
+        return data
+
+    def _check_header(self, data: bytes) -> None:
+        """Cheap checks before caching: non-empty, not HTML/JSON, and a size PIL can read within the limit."""
+        if not data:
+            raise ImageFetchError("empty image body", 415)
+        # Login pages and error JSON often come with status 200; SVG is markup too and Pillow can't rasterise it.
+        if data[:512].lstrip().startswith((b"<", b"{", b"[")):
+            raise ImageFetchError("got an HTML/XML/JSON page instead of a raster image", 415)
+        self._open(data)  # raises for undecodable or oversized images, reading only the header
+
+    def _open(self, data: bytes) -> Image.Image:
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ImageFetchError(f"image too large: {exc}", 413) from exc
+        except UnidentifiedImageError as exc:
+            raise ImageFetchError("the bytes are not an image format Pillow can read", 415) from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageFetchError(f"corrupt image: {exc}", 422) from exc
+        width, height = img.size
+        # Image.open reads only the header: refusing here means a bomb is never decompressed.
+        if width <= 0 or height <= 0:
+            raise ImageFetchError(f"image has an empty size {width}x{height}", 422)
+        if width * height > self.max_image_pixels:
+            raise ImageFetchError(
+                f"image is {width}x{height} = {width * height} pixels, over the {self.max_image_pixels} limit", 413
+            )
+        return img
+
+    def decode(self, data: bytes) -> tuple[Image.Image, int, int]:
+        """Bytes → (RGB image, width, height): EXIF-transposed, alpha composited on white, 16-bit scaled."""
+        img = self._open(data)
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = to_rgb(img)
+        except Image.DecompressionBombError as exc:
+            raise ImageFetchError(f"image too large: {exc}", 413) from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageFetchError(f"corrupt or truncated image: {exc}", 422) from exc
+        return rgb, rgb.width, rgb.height
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode → RGB. Alpha is composited on white (how the editor shows it on its light canvas);
+    16/32-bit integer grayscale is scaled to 8 bits instead of clipped; float is clipped to 0..255."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        # 16-bit data (the usual case for "I" too, as PNG opens 16-bit gray as "I"): scale 0..65535 → 0..255.
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.clip(np.asarray(img, dtype=np.float64), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
