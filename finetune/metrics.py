@@ -91,7 +91,7 @@ def summarize(items: Sequence[Counts], prec_thresholds: Sequence[float] = PREC_T
         dict with n, mean_dice, pooled_dice, miou, oiou and prec@X for each X (floats; NaN if n == 0).
     """
     n = len(items)
-    out: dict[str, float] = {"n": float(n)}
+    out: dict[str, float] = {"n": n}
     if n == 0:
         for key in ("mean_dice", "pooled_dice", "miou", "oiou"):
             out[key] = math.nan
