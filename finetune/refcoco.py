@@ -237,7 +237,9 @@ class LmmsRefCOCO(_IndexedRows):
             name_or_path: Hub id or local directory/files that `datasets.load_dataset` accepts.
             split: val, testA, testB or test (this dataset has no train split).
             sentences: "all" (one sample per sentence in `answer`) or "first".
-            load_kwargs: passed on to `datasets.load_dataset`.
+            load_kwargs: passed on to `datasets.load_dataset`. `load_dataset` prepares every split
+                of a config (about 2.3 GB here); to fetch one split only, pass e.g.
+                `data_files={"testA": "data/testA-*"}`.
         """
         import datasets
 

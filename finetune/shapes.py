@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -493,7 +493,7 @@ class ShapesDataset:
             raise IndexError(f"index {index} out of range for length {self.length}")
         return generate(self.seed, index, self.config)
 
-    def __iter__(self) -> Iterable[ReferringSample]:
+    def __iter__(self) -> Iterator[ReferringSample]:
         return (self[i] for i in range(self.length))
 
 

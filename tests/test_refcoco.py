@@ -348,6 +348,9 @@ def test_lmms_splits(lmms_dir, tmp_path) -> None:
     testb = LmmsRefCOCO(str(lmms_dir), split="testB", cache_dir=cache, sentences="first")
     assert len(testb) == 1
     _check(testb[0], 14, "compressed one")
+    # Loading one split's files only (what a user does to avoid downloading every split).
+    only = LmmsRefCOCO(str(lmms_dir), split="testA", cache_dir=cache, data_files={"testA": "data/testA-*"})
+    _check(only[0], 13, "the crowd")
     with pytest.raises(ValueError, match="no 'train' split"):
         LmmsRefCOCO(str(lmms_dir), split="train", cache_dir=cache)
 
