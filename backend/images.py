@@ -39,6 +39,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util import connection as _u3_connection
 
 from backend.settings import Settings
 
@@ -179,26 +181,34 @@ class _LRUBytes:
 # -- sockets that connect only to checked addresses ------------------------------------------------------------
 
 
-class _GuardedHTTPConnection(HTTPConnection):
+class _GuardMixin:
     guard: Callable[[str, int], list[str]]
 
     def _new_conn(self) -> socket.socket:
         # Resolve and check here, at connect time, then connect to exactly those addresses: a second DNS
-        # answer (rebinding) can't point the socket somewhere the check did not see. TLS still uses self.host.
+        # answer (rebinding) can't point the socket somewhere the check did not see. `self.host` is left alone,
+        # so the Host header, SNI and the certificate check still use the URL's host name.
         addresses = type(self).guard(self.host, self.port)
-        last: Exception | None = None
+        last: Exception = _ForbiddenAddress(f"{self.host} has no address")
         for address in addresses:
-            self._dns_host = address
             try:
-                return super()._new_conn()
-            except Exception as exc:  # try the next checked address
-                last = exc
-        raise last if last else _ForbiddenAddress(f"{self.host} has no address")
+                return _u3_connection.create_connection(
+                    (address, self.port), self.timeout, source_address=self.source_address,
+                    socket_options=self.socket_options,
+                )
+            except socket.timeout:
+                last = ConnectTimeoutError(self, f"Connection to {self.host} timed out (connect timeout={self.timeout})")
+            except OSError as exc:  # try the next checked address
+                last = NewConnectionError(self, f"Failed to establish a new connection: {exc}")
+        raise last
 
 
-class _GuardedHTTPSConnection(HTTPSConnection):
-    guard: Callable[[str, int], list[str]]
-    _new_conn = _GuardedHTTPConnection._new_conn
+class _GuardedHTTPConnection(_GuardMixin, HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_GuardMixin, HTTPSConnection):
+    pass
 
 
 class _GuardedAdapter(HTTPAdapter):
@@ -236,6 +246,7 @@ class ImageFetcher:
         cache_bytes: int = 256 * 1024 * 1024,
         max_redirects: int = 5,
         resolver: Resolver = default_resolver,
+        verify: bool | str = True,
     ):
         """
         Args:
@@ -249,6 +260,7 @@ class ImageFetcher:
             max_image_pixels: width*height above this is refused (413) before decoding.
             cache_bytes: byte budget of the download cache (0 disables it).
             resolver: host, port → addresses; injectable so tests can simulate DNS answers.
+            verify: TLS verification: True, False, or a CA bundle path (self-signed Label Studio).
         """
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
@@ -261,6 +273,7 @@ class ImageFetcher:
         self.max_image_pixels = max_image_pixels
         self.max_redirects = max_redirects
         self._resolver = resolver
+        self._verify = verify
         self._cache = _LRUBytes(cache_bytes)
         self._token_lock = threading.Lock()
         self._access_token: str | None = None
@@ -456,6 +469,7 @@ class ImageFetcher:
         if session is None:
             session = requests.Session()
             session.trust_env = False  # no proxies or netrc from the environment: a proxy would bypass the checks
+            session.verify = self._verify
             adapter = _GuardedAdapter(self._connect_guard)
             session.mount("http://", adapter)
             session.mount("https://", adapter)

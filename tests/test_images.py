@@ -161,6 +161,9 @@ def build_ls_app(state: FakeLabelStudio) -> Flask:
     return app
 
 
+HOSTS_SEEN: list[str | None] = []
+
+
 def build_other_app(seen: list) -> Flask:
     """Another host: a bucket and a server that redirects elsewhere. Records the Authorization it receives."""
     app = Flask("other_host")
@@ -168,6 +171,7 @@ def build_other_app(seen: list) -> Flask:
     @app.before_request
     def record():
         seen.append(request.headers.get("Authorization"))
+        HOSTS_SEEN.append(request.headers.get("Host"))
 
     @app.get("/bucket/dir/cat.png")
     def bucket():
@@ -587,8 +591,10 @@ def test_allowed_public_host_connects_to_checked_address(ls):
     f = ImageFetcher(
         server.url, LEGACY, allowed_hosts=("*.example",), allow_private_networks=True, resolver=lambda h, p: ["127.0.0.1"]
     )
+    HOSTS_SEEN.clear()
     img = f.fetch(f"http://images.example:{other.port}/cat.png")
     assert img.image.getpixel((0, 0)) == (0, 255, 255) and other_seen == [None]
+    assert HOSTS_SEEN == [f"images.example:{other.port}"]  # virtual hosting still works with a pinned address
 
 
 def test_redact_hides_secrets():
@@ -698,3 +704,41 @@ def test_truncated_image_is_422():
     with pytest.raises(ImageFetchError) as err:
         ImageFetcher().decode(data[: len(data) // 2])
     assert err.value.status in (415, 422)
+
+
+# -- TLS with pinned addresses -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate for `images.example` (needs `openssl`)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=images.example", "-addext", "subjectAltName=DNS:images.example"],
+        check=True, capture_output=True,
+    )
+    seen: list = []
+    server = make_server("127.0.0.1", 0, build_other_app(seen), threaded=True, ssl_context=(str(cert), str(key)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_port, str(cert)
+    server.shutdown()
+
+
+def test_https_connects_to_checked_address_and_verifies_hostname(tls_server):
+    port, cert = tls_server
+    kwargs = dict(allow_private_networks=True, resolver=lambda h, p: ["127.0.0.1"], verify=cert)
+    f = ImageFetcher("http://127.0.0.1:9", LEGACY, allowed_hosts=("images.example",), **kwargs)
+    assert f.fetch(f"https://images.example:{port}/cat.png").image.getpixel((0, 0)) == (0, 255, 255)
+    # Same address, another name: the certificate check still uses the URL's host name.
+    g = ImageFetcher("http://127.0.0.1:9", LEGACY, allowed_hosts=("other.example",), **kwargs)
+    with pytest.raises(ImageFetchError) as err:
+        g.fetch(f"https://other.example:{port}/cat.png")
+    assert err.value.status == 502
