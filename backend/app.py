@@ -1,0 +1,189 @@
+"""HTTP routes of the ML backend (the wire protocol of label-studio-ml-backend 2.x): /health, /setup, /predict,
+/webhook, /metrics. Routes only parse, delegate to `BackendRuntime` and format; no model code here."""
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from backend.label_config import UnsupportedConfigError
+from backend.metrics import CONTENT_TYPE
+from backend.predictions import BadRequest, parse_predict_request, project_id
+from backend.runtime import BackendRuntime
+from backend.serving_model import ModelNotReady
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETUP_WAIT = 2.0  # /setup must answer within Label Studio's 3 s
+PREDICT_WAIT = 60.0  # Label Studio waits 100 s for /predict
+
+
+def _error(message: str, status: int) -> tuple[Response, int]:
+    return jsonify({"status": "error", "error": message}), status
+
+
+def _json_body() -> Any:
+    raw = request.get_data(cache=False)
+    try:
+        return json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def create_app(settings: Settings | None = None, runtime: BackendRuntime | None = None, start: bool = True) -> Flask:
+    """The Flask app; builds (and starts, with `start`) a `BackendRuntime` from `settings` unless one is given."""
+    settings = settings or Settings.from_env()
+    runtime = runtime or BackendRuntime(settings)
+    if start:
+        runtime.start()
+    app = Flask("clipseg-backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["clipseg_runtime"] = runtime
+
+    auth_user, auth_pass = settings.basic_auth_user.encode(), settings.basic_auth_pass.encode()
+
+    @app.before_request
+    def _auth_and_reload():
+        if auth_user and request.path != "/health":
+            header = request.headers.get("Authorization", "")
+            ok = False
+            if header.startswith("Basic "):
+                try:
+                    user, _, password = base64.b64decode(header[6:]).partition(b":")
+                    # compare both, always, in constant time
+                    ok = hmac.compare_digest(user, auth_user) & hmac.compare_digest(password, auth_pass)
+                except (ValueError, TypeError):
+                    ok = False
+            if not ok:
+                resp, status = _error("authentication required", 401)
+                resp.headers["WWW-Authenticate"] = 'Basic realm="clipseg"'
+                return resp, status
+        if request.path in ("/predict", "/setup"):
+            runtime.model.check_for_update()  # a promoted version starts loading between requests
+        return None
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        runtime.metrics.requests.labels(request.path if request.url_rule else "other", str(response.status_code)).inc()
+        return response
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(exc: BadRequest):
+        runtime.metrics.errors.labels("bad_request").inc()
+        return _error(str(exc), 400)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc):
+        return _error(f"request body larger than {settings.max_request_bytes} bytes", 413)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        return _error(exc.description or exc.name, exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error on %s", request.path)
+        runtime.metrics.errors.labels("internal").inc()
+        return _error(f"internal error: {type(exc).__name__}", 500)
+
+    @app.get("/health")
+    @app.get("/")
+    def health():
+        model = runtime.model
+        return jsonify({
+            "status": "UP",
+            "model_class": "ClipSegBackend",
+            "model": settings.model,
+            "model_version": model.version,
+            "ready": model.ready,
+            "loading": model.loading,
+            "error": model.error,
+        })
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        schema = body.get("schema") or body.get("label_config")
+        if not isinstance(schema, str) or not schema.strip():
+            raise BadRequest("'schema' (the labeling config) is required")
+        try:
+            config = runtime.label_config(schema)
+        except UnsupportedConfigError as exc:
+            return _error(str(exc), 400)
+        project = project_id(body.get("project"))
+        if project:
+            runtime.configs[project] = config
+        runtime.fetcher.use_setup_credentials(str(body.get("hostname") or ""), str(body.get("access_token") or ""))
+        runtime.model.wait_ready(SETUP_WAIT)
+        runtime.model.check_for_update(force=True, wait=0.5)
+        if not runtime.model.ready:
+            return _error(runtime.model.error or "the model is still loading; retry in a few seconds", 503)
+        runtime.metrics.set_model(settings.model, runtime.model.version)
+        return jsonify({"model_version": runtime.model.version})
+
+    @app.post("/predict")
+    def predict():
+        started = time.perf_counter()
+        body = _json_body()
+        tasks, schema, context = parse_predict_request(body)
+        project = project_id(body.get("project"))
+        config = None
+        if schema:
+            try:
+                config = runtime.label_config(schema)
+            except UnsupportedConfigError as exc:
+                return _error(str(exc), 400)
+        elif project and project in runtime.configs:
+            config = runtime.configs[project]
+        if config is None:
+            raise BadRequest("no 'label_config' in the request and no /setup seen for this project")
+        if not runtime.model.wait_ready(PREDICT_WAIT):
+            return _error(runtime.model.error or "the model is still loading", 503)
+        try:
+            segmenter = runtime.model.segmenter
+        except ModelNotReady as exc:
+            return _error(str(exc), 503)
+        answers = runtime.predict_service.answer(segmenter, config, tasks, context, project)
+        version = segmenter.version
+        runtime.metrics.predict_latency.observe(time.perf_counter() - started)
+        log.info("predicted %d tasks (%d regions) with %s in %.2f s", len(tasks),
+                 sum(len(a.result) for a in answers), version, time.perf_counter() - started)
+        return jsonify({"results": [a.to_json(version) for a in answers], "model_version": version})
+
+    @app.post("/webhook")
+    def webhook():
+        body = _json_body()
+        if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+            raise BadRequest("a webhook body is a JSON object with an 'action'")
+        action = body["action"]
+        if action == "START_TRAINING":
+            project = project_id((body.get("project") or {}).get("id") if isinstance(body.get("project"), dict) else body.get("project"))
+            if not project:
+                raise BadRequest("START_TRAINING needs a project")
+            if not settings.redis_url:
+                return _error("fine-tuning needs Redis (REDIS_URL)", 503)
+            result = runtime.trigger(project, "start_training")
+            runtime.metrics.webhooks.labels(action, result.status).inc()
+            return jsonify({"status": result.status, "job_id": result.job_id}), 201 if result.enqueued else 200
+        if runtime.inbox is None:
+            runtime.metrics.webhooks.labels(action, "no_redis").inc()
+            log.info("webhook %s received; no REDIS_URL, so corrections are not kept", action)
+            return jsonify({"status": "ignored", "reason": "no corrections store configured"}), 200
+        outcome = runtime.inbox.submit(body)
+        runtime.metrics.webhooks.labels(action, outcome).inc()
+        return jsonify({"status": outcome}), 201 if outcome == "accepted" else 200
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(runtime.metrics.render(), mimetype=CONTENT_TYPE.split(";")[0], headers={"Content-Type": CONTENT_TYPE})
+
+    return app

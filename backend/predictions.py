@@ -1,0 +1,147 @@
+"""/predict: Label Studio tasks → images and prompts → masks → result items, one answer per task, in order.
+
+A task whose image cannot be fetched or decoded gets an empty result (and a logged error and a metric); the other
+tasks of the request are still answered.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from backend.images import FetchedImage, ImageFetchError, ImageFetcher
+from backend.label_config import LabelConfig, PromptRequest
+from backend.metrics import BackendMetrics
+from backend.results import mask_to_results
+from clipseg_model.predictor import MaskPrediction, Segmenter
+
+log = logging.getLogger(__name__)
+
+IMAGES_PER_PASS = 8  # images decoded and segmented together; bounds memory for big requests
+
+
+class BadRequest(ValueError):
+    """The request itself is malformed (answered with 400 and this message)."""
+
+
+@dataclass
+class TaskAnswer:
+    result: list[dict[str, Any]]
+    score: float
+    error: str | None = None
+    predictions: list[tuple[PromptRequest, MaskPrediction]] | None = None
+
+    def to_json(self, version: str) -> dict[str, Any]:
+        return {"result": self.result, "score": self.score, "model_version": version}
+
+
+def project_id(value: Any) -> str | None:
+    """Label Studio sends `project` as "<id>.<timestamp>" (or an int); the id part."""
+    if value is None or value == "":
+        return None
+    return str(value).split(".", 1)[0]
+
+
+def parse_predict_request(body: Any) -> tuple[list[Mapping[str, Any]], str | None, Mapping[str, Any] | None]:
+    """(tasks, label_config, context) of a /predict body, validated; raises BadRequest."""
+    if not isinstance(body, Mapping):
+        raise BadRequest("the request body must be a JSON object")
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list):
+        raise BadRequest("'tasks' must be a list of tasks")
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Mapping) or not isinstance(task.get("data", {}), Mapping):
+            raise BadRequest(f"task {i} must be an object with a 'data' object")
+    config = body.get("label_config")
+    if config is not None and not isinstance(config, str):
+        raise BadRequest("'label_config' must be a string")
+    params = body.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise BadRequest("'params' must be an object")
+    context = params.get("context")
+    if context is not None and not isinstance(context, Mapping):
+        raise BadRequest("'params.context' must be an object")
+    return tasks, config, context
+
+
+class PredictService:
+    """Turns a batch of tasks into Label Studio predictions with a `Segmenter`."""
+
+    def __init__(self, fetcher: ImageFetcher, metrics: BackendMetrics, threshold: float = 0.5,
+                 polygon_tolerance: float = 1.0, download_threads: int = 8,
+                 on_prediction: Callable[[str | None, Mapping[str, Any], Sequence[tuple[PromptRequest, MaskPrediction]], str], None] | None = None):
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.threshold = threshold
+        self.polygon_tolerance = polygon_tolerance
+        self.on_prediction = on_prediction
+        self._pool = ThreadPoolExecutor(download_threads, thread_name_prefix="image-fetch")
+
+    def _fetch(self, config: LabelConfig, task: Mapping[str, Any]) -> FetchedImage | ImageFetchError:
+        ref = config.image_ref(task)
+        if ref is None:
+            return ImageFetchError(f"task has no '{config.image_key}' field", 400)
+        try:
+            return self.fetcher.fetch(ref, task.get("id"))
+        except ImageFetchError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - one task's failure never breaks the request
+            log.exception("unexpected error fetching the image of task %s", task.get("id"))
+            return ImageFetchError(f"unexpected error: {type(exc).__name__}", 500)
+
+    def answer(self, segmenter: Segmenter, config: LabelConfig, tasks: Sequence[Mapping[str, Any]],
+               context: Mapping[str, Any] | None, project: str | None = None) -> list[TaskAnswer]:
+        """One TaskAnswer per task, in order."""
+        answers: list[TaskAnswer | None] = [None] * len(tasks)
+        version = segmenter.version
+        for start in range(0, len(tasks), IMAGES_PER_PASS):
+            chunk = list(range(start, min(start + IMAGES_PER_PASS, len(tasks))))
+            fetched = list(self._pool.map(lambda i: self._fetch(config, tasks[i]), chunk))
+            ok: list[tuple[int, FetchedImage, list[PromptRequest]]] = []
+            for i, item in zip(chunk, fetched):
+                if isinstance(item, ImageFetchError):
+                    log.error("task %s: no prediction: %s", tasks[i].get("id"), item)
+                    self.metrics.errors.labels("image").inc()
+                    self.metrics.tasks.labels("error").inc()
+                    answers[i] = TaskAnswer([], 0.0, str(item))
+                    continue
+                prompts = [p for p in config.prompts(tasks[i], context) if p.text.strip()]
+                ok.append((i, item, prompts))
+            if not ok:
+                continue
+            results = segmenter.predict_batch([f.image for _, f, _ in ok], [[p.text for p in ps] for _, _, ps in ok])
+            for (i, image, prompts), preds in zip(ok, results):
+                answers[i] = self._to_answer(image, prompts, preds, config)
+                self.metrics.tasks.labels("ok").inc()
+                if self.on_prediction is not None and prompts:
+                    try:
+                        self.on_prediction(project, tasks[i], list(zip(prompts, preds)), version)
+                    except Exception as exc:  # noqa: BLE001 - the review signal is best effort
+                        log.warning("could not record the prediction of task %s: %s", tasks[i].get("id"), exc)
+        return [a if a is not None else TaskAnswer([], 0.0) for a in answers]
+
+    def _to_answer(self, image: FetchedImage, prompts: Sequence[PromptRequest], preds: Sequence[MaskPrediction],
+                   config: LabelConfig) -> TaskAnswer:
+        items: list[dict[str, Any]] = []
+        scores = []
+        for request, pred in zip(prompts, preds):
+            region = mask_to_results(
+                pred.mask, kind=request.control.type, from_name=request.control.from_name,
+                to_name=request.control.to_name, label=request.label, score=pred.score,
+                tolerance=self.polygon_tolerance,
+            )
+            for item in region:
+                item["original_width"], item["original_height"] = image.width, image.height
+            items.extend(region)
+            scores.append(pred.score)
+        self.metrics.regions.inc(len(items))
+        # The task score is the least certain region's: "sort by prediction score" then puts the tasks most in need
+        # of review first.
+        return TaskAnswer(items, float(min(scores)) if scores else 0.0, predictions=list(zip(prompts, preds)))
+
+
+def config_cache_key(config: str) -> str:
+    return hashlib.sha1(config.encode()).hexdigest()
