@@ -25,7 +25,8 @@ class BackendRuntime:
         self.configs: dict[str, LabelConfig] = {}  # project id -> parsed config from /setup
         self._config_cache: dict[str, LabelConfig] = {}
         self.model = ServingModel(settings.model, settings.device, settings.threshold, settings.bf16,
-                                  registry_factory=self.registry if settings.redis_url else None)
+                                  registry_factory=self.registry if settings.redis_url else None,
+                                  models_dir=str(Path(settings.data_dir) / "models"))
         self.predict_service = PredictService(self.fetcher, self.metrics, on_prediction=self._record_prediction)
         self.inbox = None
         if settings.redis_url:

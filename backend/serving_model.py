@@ -26,8 +26,10 @@ class ServingModel:
     """Holds the `Segmenter`; knows which version is wanted (`registry.active()`) and follows it."""
 
     def __init__(self, base_model: str, device: str = "auto", threshold: float = 0.5, bf16: bool = False,
-                 registry_factory: Callable[[], object] | None = None, check_interval: float = 1.0):
+                 registry_factory: Callable[[], object] | None = None, check_interval: float = 1.0,
+                 models_dir: str = "data/models"):
         self.base_model = base_model
+        self.models_dir = models_dir
         self.device = device
         self.threshold = threshold
         self.bf16 = bf16
@@ -77,6 +79,9 @@ class ServingModel:
     def _load(self, path: str, version: str | None) -> None:
         started = time.perf_counter()
         try:
+            if version is not None and self.registry_factory is not None:
+                # a version trained on another machine: its checkpoint comes from Redis
+                path = self.registry_factory().materialize(version, self.models_dir)
             model = load_model(path, self.device)
             if version:
                 model.version = version

@@ -61,7 +61,7 @@ def save_checkpoint(model: SegmentationModel, out_dir: str | os.PathLike, metada
     if out_dir.exists():
         raise FileExistsError(f"checkpoint directory {out_dir} already exists")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         config = model.config
         if base_dir is not None:
@@ -79,6 +79,26 @@ def save_checkpoint(model: SegmentationModel, out_dir: str | os.PathLike, metada
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def remove_abandoned_temp_dirs(parent: str | os.PathLike) -> list[Path]:
+    """Delete temp directories that a killed writer left in `parent` (its pid no longer runs on this machine)."""
+    removed = []
+    for tmp in Path(parent).glob(".*.tmp-*-*"):
+        try:
+            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running: its write is in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
 
 
 def load_trainable_weights(model: SegmentationModel, checkpoint_dir: str | os.PathLike) -> dict[str, Any]:

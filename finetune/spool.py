@@ -70,7 +70,7 @@ class Spool:
             Path(tmp).unlink(missing_ok=True)
             raise
         self._fsync_dir()
-        logger.warning("event spooled", extra={"file": name, "action": payload.get("action")})
+        logger.debug("event spooled", extra={"file": name, "action": payload.get("action")})
         return path
 
     def pending(self) -> list[Path]:

@@ -7,6 +7,8 @@ Redis keys (`ns` = namespace, default "clipseg"):
 | `ns:versions`       | hash    | version -> JSON record (path, parent, created, metrics, samples, status)      |
 | `ns:versions:order` | zset    | version, score = creation time                                               |
 | `ns:active`         | string  | JSON `{"version", "path"}` of the model every server should serve            |
+| `ns:artifact:{v}`   | hash    | file name -> bytes of version v's checkpoint (config JSON + trainable weights), |
+|                     |         | so servers on other machines can materialise it without a shared disk        |
 | `ns:events`         | channel | `{"event": "activated", "version", "path"}` published when `ns:active` changes |
 
 No `ns:active` key means "serve the configured base model (MODEL)".
@@ -14,7 +16,11 @@ No `ns:active` key means "serve the configured base model (MODEL)".
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -101,6 +107,40 @@ class VersionRegistry:
         pipe.publish(self.channel, json.dumps({"event": "activated", "version": rec.version, "path": rec.path}))
         pipe.execute()
         return rec
+
+    def set_status(self, version: str, status: str) -> VersionRecord:
+        """Change a version's status without activating it (e.g. "rejected")."""
+        rec = self.get(version)
+        rec.status = status
+        self.conn.hset(f"{self.ns}:versions", version, rec.to_json())
+        return rec
+
+    def store_artifact(self, version: str, checkpoint_dir: str | os.PathLike) -> int:
+        """Copy the checkpoint's small files (config + trainable weights, not `base/`) into Redis; returns bytes."""
+        files = {p.name: p.read_bytes() for p in Path(checkpoint_dir).iterdir() if p.is_file()}
+        self.conn.hset(f"{self.ns}:artifact:{version}", mapping=files)
+        return sum(len(b) for b in files.values())
+
+    def materialize(self, version: str, models_dir: str | os.PathLike) -> str:
+        """Local directory of `version`: its recorded path when it exists here, else written from Redis."""
+        rec = self.get(version)
+        if Path(rec.path).is_dir():
+            return rec.path
+        target = Path(models_dir) / version
+        if target.is_dir():
+            return str(target)
+        files = self.conn.hgetall(f"{self.ns}:artifact:{version}")
+        if not files:
+            raise UnknownVersionError(f"version {version!r}: {rec.path} is not on this machine and Redis has no copy")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-{os.getpid()}-", dir=target.parent))
+        for name, data in files.items():
+            (tmp / (name.decode() if isinstance(name, bytes) else name)).write_bytes(data)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process materialised it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(target)
 
     def rollback(self, version: str) -> VersionRecord:
         """Make an earlier version active again (`clipseg rollback V`)."""

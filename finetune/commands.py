@@ -1,0 +1,248 @@
+"""Queue-facing commands: `clipseg worker | scheduler | finetune | jobs | versions | rollback | status`.
+
+All of them need REDIS_URL (`clipseg serve` without it runs an embedded Redis and its own worker and scheduler).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from datetime import datetime
+
+from clipseg_model.errors import ClipsegError
+
+
+def _redis(settings):
+    if not settings.redis_url:
+        raise ClipsegError("REDIS_URL is not set: point it at the Redis that `clipseg serve` uses "
+                           "(e.g. unix:///path/to/data/redis/redis.sock?db=0 for the embedded one)")
+    import redis
+
+    conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+    try:
+        conn.ping()
+    except redis.ConnectionError as exc:
+        raise ClipsegError(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+    return conn
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+# ---- worker ------------------------------------------------------------------------------------------------
+def configure_worker(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--worker-class", choices=["simple", "spawn"], default="simple",
+                        help="simple: jobs run in this process (never forks after CUDA is initialised); "
+                             "spawn: a fresh process per job")
+    parser.add_argument("--name", default=None)
+
+
+def run_worker(args: argparse.Namespace, settings) -> int:
+    from rq.worker import SimpleWorker, SpawnWorker
+
+    from finetune.triggers import QUEUE_NAME
+
+    conn = _redis(settings)
+    cls = SimpleWorker if args.worker_class == "simple" else SpawnWorker
+    name = args.name or f"clipseg-{socket.gethostname()}-{__import__('os').getpid()}"
+    worker = cls([QUEUE_NAME], connection=conn, name=name)
+    # with_scheduler: RQ's scheduler moves delayed retries (Retry intervals) back onto the queue.
+    worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+    return 0
+
+
+# ---- scheduler -----------------------------------------------------------------------------------------------
+def configure_scheduler(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--interval", type=int, default=settings.finetune_interval,
+                        help=f"seconds between checks for new corrections (default FINETUNE_INTERVAL={settings.finetune_interval})")
+
+
+def run_scheduler(args: argparse.Namespace, settings) -> int:
+    from finetune.triggers import schedule_periodic_check
+
+    scheduler = schedule_periodic_check(_redis(settings), args.interval, job_timeout=settings.job_timeout)
+    print(f"scheduler: checking for new corrections every {args.interval} s", file=sys.stderr)
+    scheduler.start()
+    return 0
+
+
+# ---- finetune ------------------------------------------------------------------------------------------------
+def configure_finetune(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--project", required=True, help="Label Studio project id")
+    parser.add_argument("--now", action="store_true", help="queue it even below the FINETUNE_EVERY threshold")
+    parser.add_argument("--inline", action="store_true", help="run the job in this process instead of a worker")
+    parser.add_argument("--wait", action="store_true", help="wait for the queued job and print its result")
+
+
+def run_finetune(args: argparse.Namespace, settings) -> int:
+    conn = _redis(settings)
+    if args.inline:
+        from finetune.jobs import finetune_project
+
+        print(json.dumps(finetune_project(args.project, redis_url=settings.redis_url), indent=2, default=str))
+        return 0
+    from finetune.triggers import maybe_enqueue_finetune
+
+    result = maybe_enqueue_finetune(conn, args.project, "manual" if args.now else "correction",
+                                    every_n=settings.finetune_every, job_timeout=settings.job_timeout)
+    if not result.enqueued:
+        print(f"not queued: {result.detail} (job {result.job_id or '-'}, {result.new_corrections} new corrections)")
+        return 0 if result.detail == "active" else 1
+    print(f"queued {result.job_id} for project {args.project}")
+    if args.wait:
+        from rq.job import Job
+
+        job = Job.fetch(result.job_id, connection=conn)
+        while job.get_status(refresh=True) not in ("finished", "failed", "stopped", "canceled"):
+            meta = job.get_meta(refresh=True)
+            print(f"  {meta.get('stage')}: {meta.get('progress', 0):.0%} {meta.get('message', '')}", file=sys.stderr)
+            time.sleep(2)
+        print(json.dumps({"status": str(job.get_status()), "result": job.return_value()}, indent=2, default=str))
+    return 0
+
+
+# ---- jobs -----------------------------------------------------------------------------------------------------
+def configure_jobs(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--json", action="store_true")
+
+
+def job_rows(conn) -> list[dict]:
+    """Every fine-tune job RQ still knows: queued, scheduled, running, finished and failed, with progress."""
+    from rq import Queue
+    from rq.job import Job
+
+    from finetune.triggers import QUEUE_NAME
+
+    queue = Queue(QUEUE_NAME, connection=conn)
+    ids: list[tuple[str, str]] = [(i, "queued") for i in queue.get_job_ids()]
+    for name, registry in (("scheduled", queue.scheduled_job_registry), ("running", queue.started_job_registry),
+                           ("finished", queue.finished_job_registry), ("failed", queue.failed_job_registry)):
+        ids += [(i, name) for i in registry.get_job_ids()]
+    rows = []
+    for job_id, where in ids:
+        try:
+            job = Job.fetch(job_id, connection=conn)
+        except Exception:  # noqa: BLE001 - expired between listing and fetching
+            continue
+        meta = job.meta or {}
+        failure = ""
+        if where == "failed":
+            latest = job.latest_result()
+            failure = (latest.exc_string or "").strip().splitlines()[-1] if latest and latest.exc_string else ""
+        rows.append({"id": job_id, "state": where, "project": meta.get("project"), "stage": meta.get("stage"),
+                     "progress": meta.get("progress"), "step": meta.get("step"), "total_steps": meta.get("total_steps"),
+                     "loss": meta.get("loss"), "message": meta.get("message"), "enqueued": job.enqueued_at,
+                     "error": failure, "description": job.description})
+    return rows
+
+
+def run_jobs(args: argparse.Namespace, settings) -> int:
+    rows = job_rows(_redis(settings))
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print("no fine-tune jobs")
+    for r in rows:
+        progress = f"{r['progress']:.0%}" if isinstance(r["progress"], (int, float)) else "-"
+        print(f"{r['id']:<34} {r['state']:<9} project {r['project']!s:<5} {r['stage'] or '-':<10} {progress:>5} "
+              f"step {r['step'] or 0}/{r['total_steps'] or '-'} {r['message'] or ''} {r['error']}".rstrip())
+    return 0
+
+
+# ---- versions / rollback -------------------------------------------------------------------------------------
+def configure_versions(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--json", action="store_true")
+
+
+def run_versions(args: argparse.Namespace, settings) -> int:
+    from dataclasses import asdict
+
+    from finetune.corrections import CorrectionStore
+    from finetune.versions import VersionRegistry
+
+    conn = _redis(settings)
+    registry = VersionRegistry(conn)
+    active = registry.active()
+    review = CorrectionStore(conn).review_stats()
+    records = registry.list()
+    if args.json:
+        print(json.dumps({"active": active[0] if active else None,
+                          "versions": [{**asdict(r), "review": review.get(r.version)} for r in records]}, indent=2))
+        return 0
+    print(f"active: {active[0] if active else 'base model ' + settings.model}")
+    nan = float("nan")
+    for r in records:
+        m = r.metrics
+        mark = "*" if active and active[0] == r.version else " "
+        line = (f"{mark} {r.version:<28} {r.status:<9} {_when(r.created)} parent {r.parent or '-':<24} "
+                f"corrections mIoU {m.get('corrections_miou', nan):.3f} (parent {m.get('parent_corrections_miou', nan):.3f}) "
+                f"base mIoU {m.get('base_miou', nan):.3f} (parent {m.get('parent_base_miou', nan):.3f}) "
+                f"samples {r.samples.get('corrections', 0)}+{r.samples.get('replay', 0)}")
+        rv = review.get(r.version)
+        if rv:
+            line += f" review IoU {rv['mean_iou']:.3f} (n={int(rv['n'])})"
+        print(f"{line} {r.reason}".rstrip())
+    return 0
+
+
+def configure_rollback(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("version", help="a version from `clipseg versions`")
+
+
+def run_rollback(args: argparse.Namespace, settings) -> int:
+    from finetune.versions import UnknownVersionError, VersionRegistry
+
+    registry = VersionRegistry(_redis(settings))
+    try:
+        rec = registry.rollback(args.version)
+    except UnknownVersionError as exc:
+        raise ClipsegError(str(exc.args[0])) from exc
+    print(f"version {rec.version} is active again ({rec.path}); servers reload it between requests")
+    return 0
+
+
+# ---- status ------------------------------------------------------------------------------------------------
+def configure_status(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--json", action="store_true")
+
+
+def run_status(args: argparse.Namespace, settings) -> int:
+    from rq import Queue, Worker
+
+    from finetune.corrections import CorrectionStore
+    from finetune.triggers import QUEUE_NAME
+    from finetune.versions import VersionRegistry
+
+    conn = _redis(settings)
+    queue = Queue(QUEUE_NAME, connection=conn)
+    workers = Worker.all(connection=conn)
+    store = CorrectionStore(conn)
+    registry = VersionRegistry(conn)
+    active = registry.active()
+    status = {
+        "redis": {"url": settings.redis_url, "version": conn.info("server").get("redis_version"),
+                  "used_memory": conn.info("memory").get("used_memory_human")},
+        "queue": {"queued": len(queue), "running": queue.started_job_registry.count,
+                  "failed": queue.failed_job_registry.count, "scheduled": queue.scheduled_job_registry.count},
+        "workers": [{"name": w.name, "state": str(w.get_state()), "job": w.get_current_job_id()} for w in workers],
+        "projects": {p: {"corrections": store.count(p), "new": store.new_since_last_finetune(p)} for p in store.projects()},
+        "active_version": active[0] if active else f"base:{settings.model}",
+        "versions": len(registry.list()),
+    }
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return 0
+    r = status["redis"]
+    print(f"redis     {r['url']} (v{r['version']}, {r['used_memory']})")
+    q = status["queue"]
+    print(f"queue     {q['queued']} queued, {q['running']} running, {q['scheduled']} scheduled, {q['failed']} failed")
+    print(f"workers   {len(workers)}: " + (", ".join(f"{w['name']} ({w['state']})" for w in status["workers"]) or "none"))
+    for p, c in status["projects"].items():
+        print(f"project   {p}: {c['corrections']} corrections, {c['new']} new since the last fine-tune")
+    print(f"model     {status['active_version']} ({status['versions']} versions recorded)")
+    return 0
