@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -91,13 +90,14 @@ def test_malformed_file_is_set_aside(tmp_path, redis_url):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_real_redis_restart_loses_nothing(tmp_path):
     """A redis-server of our own is killed mid-stream and restarted on the same port with its data."""
     port = _free_port()
     data = tmp_path / "redis"
     data.mkdir()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+    from backend.embedded_redis import redis_server_binary
+
+    cmd = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
            "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
 
     def start():
