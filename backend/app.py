@@ -172,8 +172,8 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
             if not settings.redis_url:
                 return _error("fine-tuning needs Redis (REDIS_URL)", 503)
             result = runtime.trigger(project, "start_training")
-            runtime.metrics.webhooks.labels(action, result.status).inc()
-            return jsonify({"status": result.status, "job_id": result.job_id}), 201 if result.enqueued else 200
+            runtime.metrics.webhooks.labels(action, result.detail).inc()
+            return jsonify({"status": result.detail, "job_id": result.job_id}), 201 if result.enqueued else 200
         if runtime.inbox is None:
             runtime.metrics.webhooks.labels(action, "no_redis").inc()
             log.info("webhook %s received; no REDIS_URL, so corrections are not kept", action)
