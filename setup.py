@@ -35,7 +35,7 @@ setup(
     ],
     extras_require={
         "datasets": ["datasets>=2.18"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "datasets>=2.18", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "datasets>=2.18", "pytest-timeout>=2.3", "pyyaml>=6", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["clipseg=backend.cli:main"]},
 )
