@@ -159,16 +159,16 @@ def result_to_mask(result_item: Mapping[str, Any], width: int, height: int) -> n
         ValueError: unsupported type, or an RLE that does not hold width*height RGBA pixels.
     """
     value = result_item.get("value") or {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a result's value must be an object, got {type(value).__name__}")
     rtype = result_item.get("type", "")
     if "rle" in value or rtype in ("brushlabels", "brush"):
-        from label_studio_sdk.converter.brush import decode_rle
+        # The checked decoder: garbage RLE raises ValueError instead of OverflowError or a 4 GB allocation.
+        from finetune.corrections import rle_to_mask
 
         if value.get("format", "rle") != "rle":
             raise ValueError(f"unsupported brush format {value.get('format')!r}")
-        flat = np.asarray(decode_rle(value["rle"]), dtype=np.uint8)
-        if flat.size != width * height * 4:
-            raise ValueError(f"RLE holds {flat.size // 4} pixels, expected {width}x{height}={width * height}")
-        return flat.reshape(height, width, 4)[:, :, 3] > 0
+        return rle_to_mask(value.get("rle"), height, width)
     if "points" in value or rtype in ("polygonlabels", "polygon"):
         mask = np.zeros((height, width), dtype=np.uint8)
         pts = np.asarray(value.get("points") or [], dtype=np.float64).reshape(-1, 2)

@@ -157,11 +157,44 @@ def png_to_mask(data: bytes) -> np.ndarray:
         return np.array(img.convert("L")) > 0
 
 
+MAX_MASK_PIXELS = 50_000_000  # same bound as MAX_IMAGE_PIXELS: a region larger than any image we accept is garbage
+
+
+def check_mask_size(height: Any, width: Any) -> tuple[int, int]:
+    """(height, width) as ints when they are a sane mask size; ValueError otherwise (webhook values are untrusted)."""
+    if isinstance(height, bool) or isinstance(width, bool):
+        raise ValueError(f"mask size must be integers, got {height!r}x{width!r}")
+    try:
+        h, w = int(height), int(width)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"mask size must be integers, got {height!r}x{width!r}") from None
+    if h <= 0 or w <= 0 or h * w > MAX_MASK_PIXELS:
+        raise ValueError(f"mask size {w}x{h} is empty or over {MAX_MASK_PIXELS} pixels")
+    return h, w
+
+
 def rle_to_mask(rle: Sequence[int], height: int, width: int) -> np.ndarray:
-    """Decode a Label Studio brush RLE into a (height, width) np.bool_ mask."""
+    """Decode a Label Studio brush RLE into a (height, width) np.bool_ mask.
+
+    The RLE comes from webhooks, so it is checked before decoding: a list of byte values whose 32-bit header
+    (the number of RGBA values) equals height*width*4. Without that check a garbage header makes the SDK's decoder
+    allocate up to 4 GB, and garbage runs raise OverflowError/IndexError. Raises ValueError for any bad input.
+    """
     from label_studio_sdk.converter.brush import decode_rle
 
-    return decode_rle(list(rle)).reshape(height, width, 4)[:, :, 3] > 0
+    height, width = check_mask_size(height, width)
+    if not isinstance(rle, (list, tuple)) or len(rle) < 6:
+        raise ValueError("brush RLE must be a list of at least 6 byte values")
+    if not all(type(v) is int and 0 <= v <= 255 for v in rle):
+        raise ValueError("brush RLE must hold integers 0..255")
+    count = int.from_bytes(bytes(rle[:4]), "big")
+    if count != height * width * 4:
+        raise ValueError(f"RLE holds {count // 4} pixels, expected {width}x{height}={width * height}")
+    try:
+        flat = decode_rle(list(rle))
+    except (ValueError, IndexError, OverflowError) as exc:
+        raise ValueError(f"corrupt brush RLE: {exc}") from None
+    return flat.reshape(height, width, 4)[:, :, 3] > 0
 
 
 def polygon_to_mask(points: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
@@ -479,6 +512,8 @@ class CorrectionStore:
                 if kind in {"brushlabels", "brush", "polygonlabels", "polygon"}:
                     logger.warning("region %s without original size skipped", r.get("id"))
                 continue
+            if kind in {"brushlabels", "brush", "polygonlabels", "polygon"}:
+                h, w = check_mask_size(h, w)  # before allocating: a 100,000 x 100,000 region is 10 GB
             if kind in {"brushlabels", "brush"}:
                 if value.get("format", "rle") != "rle" or not value.get("rle"):
                     continue

@@ -3,8 +3,9 @@
 Label Studio does not resend a webhook that failed (its timeout is 1 s), so an event that cannot reach Redis is
 written to `<dir>/<time_ns>-<pid>-<n>.json`, one file per event, atomically (temp file, fsync, rename, fsync of
 the directory): a crash leaves either the whole event or nothing. `replay()` ingests the files oldest first and
-deletes each one only after its ingest succeeded; it stops at the first Redis or loader error, keeping that file
-and the later ones, so order is kept. A file that can never be ingested (not JSON, malformed payload) is moved to
+deletes each one only after its ingest succeeded; it stops at the first Redis error or transient loader error
+(Label Studio down, a timeout), keeping that file and the later ones, so order is kept. A file that can never be
+ingested (not JSON, a malformed payload or RLE, an image that is gone or not an image) is moved to
 `<dir>/rejected/` so it does not block the others. While files are pending, new events go to the spool as well
 (after a short replay attempt), so an older update never lands after a newer one.
 """
@@ -35,6 +36,36 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     return RedisConnectionError, RedisTimeoutError
+
+
+# Image fetch statuses that will not change on a retry (bad reference, gone, not an image, too large).
+_PERMANENT_FETCH_STATUSES = frozenset({400, 404, 410, 413, 415, 422})
+
+
+class _LoaderError(Exception):
+    """A transient image-loader failure (Label Studio down, a timeout): the event is retried later."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+
+
+def _tag_loader_errors(loader: "ImageLoader | None") -> "ImageLoader | None":
+    """Wrap `loader` so its transient failures are told apart from errors in the payload itself."""
+    if loader is None:
+        return None
+
+    def load(task: dict) -> bytes:
+        try:
+            return loader(task)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise  # the task names no usable image (or its data is not an object): permanent
+        except Exception as exc:  # noqa: BLE001 - sorted by the fetch status below
+            if getattr(exc, "status", None) in _PERMANENT_FETCH_STATUSES:
+                raise ValueError(f"image cannot be loaded: {exc}") from exc
+            raise _LoaderError(exc) from exc
+
+    return load
 
 
 @dataclass(frozen=True)
@@ -110,7 +141,8 @@ class Spool:
     ) -> ReplayResult:
         """Ingest pending events in order into `store`, deleting each file after its ingest succeeded.
 
-        Stops at the first Redis error or loader error (the file stays), or after `deadline_s` seconds.
+        Stops at the first Redis error or transient loader error (the file stays), or after `deadline_s` seconds;
+        any other failure rejects that one event (moved to rejected/, logged) and replay goes on.
         Returns at once (nothing replayed) when another process is replaying this spool.
         """
         start = time.monotonic()
@@ -125,19 +157,21 @@ class Spool:
                     payload = json.loads(path.read_bytes())
                     if not isinstance(payload, dict):
                         raise ValueError("not a JSON object")
-                    store.ingest_event(payload, image_loader)
+                    store.ingest_event(payload, _tag_loader_errors(image_loader))
                 except _redis_errors() as exc:
                     logger.warning("replay stopped: Redis unreachable (%s)", exc)
                     return ReplayResult(replayed, rejected, len(self), f"redis: {exc}")
-                except (ValueError, KeyError, TypeError) as exc:
+                except _LoaderError as exc:  # Label Studio down, a timeout...: try again later
+                    logger.warning("replay stopped at %s: %r", path.name, exc.cause)
+                    return ReplayResult(replayed, rejected, len(self), repr(exc.cause))
+                except Exception as exc:  # noqa: BLE001 - a payload that can never be ingested
+                    # Anything else comes from the payload itself (garbage RLE raising OverflowError, an
+                    # "annotation" that is a string, ...): retrying it would block every later event forever.
                     rejected += 1
                     (self.dir / "rejected").mkdir(exist_ok=True)
                     os.replace(path, self.dir / "rejected" / path.name)
                     logger.error("spooled event %s rejected: %r", path.name, exc)
                     continue
-                except Exception as exc:  # the image loader (Label Studio down...): try again later
-                    logger.warning("replay stopped at %s: %r", path.name, exc)
-                    return ReplayResult(replayed, rejected, len(self), repr(exc))
                 path.unlink()
                 replayed += 1
             if replayed or rejected:
