@@ -228,8 +228,6 @@ def test_ml_backend_calls(ls, recorder):
 
 
 def test_restart_keeps_data_and_auth(ls):
-    if ls.auth_mode != "pat":
-        pytest.skip("one restart is enough")
     project = ls.client.create_project("survives restart", BRUSH_CONFIG)
     old_port, pat = ls.port, ls.pat
     seconds = ls.restart()
