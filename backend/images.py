@@ -28,14 +28,12 @@ import logging
 import socket
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urljoin, urlsplit
 
-import numpy as np
 import requests
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -43,6 +41,8 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection as _u3_connection
 
 from backend.settings import Settings
+from clipseg_model.caches import LRUCache
+from clipseg_model.image_io import to_display_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -141,43 +141,6 @@ def _split_host_pattern(pattern: str) -> tuple[str, str]:
     return pattern, ""
 
 
-class _LRUBytes:
-    """Thread-safe LRU of bytes bounded by their total size."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> bytes | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: bytes) -> None:
-        if len(value) > self.capacity:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._size -= len(old)
-            self._items[key] = value
-            self._size += len(value)
-            while self._size > self.capacity:
-                _, evicted = self._items.popitem(last=False)
-                self._size -= len(evicted)
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 # -- sockets that connect only to checked addresses ------------------------------------------------------------
 
 
@@ -274,7 +237,7 @@ class ImageFetcher:
         self.max_redirects = max_redirects
         self._resolver = resolver
         self._verify = verify
-        self._cache = _LRUBytes(cache_bytes)
+        self._cache: LRUCache[bytes] = LRUCache(cache_bytes, len)
         self._token_lock = threading.Lock()
         self._access_token: str | None = None
         self._access_expires = 0.0
@@ -316,7 +279,7 @@ class ImageFetcher:
 
     @property
     def cache_size_bytes(self) -> int:
-        return self._cache.size
+        return self._cache.total_cost
 
     # -- public API --------------------------------------------------------------------------------------
 
@@ -710,33 +673,10 @@ class ImageFetcher:
         img = self._open(data)
         try:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = to_rgb(img)
+            rgb = to_display_rgb(img)
         except Image.DecompressionBombError as exc:
             raise ImageFetchError(f"image too large: {exc}", 413) from exc
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageFetchError(f"corrupt or truncated image: {exc}", 422) from exc
         return rgb, rgb.width, rgb.height
 
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode → RGB. Alpha is composited on white (how the editor shows it on its light canvas);
-    16/32-bit integer grayscale is scaled to 8 bits instead of clipped; float is clipped to 0..255."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit data (the usual case for "I" too, as PNG opens 16-bit gray as "I"): scale 0..65535 → 0..255.
-        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode == "F":
-        arr = np.clip(np.asarray(img, dtype=np.float64), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")

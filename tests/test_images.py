@@ -17,7 +17,8 @@ from flask import Flask, Response, redirect, request
 from PIL import Image
 from werkzeug.serving import make_server
 
-from backend.images import FetchedImage, ImageFetcher, ImageFetchError, is_jwt, redact, to_rgb
+from backend.images import FetchedImage, ImageFetcher, ImageFetchError, is_jwt, redact
+from clipseg_model.image_io import to_rgb
 from backend.settings import Settings
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
