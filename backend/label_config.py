@@ -163,11 +163,12 @@ class LabelConfig:
             rtype = item.get("type")
             if rtype not in _LABEL_RESULT_TYPES:
                 continue
-            values = (item.get("value") or {}).get(rtype) or []
-            if not values or not isinstance(values[0], str):
+            values = _value(item).get(rtype) or []
+            if not isinstance(values, list) or not values or not isinstance(values[0], str):
                 continue
             label = values[0]
-            control = by_name.get(item.get("from_name", ""))
+            from_name = item.get("from_name")
+            control = by_name.get(from_name) if isinstance(from_name, str) else None
             if control is not None and (label in control.labels or not control.labels):
                 return control, label
             for control in self.controls:
@@ -179,7 +180,7 @@ class LabelConfig:
         textareas = [i for i in items if i.get("type") == "textarea"]
         # Prefer the config's own TextAreas; accept any textarea item when names don't match (renamed config).
         own = [i for i in textareas if i.get("from_name") in self.textareas]
-        return _texts(v for i in (own or textareas) for v in _as_list((i.get("value") or {}).get("text")))
+        return _texts(v for i in (own or textareas) for v in _as_list(_value(i).get("text")))
 
     def _field_texts(self, task: Mapping[str, Any]) -> list[str]:
         data = task.get("data") or {}
@@ -290,6 +291,12 @@ def _context_items(context: Mapping[str, Any] | None) -> list[Mapping[str, Any]]
         return []
     items = context.get("result") or []
     return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
+
+
+def _value(item: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A context item's `value` object; {} when it is missing or not an object (the context is client input)."""
+    value = item.get("value")
+    return value if isinstance(value, Mapping) else {}
 
 
 def _as_list(value: Any) -> list[Any]:
