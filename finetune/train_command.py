@@ -1,0 +1,192 @@
+"""`clipseg train`: train a model on RefCOCO (three formats) or generated shapes.
+
+    clipseg train --model-preset seed --data jxu124 --image-root data/coco/train2014 --out runs/seed
+    clipseg train --model-preset tiny-improved --init-random --data shapes --steps 50 --out runs/smoke
+    torchrun --nproc_per_node 4 -m backend.cli train --model-preset improved --preset improved ...
+
+The data options are shared with `clipseg eval` (see `add_data_arguments` / `open_dataset`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DATA_KINDS = ("shapes", "jxu124", "lmms", "refer")
+# Generated data: a different stream seed per split, so val/test scenes never repeat training scenes.
+SHAPES_SPLIT_SEEDS = {"train": 0, "val": 1, "testA": 2, "testB": 3, "test": 4}
+SHAPES_DEFAULT_LENGTH = {"train": 20_000}  # other splits: 500
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+    """The dataset options of `clipseg train` and `clipseg eval`; `split` is the default --split."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", choices=DATA_KINDS, default="shapes",
+                       help="shapes: generated scenes; jxu124: HF jxu124/refcoco + COCO images; lmms: HF "
+                            "lmms-lab/RefCOCO (images embedded, no train split); refer: refs(unc).p + instances.json")
+    group.add_argument("--data-path", default=None,
+                       help="hub id or local path of the dataset (default: jxu124/refcoco, lmms-lab/RefCOCO; "
+                            "for refer: the folder holding refcoco/refs(unc).p)")
+    group.add_argument("--image-root", default=None, help="folder of COCO_train2014_*.jpg (jxu124, refer)")
+    group.add_argument("--split", default=split, help=f"train, val, testA, testB, test (default {split})")
+    group.add_argument("--max-samples", type=int, default=0,
+                       help="use the first N samples of --split (0: all; shapes: the generated length)")
+    group.add_argument("--shapes-size", type=int, default=0, help="shapes: image side in px (default: the model's input size)")
+    group.add_argument("--sentences", choices=("all", "first"), default="all",
+                       help="RefCOCO: one sample per sentence (all) or per referred object (first)")
+
+
+def open_dataset(args: argparse.Namespace, split: str, max_samples: int, model_image_size: int):
+    """The `ReferringDataset` the data options name, for `split`, cut to `max_samples` (0: all)."""
+    from clipseg_model.errors import ClipsegError
+    from finetune.samples import Subset
+
+    try:
+        if args.data == "shapes":
+            from finetune.shapes import ShapesDataset
+
+            length = max_samples or SHAPES_DEFAULT_LENGTH.get(split, 500)
+            if split not in SHAPES_SPLIT_SEEDS:
+                raise ClipsegError(f"unknown split {split!r}; choose one of {', '.join(SHAPES_SPLIT_SEEDS)}")
+            return ShapesDataset(length, seed=SHAPES_SPLIT_SEEDS[split], image_size=args.shapes_size or model_image_size)
+        if args.data == "jxu124":
+            from finetune.refcoco import HFRefCOCO
+
+            if not args.image_root:
+                raise ClipsegError("--data jxu124 needs --image-root (the COCO train2014 image folder)")
+            ds = HFRefCOCO(args.data_path or "jxu124/refcoco", split=split, image_root=args.image_root,
+                           sentences=args.sentences)
+        elif args.data == "lmms":
+            from finetune.refcoco import LmmsRefCOCO
+
+            ds = LmmsRefCOCO(args.data_path or "lmms-lab/RefCOCO", split=split, sentences=args.sentences)
+        else:
+            from finetune.refcoco import ReferRefCOCO
+
+            if not args.data_path:
+                raise ClipsegError("--data refer needs --data-path (the folder holding refcoco/refs(unc).p)")
+            ds = ReferRefCOCO(args.data_path, split=split, image_root=args.image_root, sentences=args.sentences)
+    except (OSError, ValueError) as exc:  # missing files, unknown split, offline hub: one line for the user
+        raise ClipsegError(f"cannot open {args.data} data (split {split}): {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+    if max_samples and max_samples < len(ds):
+        return Subset(ds, range(max_samples))
+    return ds
+
+
+def configure(parser: argparse.ArgumentParser, settings) -> None:
+    """Arguments of `clipseg train`; the device default comes from `settings` (DEVICE)."""
+    from clipseg_model.config import PRESETS
+    from finetune.training import TRAIN_PRESETS
+
+    parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="improved",
+                        help="training recipe: seed (BCE, Adam 1e-3) or improved (AdamW, cosine, Dice+BCE)")
+    start = parser.add_mutually_exclusive_group(required=True)
+    start.add_argument("--model", help="start from this checkpoint directory or hub id")
+    start.add_argument("--model-preset", choices=sorted(PRESETS),
+                       help="start from a model preset: its pretrained base (e.g. openai/clip-vit-base-patch16 for "
+                            "seed) with a fresh decoder, or random weights with --init-random")
+    parser.add_argument("--init-random", action="store_true",
+                        help="with --model-preset: random weights, built offline in OUT/init (smoke tests, benchmarks)")
+    parser.add_argument("--init-seed", type=int, default=0)
+    add_data_arguments(parser, "train")
+    parser.add_argument("--val-split", default="val", help="validation split ('none' to skip validation)")
+    parser.add_argument("--max-val-samples", type=int, default=500, help="validate on the first N samples (0: all)")
+    train = parser.add_argument_group("training (defaults: the --preset)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None, help="per process (per GPU under torchrun)")
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--eval-every", type=int, default=None, help="steps between validations and resume points")
+    train.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too")
+    parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.csv, loss.png)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    parser.add_argument("--device", default=settings.device, help=f"auto, cpu, cuda, cuda:N (default: DEVICE or {settings.device})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(args: argparse.Namespace):
+    from finetune.training import train_preset
+
+    cfg = train_preset(args.preset)
+    changes: dict[str, Any] = {}
+    for name in ("steps", "epochs", "batch_size", "lr", "eval_every", "num_workers", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.epochs is not None and args.steps is None:
+        changes["steps"] = 0  # an explicit --epochs wins over a preset's step count
+    if args.no_amp:
+        changes["amp"] = False
+    return cfg.replace(**changes)
+
+
+def _build_start_model(args: argparse.Namespace, device, is_main: bool, barrier):
+    """The model training starts from, per --model / --model-preset [--init-random]."""
+    from clipseg_model.config import preset
+    from clipseg_model.errors import ClipsegError
+    from clipseg_model.loading import build_model, load_model
+
+    if args.model:
+        if args.init_random:
+            raise ClipsegError("--init-random goes with --model-preset, not --model")
+        return load_model(args.model, device)
+    p = preset(args.model_preset)
+    if args.init_random:
+        from clipseg_model.random_init import init_model
+
+        init_dir = args.out / "init"
+        if is_main and not init_dir.exists():  # on --resume the run's random start is reused
+            args.out.mkdir(parents=True, exist_ok=True)
+            init_model(args.model_preset, init_dir, seed=args.init_seed)
+        barrier()
+        return load_model(init_dir, device)
+    if p.backbone is not None:
+        raise ClipsegError(f"preset {args.model_preset!r} has a test-sized backbone that exists only with random "
+                           "weights: add --init-random")
+    return build_model(p.config, device)
+
+
+def run(args: argparse.Namespace, settings) -> int:
+    """Train, then print where the checkpoints, the CSV and the PNG are."""
+    from clipseg_model.errors import ClipsegError
+    from clipseg_model.loading import resolve_device
+    from finetune.training import setup_distributed, teardown_distributed, train
+
+    if (args.out / "state").exists() and not args.resume:
+        raise ClipsegError(f"{args.out} already holds a training run; add --resume to continue it, or choose another --out")
+    cfg = _train_config(args)
+    dist_info, device = setup_distributed(resolve_device(args.device))
+    try:
+        model = _build_start_model(args, device, dist_info.main, dist_info.barrier)
+        size = model.config.image_size
+        train_data = open_dataset(args, args.split, args.max_samples, size)
+        val_data = None
+        if args.val_split.lower() != "none":
+            val_data = open_dataset(args, args.val_split, args.max_val_samples, size)
+        log.info("training on %d samples (%s/%s), validating on %s", len(train_data), args.data, args.split,
+                 len(val_data) if val_data is not None else "none")
+        metadata = {"version": args.out.name, "parent": model.version, "data": args.data, "split": args.split,
+                    "train_preset": args.preset}
+        result = train(model, train_data, val_data, cfg, args.out, device, progress=not args.no_progress,
+                       resume=args.resume, metadata=metadata)
+    finally:
+        teardown_distributed(dist_info)
+    if not dist_info.main:
+        return 0
+    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; final loss {result.final_loss:.4f}")
+    if result.last_metrics:
+        m = result.last_metrics
+        print(f"validation ({m['n']} samples): mIoU {m['miou']:.4f}, oIoU {m['oiou']:.4f}, mean Dice {m['mean_dice']:.4f}; "
+              f"best mIoU {result.best_miou:.4f} at step {result.best_step}")
+    if result.best_checkpoint:
+        print(f"best checkpoint: {result.best_checkpoint}")
+    print(f"last checkpoint: {result.last_checkpoint}")
+    print(f"metrics CSV:     {result.metrics_csv}")
+    print(f"loss curve PNG:  {result.loss_png}")
+    print(f"evaluate with:   clipseg eval --model {result.best_checkpoint or result.last_checkpoint} --data {args.data} ...")
+    return 0

@@ -1,0 +1,688 @@
+"""The training core: batching, the train loop (AMP, DDP, resume) and evaluation.
+
+Used by `clipseg train` and by the fine-tuning job. Everything here works on any `ReferringDataset`
+(RefCOCO, generated shapes, corrections) and any `SegmentationModel`.
+
+Layout of a training output directory (`out_dir`):
+
+    metrics.csv      one row per logged step (loss, lr) and per evaluation (val_miou, val_mean_dice, ...)
+    loss.png         training loss curve, written at the end
+    best/            checkpoint with the best validation mIoU (`clipseg_model.checkpoint` layout)
+    last/            checkpoint of the last step
+    state/           resume state: model.safetensors (trainable weights), optimizer.safetensors
+                     (optimizer tensors + RNG states), state.json (step, scheduler, scaler, config) — no pickle
+    tensorboard/     event files, only when `torch.utils.tensorboard` is importable
+
+Distributed training follows torch's environment protocol: under `torchrun` (WORLD_SIZE > 1) the process
+group is initialised here, every rank trains on its shard (DistributedSampler) and only rank 0 evaluates and
+writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, DistributedSampler
+
+from clipseg_model.checkpoint import save_checkpoint
+from clipseg_model.errors import ClipsegError
+from clipseg_model.losses import segmentation_loss
+from clipseg_model.segmenter_base import SegmentationModel
+from finetune.metrics import MetricAccumulator, ThresholdSweep
+from finetune.report import CSVMetricsLogger, GridRow, write_loss_curve
+from finetune.samples import ReferringDataset, ReferringSample
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+# Words whose meaning a horizontal flip inverts. A flipped image with an unchanged "the leftmost circle" teaches
+# the model to point at the rightmost one, so samples with such words are never flipped.
+_MIRRORED_WORDS = re.compile(r"\b(left\w*|right\w*)\b", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclass
+class Batch:
+    """A training batch.
+
+    Attributes:
+        pixel_values: (B, 3, S, S) float32, normalised (S = model.config.image_size).
+        phrases: B referring phrases.
+        masks: (B, S_out, S_out) float32 in [0, 1] (S_out = model.config.output_size); area-resized, so
+            boundary pixels carry the covered fraction (a soft target BCE handles).
+    """
+
+    pixel_values: torch.Tensor
+    phrases: list[str]
+    masks: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """Bool (H, W) → float32 (size, size) with area averaging (nearest when enlarging).
+
+    Area keeps thin objects that nearest-neighbour sampling can skip entirely when shrinking.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    h, w = t.shape[-2:]
+    if h >= size and w >= size:
+        out = F.interpolate(t, size=(size, size), mode="area")
+    else:
+        out = F.interpolate(t, size=(size, size), mode="nearest")
+    return out[0, 0]
+
+
+def collate(samples: Sequence[ReferringSample], model: SegmentationModel) -> Batch:
+    """Samples → `Batch` with images through `model.preprocess` and masks at the model's output size."""
+    size = model.config.output_size
+    pixel_values = model.preprocess([s.image for s in samples])
+    masks = torch.stack([resize_mask(s.mask, size) for s in samples]) if samples else torch.zeros(0, size, size)
+    return Batch(pixel_values, [s.phrase for s in samples], masks)
+
+
+def flippable(phrase: str) -> bool:
+    """Whether a horizontal flip keeps `phrase` true (it mentions no left/right direction)."""
+    return _MIRRORED_WORDS.search(phrase) is None
+
+
+class _Augmented:
+    """Random horizontal flips, deterministic per (seed, epoch, index) so resumed runs see the same data.
+
+    Phrases with left/right words are never flipped: mirroring the image would make them point at the wrong object.
+    """
+
+    def __init__(self, dataset: ReferringDataset, hflip: float, seed: int, epoch: int) -> None:
+        self.dataset, self.hflip, self.seed, self.epoch = dataset, hflip, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> ReferringSample:
+        sample = self.dataset[index]
+        if self.hflip <= 0 or not flippable(sample.phrase):
+            return sample
+        if np.random.default_rng([self.seed, self.epoch, index]).random() >= self.hflip:
+            return sample
+        return dataclasses.replace(sample, image=sample.image.transpose(Image.FLIP_LEFT_RIGHT),
+                                   mask=np.ascontiguousarray(sample.mask[:, ::-1]))
+
+
+def make_loader(dataset: ReferringDataset, model: SegmentationModel, batch_size: int, indices: Sequence[int],
+                num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """A DataLoader over `dataset[indices]` in that order, yielding `Batch`es.
+
+    The collate function holds the model only for `preprocess` (CPU work); with worker processes it is shared by
+    fork, not copied. `generator` is fixed so creating the loader draws nothing from torch's global RNG (which
+    dropout uses, and which resume restores).
+    """
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=list(indices), num_workers=num_workers,
+        collate_fn=functools.partial(collate, model=model), generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False, pin_memory=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe. Steps win over epochs when both are given."""
+
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine
+    warmup_fraction: float = 0.0  # share of the total steps with linear warm-up
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    dice_weight: float = 0.0  # 0: plain BCE-with-logits
+    batch_size: int = 32
+    steps: int = 0  # optimizer steps; 0: use epochs
+    epochs: int = 1
+    grad_clip: float = 0.0  # max gradient L2 norm; 0: off
+    eval_every: int = 0  # steps between validations (+ best checkpoint, resume state); 0: at the end only
+    log_every: int = 10  # steps between loss rows in metrics.csv
+    eval_batch_size: int = 16
+    max_eval_samples: int = 0  # validate on the first N samples only; 0: all
+    num_workers: int = 0  # DataLoader workers (0 or 1 on a 2-core machine: the main process needs the other)
+    hflip: float = 0.0  # probability of a horizontal flip (never for left/right phrases); off by default
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    # The seed's recipe: BCE-with-logits, Adam at a constant 1e-3, nothing else.
+    "seed": TrainConfig(optimizer="adam", lr=1e-3, batch_size=32, epochs=10),
+    # CLIPSeg-style: AdamW with decoupled weight decay, warm-up then cosine decay, Dice + BCE (Dice counters the
+    # foreground/background imbalance of small referred objects), gradient clipping for the post-norm decoder.
+    "improved": TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, schedule="cosine", warmup_fraction=0.05,
+                            min_lr_ratio=0.01, dice_weight=1.0, batch_size=64, epochs=20, grad_clip=1.0),
+}
+
+
+def train_preset(name: str) -> TrainConfig:
+    """A training preset by name."""
+    try:
+        return TRAIN_PRESETS[name]
+    except KeyError:
+        raise ClipsegError(f"unknown training preset {name!r}; choose one of: {', '.join(TRAIN_PRESETS)}") from None
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based) of `total`."""
+    warm = int(round(cfg.warmup_fraction * total))
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class EvalResult:
+    """Evaluation output.
+
+    Attributes:
+        metrics: n, mean_dice, pooled_dice, miou, oiou, prec@0.5..0.9 at `threshold` (see finetune.metrics).
+        sweep: {threshold: metrics} for 0.1..0.9 when asked for, else None.
+        rows: up to max_rows `GridRow`s for the HTML grid (first samples of the dataset).
+        per_sample: id, iou, dice and pixel counts of every sample.
+    """
+
+    metrics: dict[str, float]
+    sweep: dict[float, dict[str, float]] | None = None
+    rows: list[GridRow] = field(default_factory=list)
+    per_sample: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """What `train` did and where it wrote it (paths are None on ranks other than 0)."""
+
+    steps: int  # optimizer steps done in total (including before a resume)
+    final_loss: float  # mean loss of the last logging window
+    best_miou: float  # best validation mIoU (NaN without validation data)
+    best_step: int
+    last_metrics: dict[str, float]  # last validation metrics ({} without validation data)
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    metrics_csv: Path | None
+    loss_png: Path | None
+    loss_history: list[tuple[int, float]]  # (step, loss) of every step run in this call
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _eval_collate(samples: Sequence[ReferringSample], model: SegmentationModel) -> tuple[torch.Tensor, list[ReferringSample]]:
+    return model.preprocess([s.image for s in samples]), list(samples)
+
+
+def _autocast(device: torch.device, enabled: bool = True) -> tuple[contextlib.AbstractContextManager, torch.dtype | None]:
+    """(autocast context, dtype) for CUDA mixed precision; a null context on CPU (fp32 is faster to train there)."""
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype
+    return contextlib.nullcontext(), None
+
+
+@torch.no_grad()
+def evaluate(model: SegmentationModel, dataset: ReferringDataset, batch_size: int = 16,
+             device: str | torch.device | None = None, threshold: float = 0.5, sweep: bool = False,
+             max_rows: int = 0, num_workers: int = 0, max_samples: int = 0) -> EvalResult:
+    """Metrics of `model` on `dataset` at each sample's ground-truth resolution.
+
+    Logits (P, S_out, S_out) become probabilities that are bilinearly resized to the sample's (H, W), as the
+    predictor does, then binarised at `threshold`. The model is left in the mode it was in.
+    """
+    device = torch.device(device) if device is not None else model.device
+    n = len(dataset) if not max_samples else min(max_samples, len(dataset))
+    accumulator = MetricAccumulator(threshold)
+    sweeper = ThresholdSweep() if sweep else None
+    rows: list[GridRow] = []
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=list(range(n)), num_workers=num_workers,
+                        collate_fn=functools.partial(_eval_collate, model=model))
+    autocast, _ = _autocast(device)
+    index = 0
+    try:
+        for pixel_values, samples in loader:
+            with autocast:
+                logits = model(pixel_values.to(device), [s.phrase for s in samples])  # (B, S_out, S_out)
+            probs = torch.sigmoid(logits.float()).unsqueeze(1).cpu()  # (B, 1, S_out, S_out)
+            for prob, sample in zip(probs, samples):
+                h, w = sample.mask.shape
+                full = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp_(0, 1)
+                full_np = full.numpy()
+                sample_id = sample.meta.get("id", index) if isinstance(sample.meta, dict) else index
+                (counts,) = accumulator.update(full_np, sample.mask, ids=[sample_id])
+                if sweeper is not None:
+                    sweeper.update(full_np, sample.mask, ids=[sample_id])
+                if len(rows) < max_rows:
+                    rows.append(GridRow(sample.phrase, sample.image, full_np > threshold, sample.mask,
+                                        note=f"IoU {counts.iou:.2f}"))
+                index += 1
+    finally:
+        model.train(was_training)
+    metrics = accumulator.compute()
+    metrics["threshold"] = float(threshold)
+    return EvalResult(metrics, sweeper.compute() if sweeper else None, rows, accumulator.per_sample())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Distributed helpers (torch's env protocol: WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT set by torchrun)
+
+
+@dataclass
+class DistInfo:
+    """This process's place in a torchrun job (world 1, rank 0 when not distributed)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    owns_group: bool = False  # the process group was initialised by setup_distributed, which tears it down
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU).
+
+    Returns (DistInfo, device): under torchrun on CUDA the device becomes cuda:LOCAL_RANK. Idempotent: a group
+    that already exists is used as is.
+    """
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        owns = False
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's protocol, not our configuration
+        if world <= 1:
+            return DistInfo(), device
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        world, rank, owns = dist.get_world_size(), dist.get_rank(), True
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return DistInfo(world, rank, local_rank, owns), device
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    """Destroy the process group if `setup_distributed` created it."""
+    if info.owns_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Resume state (no pickle: tensors in safetensors, everything else in JSON)
+
+STATE_DIR = "state"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into flat tensors and a JSON-able remainder."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state_from(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, entry in info["scalars"].items():
+        state.setdefault(int(pid), {}).update(entry)
+    groups = []
+    for group in info["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def save_train_state(path: Path, model: SegmentationModel, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                     step: int, cfg: TrainConfig, extra: dict[str, Any]) -> Path:
+    """Write everything `train(..., resume=True)` needs to continue exactly, atomically (temp dir + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"))
+    tensors, optim_info = _optimizer_tensors(optimizer)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    info = {
+        "format": STATE_FORMAT, "step": step, "config": cfg.to_dict(), "optimizer": optim_info,
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        **extra,
+    }
+    (tmp / "state.json").write_text(json.dumps(info, indent=2, default=_json_default))
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in the training state")
+
+
+def load_train_state(path: Path, model: SegmentationModel, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """Restore what `save_train_state` wrote into freshly built objects; returns state.json's content."""
+    info = json.loads((path / "state.json").read_text())
+    if info.get("format") != STATE_FORMAT:
+        raise ClipsegError(f"{path}: training state format {info.get('format')!r}, this code reads {STATE_FORMAT}")
+    weights = load_file(str(path / "model.safetensors"))
+    with torch.no_grad():
+        missing = [k for k, p in model.named_parameters() if p.requires_grad and k not in weights]
+        if missing:
+            raise ClipsegError(f"{path} does not hold this model's trainable weights (missing {missing[:3]})")
+        model.load_state_dict(weights, strict=False)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(_optimizer_state_from(tensors, info["optimizer"]))
+    scheduler.load_state_dict(info["scheduler"])
+    if scaler is not None and info.get("scaler"):
+        scaler.load_state_dict(info["scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda_states = [tensors[k] for k in cuda_keys]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _write_checkpoint(model: SegmentationModel, path: Path, metadata: dict[str, Any]) -> Path:
+    """save_checkpoint refuses to overwrite: write beside, then swap, so a crash never leaves no checkpoint."""
+    new = path.with_name(f".{path.name}.new")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    save_checkpoint(model, new, metadata)
+    if path.exists():
+        os.rename(path, old)
+    os.rename(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _tensorboard(out_dir: Path):
+    """A SummaryWriter when tensorboard is installed, else None (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch imports it lazily; without the tensorboard package this fails
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _truncate_csv(path: Path, after_step: int) -> None:
+    """Drop rows logged after `after_step` (they belong to a run that stopped before saving its state)."""
+    if not path.exists():
+        return
+    import csv
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], [r for r in reader if int(r["step"]) <= after_step]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _loss_points(csv_path: Path) -> list[tuple[int, float]]:
+    points = []
+    for row in CSVMetricsLogger(csv_path).read():
+        if row.get("loss"):
+            points.append((int(row["step"]), float(row["loss"])))
+    return points
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(model: SegmentationModel, train_data: ReferringDataset, val_data: ReferringDataset | None,
+          cfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.device = "cpu", progress: bool = True,
+          on_step: Callable[[int, int, float], None] | None = None, resume: bool = False,
+          metadata: dict[str, Any] | None = None) -> TrainResult:
+    """Train `model`'s trainable parameters on `train_data`; validate on `val_data` (may be None).
+
+    Args:
+        model: a SegmentationModel (frozen parts stay frozen; only `model.trainable_parameters()` change).
+        cfg: the recipe (see TrainConfig / TRAIN_PRESETS).
+        out_dir: where metrics.csv, loss.png, best/, last/ and state/ go (module docstring).
+        device: "cpu", "cuda", "cuda:N" (under torchrun each rank uses cuda:LOCAL_RANK).
+        on_step: called on rank 0 after every optimizer step as on_step(step, total_steps, loss).
+        resume: continue from out_dir/state (exactly: weights, optimizer, scheduler, scaler, RNG, data order).
+        metadata: extra entries for the checkpoints' metadata (e.g. version, parent).
+    Returns:
+        TrainResult. The model ends in eval mode holding the LAST step's weights.
+    """
+    started = time.time()
+    out = Path(out_dir)
+    device = torch.device(device)
+    dist_info, device = setup_distributed(device)
+    state_path = out / STATE_DIR
+    if dist_info.main:
+        if state_path.exists() and not resume:
+            raise ClipsegError(f"{out} already holds a training run; pass resume to continue it or choose another directory")
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and not state_path.exists():
+        log.warning("nothing to resume in %s: starting from step 0", out)
+        resume = False
+
+    model.to(device)
+    params = list(model.trainable_parameters())
+    if not params:
+        raise ClipsegError("the model has no trainable parameters")
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    world = dist_info.world
+    sampler = DistributedSampler(train_data, num_replicas=world, rank=dist_info.rank, shuffle=True, seed=cfg.seed)
+    per_rank = len(sampler)
+    if per_rank == 0:
+        raise ClipsegError("the training set is empty")
+    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+    total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+    autocast, amp_dtype = _autocast(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    step, best_miou, best_step = 0, -math.inf, -1
+    if not resume:
+        torch.manual_seed(cfg.seed)
+    else:
+        info = load_train_state(state_path, model, optimizer, scheduler, scaler)
+        step, best_miou, best_step = int(info["step"]), float(info.get("best_miou") if info.get("best_miou") is not None else -math.inf), int(info.get("best_step", -1))
+        log.info("resumed %s at step %d of %d", out, step, total)
+
+    ddp_model: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    csv_path = out / "metrics.csv"
+    logger = writer = None
+    if dist_info.main:
+        if resume:
+            _truncate_csv(csv_path, step)
+        logger = CSVMetricsLogger(csv_path)
+        writer = _tensorboard(out)
+    bar = None
+    if progress and dist_info.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    meta = {**(metadata or {}), "train_config": cfg.to_dict()}
+    window: list[float] = []
+    history: list[tuple[int, float]] = []
+    last_metrics: dict[str, float] = {}
+    final_loss = math.nan
+
+    def validate_and_save(done: int) -> None:
+        nonlocal best_miou, best_step, last_metrics
+        if dist_info.main:
+            if val_data is not None and len(val_data):
+                result = evaluate(model, val_data, cfg.eval_batch_size, device, max_samples=cfg.max_eval_samples,
+                                  num_workers=cfg.num_workers)
+                last_metrics = result.metrics
+                logger.log(done, **{f"val_{k}": v for k, v in result.metrics.items() if k != "threshold"})
+                if writer is not None:
+                    for k, v in result.metrics.items():
+                        if k not in ("n", "threshold"):
+                            writer.add_scalar(f"val/{k}", v, done)
+                log.info("step %d: val mIoU %.4f, mean Dice %.4f", done, result.metrics["miou"], result.metrics["mean_dice"])
+                if result.metrics["miou"] > best_miou:
+                    best_miou, best_step = result.metrics["miou"], done
+                    _write_checkpoint(model, out / "best", {**meta, "step": done, "val": result.metrics})
+            save_train_state(state_path, model, optimizer, scheduler, scaler, done, cfg,
+                             {"best_miou": best_miou if math.isfinite(best_miou) else None, "best_step": best_step})
+        dist_info.barrier()
+
+    model.train()
+    try:
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            indices = list(sampler)[offset * cfg.batch_size :]
+            data = _Augmented(train_data, cfg.hflip, cfg.seed, epoch) if cfg.hflip > 0 else train_data
+            loader = make_loader(data, model, cfg.batch_size, indices, cfg.num_workers, seed=cfg.seed + epoch)
+            for batch in loader:
+                with autocast:
+                    logits = ddp_model(batch.pixel_values.to(device, non_blocking=True), batch.phrases)
+                loss = segmentation_loss(logits, batch.masks.to(device), cfg.dice_weight)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise ClipsegError(f"training diverged: loss is {value} at step {step}; lower the learning rate")
+                window.append(value)
+                history.append((step, value))
+                if dist_info.main:
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                    if on_step is not None:
+                        on_step(step, total, value)
+                    if step % max(1, cfg.log_every) == 0 or step == total:
+                        final_loss = float(np.mean(window))
+                        logger.log(step, loss=final_loss, lr=lr, epoch=epoch)
+                        if writer is not None:
+                            writer.add_scalar("train/loss", final_loss, step)
+                            writer.add_scalar("train/lr", lr, step)
+                        window.clear()
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+                    validate_and_save(step)
+                if step >= total:
+                    break
+        if dist_info.main:
+            if window:
+                final_loss = float(np.mean(window))
+            _write_checkpoint(model, out / "last", {**meta, "step": step, "val": last_metrics})
+            png = write_loss_curve(out / "loss.png", _loss_points(csv_path))
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        teardown_distributed(dist_info)
+    model.eval()
+    main = dist_info.main
+    return TrainResult(
+        steps=step, final_loss=final_loss, best_miou=best_miou if math.isfinite(best_miou) else math.nan,
+        best_step=best_step, last_metrics=last_metrics,
+        best_checkpoint=(out / "best") if main and (out / "best").exists() else None,
+        last_checkpoint=(out / "last") if main else None, metrics_csv=csv_path if main else None,
+        loss_png=png if main else None, loss_history=history, seconds=time.time() - started,
+    )

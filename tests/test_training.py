@@ -1,0 +1,225 @@
+"""The training core (finetune.training) and the `clipseg train` / `clipseg eval` commands, on tiny models (CPU)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from clipseg_model.config import ModelConfig
+from clipseg_model.loading import load_model
+from clipseg_model.segmenter_base import SegmentationModel
+from finetune.samples import ReferringSample, SampleList
+from finetune.shapes import ShapesDataset
+from finetune.training import (TRAIN_PRESETS, TrainConfig, collate, evaluate, flippable, lr_factor, resize_mask,
+                               train)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _samples(n: int, seed: int = 0, size: int = 64) -> SampleList:
+    ds = ShapesDataset(n, seed=seed, image_size=size)
+    return SampleList([ds[i] for i in range(n)])
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- batching ------------------------------------------------------------------------------------------------
+
+
+def test_collate_shapes_and_mask_resizing(tiny_model_factory):
+    model = load_model(tiny_model_factory("tiny-improved"), "cpu")  # input 96, output 96
+    data = _samples(3, size=64)
+    batch = collate([data[i] for i in range(3)], model)
+    assert batch.pixel_values.shape == (3, 3, 96, 96) and batch.pixel_values.dtype == torch.float32
+    assert batch.masks.shape == (3, 96, 96) and batch.masks.dtype == torch.float32
+    assert batch.phrases == [data[i].phrase for i in range(3)]
+    # The resized mask keeps the object's area fraction.
+    assert abs(batch.masks[0].mean().item() - data[0].mask.mean()) < 0.01
+    # Shrinking averages areas: a one-pixel line survives as a soft value instead of vanishing.
+    line = np.zeros((64, 64), bool)
+    line[:, 5] = True
+    small = resize_mask(line, 16)
+    assert small.shape == (16, 16) and small.sum().item() == pytest.approx(16 * 0.25)
+
+
+def test_flip_is_refused_for_left_right_phrases():
+    assert not flippable("the leftmost circle") and not flippable("man on the Right") and not flippable("rightmost")
+    assert flippable("the red circle") and flippable("the topmost square") and flippable("the bright star")
+
+
+def test_learning_rate_schedules():
+    cfg = TRAIN_PRESETS["improved"].replace(warmup_fraction=0.1, min_lr_ratio=0.0)
+    factors = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] < 0.01
+    assert all(lr_factor(s, 100, TRAIN_PRESETS["seed"]) == 1.0 for s in range(100))
+    assert TRAIN_PRESETS["seed"].optimizer == "adam" and TRAIN_PRESETS["seed"].lr == 1e-3 and TRAIN_PRESETS["seed"].dice_weight == 0
+    assert TRAIN_PRESETS["improved"].optimizer == "adamw" and TRAIN_PRESETS["improved"].dice_weight == 1.0
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["tiny-improved", "tiny-clipseg"])
+def test_overfits_a_fixed_batch_and_changes_only_trainable_weights(tiny_model_factory, tmp_path, preset):
+    model = load_model(tiny_model_factory(preset), "cpu")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = _snapshot(model)
+    data = _samples(4)
+    cfg = TrainConfig(optimizer="adam", lr=3e-3, batch_size=4, steps=25, dice_weight=1.0, log_every=5)
+    result = train(model, data, None, cfg, tmp_path / "run", progress=False)
+    losses = [loss for _, loss in result.loss_history]
+    assert len(losses) == 25 and all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+    after = model.state_dict()
+    frozen = [k for k in before if k not in trainable]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen), "a frozen (CLIP) tensor changed"
+    assert any(not torch.equal(before[k], after[k]) for k in trainable)
+    assert not model.training
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tiny_model_factory, tmp_path):
+    """4 steps in one go == 2 steps, an interruption, and a resume for the other 2 (cosine, warm-up, dropout,
+    AdamW, grad clipping, an epoch boundary at step 3)."""
+    data = _samples(12)
+    cfg = TRAIN_PRESETS["improved"].replace(batch_size=4, steps=4, eval_every=2, warmup_fraction=0.25, log_every=1)
+    direct = load_model(tiny_model_factory("tiny-improved"), "cpu")
+    train(direct, data, None, cfg, tmp_path / "direct", progress=False)
+
+    resumed = load_model(tiny_model_factory("tiny-improved"), "cpu")
+
+    def interrupt(step: int, total: int, loss: float) -> None:
+        if step == 3:  # the state saved at step 2 is the resume point; step 3's update is thrown away
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(resumed, data, None, cfg, tmp_path / "split", progress=False, on_step=interrupt)
+    fresh = load_model(tiny_model_factory("tiny-improved"), "cpu")  # a new process would start from scratch
+    torch.manual_seed(1234)  # whatever the global RNG holds, resume restores it
+    result = train(fresh, data, None, cfg, tmp_path / "split", progress=False, resume=True)
+    assert result.steps == 4 and [s for s, _ in result.loss_history] == [3, 4]
+    a, b = direct.trainable_state_dict(), fresh.trainable_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The log holds each step once, and the resume state is safetensors + JSON only (no pickle).
+    steps = [int(r["step"]) for r in __import__("csv").DictReader(open(tmp_path / "split" / "metrics.csv")) if r["loss"]]
+    assert steps == [1, 2, 3, 4]
+    state = tmp_path / "split" / "state"
+    assert sorted(p.name for p in state.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+    assert json.loads((state / "state.json").read_text())["step"] == 4
+    assert any(k.startswith("optim.") for k in load_file(str(state / "optimizer.safetensors")))
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tiny_model_factory, tmp_path):
+    from clipseg_model.errors import ClipsegError
+
+    model = load_model(tiny_model_factory("tiny-seed"), "cpu")
+    cfg = TrainConfig(batch_size=2, steps=1)
+    train(model, _samples(2), None, cfg, tmp_path / "run", progress=False)
+    with pytest.raises(ClipsegError, match="resume"):
+        train(model, _samples(2), None, cfg, tmp_path / "run", progress=False)
+
+
+def test_checkpoints_reload_and_reproduce_outputs(tiny_model_factory, tmp_path):
+    model = load_model(tiny_model_factory("tiny-improved"), "cpu")
+    data, val = _samples(8), _samples(4, seed=1)
+    cfg = TrainConfig(batch_size=4, steps=4, eval_every=2)
+    result = train(model, data, val, cfg, tmp_path / "run", progress=False, metadata={"version": "v-test"})
+    assert result.best_checkpoint == tmp_path / "run" / "best" and 0.0 <= result.best_miou <= 1.0
+    assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "metrics.csv").is_file()
+    reloaded = load_model(tmp_path / "run" / "last", "cpu")
+    assert reloaded.version == "v-test"
+    batch = collate([val[i] for i in range(4)], model)
+    with torch.no_grad():
+        assert torch.allclose(model(batch.pixel_values, batch.phrases), reloaded(batch.pixel_values, batch.phrases), atol=1e-6)
+    best = load_model(tmp_path / "run" / "best", "cpu")  # best of the evaluations at steps 2 and 4
+    assert best.config == model.config
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+
+
+class _LeftHalfModel(SegmentationModel):
+    """Answers every phrase with 'the left half of the image' (logits +-10 on an 8 x 8 grid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = ModelConfig(image_size=8, output_size=8)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def backbone_modules(self) -> list[torch.nn.Module]:
+        return []
+
+    def forward(self, pixel_values: torch.Tensor, prompts) -> torch.Tensor:
+        logits = torch.full((len(prompts), 8, 8), -10.0)
+        logits[:, :, :4] = 10.0
+        return logits
+
+
+def test_evaluate_matches_a_hand_computation():
+    w, h = 16, 12
+    left = np.zeros((h, w), bool)
+    left[:, :8] = True
+    top = np.zeros((h, w), bool)
+    top[:6, :] = True
+    image = Image.new("RGB", (w, h), "gray")
+    data = SampleList([ReferringSample(image, "left", left, "test"), ReferringSample(image, "top", top, "test")])
+    result = evaluate(_LeftHalfModel(), data, batch_size=2, device="cpu", sweep=True, max_rows=1)
+    m = result.metrics
+    # Sample 1: exact (IoU 1, Dice 1). Sample 2: |P∩G| = 48, |P∪G| = 144 → IoU 1/3; Dice 2*48/(96+96) = 0.5.
+    assert m["n"] == 2
+    assert m["miou"] == pytest.approx((1 + 1 / 3) / 2) and m["mean_dice"] == pytest.approx(0.75)
+    assert m["oiou"] == pytest.approx((96 + 48) / (96 + 144)) and m["pooled_dice"] == pytest.approx(2 * 144 / (192 + 192))
+    assert m["prec@0.5"] == 0.5 and m["prec@0.9"] == 0.5
+    assert set(result.sweep) == {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9}
+    assert result.sweep[0.5]["miou"] == pytest.approx(m["miou"])
+    assert len(result.rows) == 1 and result.rows[0].pred.shape == (h, w) and result.rows[0].note == "IoU 1.00"
+    assert [s["iou"] for s in result.per_sample] == pytest.approx([1.0, 1 / 3])
+
+
+# ---- the commands ------------------------------------------------------------------------------------------------
+
+
+def _clipseg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_train_and_eval_commands_end_to_end(tmp_path):
+    done = _clipseg("train", "--model-preset", "tiny-seed", "--init-random", "--data", "shapes", "--max-samples", "16",
+                    "--max-val-samples", "4", "--steps", "3", "--batch-size", "4", "--out", "run", "--no-progress",
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    for name in ("metrics.csv", "loss.png", "best/clipseg_config.json", "last/trainable.safetensors", "state/state.json"):
+        assert (run / name).is_file(), name
+    assert "metrics CSV:" in done.stdout and "loss curve PNG:" in done.stdout and "best checkpoint:" in done.stdout
+
+    again = _clipseg("train", "--model-preset", "tiny-seed", "--init-random", "--steps", "3", "--out", "run", cwd=tmp_path)
+    assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr
+
+    done = _clipseg("eval", "--model", "run/last", "--data", "shapes", "--max-samples", "6", "--rows", "3",
+                    "--out", "report", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = tmp_path / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n"] == 6 and "miou" in metrics and "0.5" in metrics["threshold_sweep"]
+    assert "grid.png" in (report / "index.html").read_text()
+    assert Image.open(report / "grid.png").size[1] > 3 * 100
+    for word in ("Dice", "mIoU", "oIoU", "P@0.5", "P@0.9"):
+        assert word in done.stdout
