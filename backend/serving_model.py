@@ -41,6 +41,9 @@ class ServingModel:
         self._lock = threading.Lock()
         self._last_check = 0.0
         self.error: str | None = None
+        # A version whose load failed: polling does not retry it (a pub/sub announcement does), else a corrupt
+        # checkpoint would be reloaded on every request.
+        self._failed_version: str | None = None
         self._stop = threading.Event()
 
     # ---- state ---------------------------------------------------------------------------------------
@@ -87,6 +90,7 @@ class ServingModel:
                 model.version = version
         except Exception as exc:  # noqa: BLE001 - report, keep the old model serving
             self.error = f"cannot load model {path}: {exc}"
+            self._failed_version = version
             log.error("%s", self.error)
             return
         with self._lock:
@@ -96,6 +100,7 @@ class ServingModel:
                 self._segmenter.swap_model(model)
             self._loaded_path = path
             self.error = None
+            self._failed_version = None
         log.info("serving %s (version %s), loaded in %.1f s", path, model.version, time.perf_counter() - started)
 
     def _load_async(self, path: str, version: str | None) -> None:
@@ -126,7 +131,9 @@ class ServingModel:
         if force or now - self._last_check >= self.check_interval:
             self._last_check = now
             version, path = self._wanted()
-            if version is not None and version != self.version and not self.loading:
+            if self._failed_version is not None and version != self._failed_version and not self.loading:
+                self._failed_version = self.error = None  # the broken version is no longer wanted (rollback)
+            if version is not None and version not in (self.version, self._failed_version) and not self.loading:
                 log.info("model version %s is active; loading it", version)
                 self._load_async(path, version)
         if wait and self.loading:
