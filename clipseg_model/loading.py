@@ -47,10 +47,32 @@ def _not_available(name: str, exc: Exception) -> ModelNotAvailableError:
     return ModelNotAvailableError(f"model '{name}' is not available: {state}; {how}. ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_only(name: str) -> None:
+    """A local model directory with pickle weights and no safetensors: refuse with a clear message."""
+    if not os.path.isdir(name):
+        return
+    files = [p.name for p in Path(name).iterdir() if p.is_file()]
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if pickles and not any(f.endswith(".safetensors") for f in files):
+        raise ModelNotAvailableError(
+            f"model directory '{name}' holds only pickle weights ({', '.join(sorted(pickles))}); loading pickle can "
+            "run arbitrary code, so only safetensors are loaded: convert it (load it once where you trust it and "
+            "`save_pretrained(dir, safe_serialization=True)`)"
+        )
+
+
 def _from_pretrained(cls, name: str, **kwargs):
+    """`cls.from_pretrained(name)`; models (not tokenizers) load safetensors weights only, never pickle."""
+    from transformers import PreTrainedModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a loading bar per file is noise in server logs
+    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+        _refuse_pickle_only(name)
+        kwargs.setdefault("use_safetensors", True)  # from_pretrained would otherwise fall back to pytorch_model.bin
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:  # missing files offline surface as OSError (LocalEntryNotFoundError)
