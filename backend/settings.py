@@ -56,6 +56,7 @@ class Settings:
     finetune_every: int = field(default=20, metadata={"env": "FINETUNE_EVERY", "help": "new corrections per project that trigger a fine-tune"})
     finetune_interval: int = field(default=3600, metadata={"env": "FINETUNE_INTERVAL", "help": "seconds between periodic checks"})
     finetune_steps: int = field(default=200, metadata={"env": "FINETUNE_STEPS", "help": "optimizer steps per fine-tune"})
+    finetune_lr: float = field(default=1e-4, metadata={"env": "FINETUNE_LR", "help": "AdamW learning rate of a fine-tune"})
     replay_ratio: float = field(default=1.0, metadata={"env": "REPLAY_RATIO", "help": "base samples per correction in a fine-tune"})
     promote_epsilon: float = field(default=0.01, metadata={"env": "PROMOTE_EPSILON", "help": "allowed drop of the base score"})
     refcoco_dir: str = field(default="", metadata={"env": "REFCOCO_DIR", "help": "local RefCOCO for replay (else generated data)"})

@@ -132,7 +132,7 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
         scheduler.step()
         losses.append(loss.item())
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, losses[-1])
     model.eval()
     return losses
 
@@ -163,8 +163,10 @@ class _Progress:
 
 
 def finetune_project(project: str, redis_url: str | None = None, steps: int | None = None, seed: int = 0,
-                     **setting_overrides: Any) -> dict[str, Any]:
+                     lr: float | None = None, **setting_overrides: Any) -> dict[str, Any]:
     """Fine-tune the active model on `project`'s corrections; promote the candidate only if it is better.
+
+    `steps` and `lr` default to FINETUNE_STEPS and FINETUNE_LR; other keywords override settings.
 
     Returns a summary: version, promoted (bool), reason, metrics, sample counts.
     """
@@ -181,6 +183,7 @@ def finetune_project(project: str, redis_url: str | None = None, steps: int | No
     conn = job.connection if job is not None else redis.Redis.from_url(settings.redis_url)
     store, registry = CorrectionStore.from_settings(conn, settings), VersionRegistry(conn)
     steps = steps or settings.finetune_steps
+    lr = lr or settings.finetune_lr
     progress = _Progress(job, steps)
     models_dir = Path(settings.data_dir) / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +205,7 @@ def finetune_project(project: str, redis_url: str | None = None, steps: int | No
     del parent
     candidate = load_model(parent_path, device)
     progress.stage("training", 0.2, f"{len(train)} corrections + {len(replay)} replayed samples")
-    losses = train_candidate(candidate, train + replay, steps, seed=seed, on_step=progress.step)
+    losses = train_candidate(candidate, train + replay, steps, lr=lr, seed=seed, on_step=progress.step)
 
     progress.stage("evaluating", 0.85, "scoring the candidate")
     cand_corr, cand_base = miou(candidate, held, settings.threshold), miou(candidate, base_val, settings.threshold)
@@ -214,7 +217,7 @@ def finetune_project(project: str, redis_url: str | None = None, steps: int | No
               f"base mIoU dropped by {parent_base - cand_base:.3f} > {settings.promote_epsilon}")
     version = f"p{project}-{time.strftime('%Y%m%d-%H%M%S')}-{watermark}"
     metrics = {"corrections_miou": cand_corr, "base_miou": cand_base, "parent_corrections_miou": parent_corr,
-               "parent_base_miou": parent_base, "final_loss": losses[-1] if losses else None, "steps": steps}
+               "parent_base_miou": parent_base, "final_loss": losses[-1] if losses else None, "steps": steps, "lr": lr}
     samples = {"corrections": len(train), "held_out": len(held), "replay": len(replay), "base_val": len(base_val)}
 
     progress.stage("saving", 0.95, reason)
