@@ -198,6 +198,8 @@ def finetune_project(project: str, redis_url: str | None = None, steps: int | No
     parent_version, parent_path = active if active else (None, settings.model)
     device = resolve_device(settings.device)
     parent = load_model(parent_path, device)
+    if active is None:  # the first fine-tune: record the base model so that `clipseg rollback` can return to it
+        registry.record_base(parent.version, str(parent_path))
     parent_version = parent_version or parent.version
 
     progress.stage("evaluating", 0.1, "scoring the active model")

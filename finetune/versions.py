@@ -11,7 +11,8 @@ Redis keys (`ns` = namespace, default "clipseg"):
 |                     |         | so servers on other machines can materialise it without a shared disk        |
 | `ns:events`         | channel | `{"event": "activated", "version", "path"}` published when `ns:active` changes |
 
-No `ns:active` key means "serve the configured base model (MODEL)".
+No `ns:active` key means "serve the configured base model (MODEL)". The first fine-tune records that base model
+as a version with status "base" (path = MODEL), so `clipseg rollback` can return to it.
 """
 from __future__ import annotations
 
@@ -72,6 +73,17 @@ class VersionRegistry:
         pipe.zadd(f"{self.ns}:versions:order", {rec.version: rec.created})
         pipe.execute()
 
+    def record_base(self, version: str, path: str) -> bool:
+        """Record the configured base model (status "base") once, so `clipseg rollback` can return to it.
+
+        `path` is MODEL as configured (a hub id or a local directory). Returns True when it was recorded now.
+        """
+        rec = VersionRecord(version, path, status="base", reason="the configured base model (MODEL)")
+        if not self.conn.hsetnx(f"{self.ns}:versions", version, rec.to_json()):
+            return False
+        self.conn.zadd(f"{self.ns}:versions:order", {version: rec.created})
+        return True
+
     def get(self, version: str) -> VersionRecord:
         raw = self.conn.hget(f"{self.ns}:versions", version)
         if raw is None:
@@ -124,7 +136,7 @@ class VersionRegistry:
     def materialize(self, version: str, models_dir: str | os.PathLike) -> str:
         """Local directory of `version`: its recorded path when it exists here, else written from Redis."""
         rec = self.get(version)
-        if Path(rec.path).is_dir():
+        if rec.status == "base" or Path(rec.path).is_dir():  # a base model loads from MODEL (hub id or dir)
             return rec.path
         target = Path(models_dir) / version
         if target.is_dir():
