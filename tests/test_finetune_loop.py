@@ -1,0 +1,336 @@
+"""The fine-tune loop end to end, with a real Redis, real `clipseg serve` / `clipseg worker` processes and the
+real job (`finetune.jobs.finetune_project`): webhooks → corrections → trigger → job → gate → version → hot reload.
+
+The served model is `tiny-seed` (a film decoder on a tiny random CLIP). With FINETUNE_LR=3e-3 it measurably learns
+one object in 15 steps (held-out IoU 0.11 → 0.3 and up), which makes the promotion in the first test deterministic;
+the corrections all show the same scene, so the held-out correction is one the candidate can learn.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+
+from finetune.corrections import CorrectionStore
+from finetune.jobs import _held_out
+from finetune.triggers import lock_key, maybe_enqueue_finetune
+from finetune.versions import VersionRegistry
+from tests.e2e.ls_harness import ManagedProcess, free_port
+from tests.fixtures.webhooks import LABEL_CONFIG, annotation_event, brush_region, scene
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = "tiny-seed"
+BASE_VERSION = f"init-{PRESET}-0"  # the version `clipseg model init` writes into a fresh model
+EVERY = 6
+TIMEOUT = 300  # seconds for one job on 2 busy cores
+
+
+def _env(redis_url: str, model: Path, data_dir: Path, **extra: Any) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "REDIS_URL": redis_url, "MODEL": str(model), "DATA_DIR": str(data_dir), "DEVICE": "cpu",
+           "HF_HUB_OFFLINE": "1", "FINETUNE_EVERY": str(EVERY), "FINETUNE_STEPS": "15", "FINETUNE_LR": "3e-3",
+           "REPLAY_RATIO": "0", "PROMOTE_EPSILON": "1.0", "LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "2"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def clipseg(env: dict[str, str], *args: str, check: bool = True, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "backend.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"clipseg {' '.join(args)}: {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+
+class Server:
+    """A real `clipseg serve --no-worker --no-scheduler` process (gunicorn) on a free port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = ManagedProcess([sys.executable, "-m", "backend.cli", "serve", "--no-worker", "--no-scheduler",
+                                    "--port", str(self.port), "--threads", "4"],
+                                   env=env, base_env={}, cwd=ROOT, log_path=log_path, health_url=f"{self.url}/health",
+                                   startup_timeout=120, name="clipseg-serve")
+
+    def __enter__(self) -> "Server":
+        self.proc.start()
+        deadline = time.monotonic() + 120
+        while not requests.get(f"{self.url}/health", timeout=5).json()["ready"]:
+            assert time.monotonic() < deadline, self.proc.log_tail()
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.stop()
+
+    def setup(self) -> str:
+        r = requests.post(f"{self.url}/setup", json={"project": "7.1764182400", "schema": LABEL_CONFIG,
+                                                     "hostname": "http://localhost:8080", "access_token": "x"}, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["model_version"]
+
+    def predict(self, tasks: list[dict]) -> dict:
+        r = requests.post(f"{self.url}/predict", json={"tasks": tasks, "project": "7.1764182400",
+                                                       "label_config": LABEL_CONFIG, "params": {"context": None}},
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def webhook(self, body: dict) -> requests.Response:
+        return requests.post(f"{self.url}/webhook", json=body, timeout=5)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def fine_tune_jobs(conn) -> list[Job]:
+    return Queue("clipseg", connection=conn).get_jobs()
+
+
+def correction(task_id: int, mask: np.ndarray, image: str, *, annotation_id: int | None = None, project: int = 7,
+               action: str = "ANNOTATION_CREATED", updated_at: str = "2026-11-26T18:35:14.123456Z") -> dict:
+    return annotation_event([brush_region(mask, "cat")], action=action, annotation_id=annotation_id or 100 + task_id,
+                            task_id=task_id, project_id=project, data={"image": image}, updated_at=updated_at)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_corrections_train_promote_hot_reload_review_and_rollback(redis_conn, redis_url, tiny_model_factory, tmp_path):
+    """Issue 4, must show: N webhooks → one job (real trigger) → `clipseg worker --burst` trains and promotes →
+    the running server serves the new version without a restart; review signal; Redis artifacts on another
+    server; `clipseg rollback` swaps the running server back; `clipseg versions` lists both with metrics."""
+    model = tiny_model_factory(PRESET)
+    env = _env(redis_url, model, tmp_path / "data1")
+    jpeg, mask = scene(128, 96, seed=0)
+    image = data_uri(jpeg)
+    blank = data_uri(scene(128, 96, seed=1)[0])
+    with Server(env, tmp_path / "serve1.log") as server:
+        assert server.setup() == BASE_VERSION
+
+        # /predict: every result carries the version; the task score is its least certain region's score
+        answer = server.predict([{"id": 1, "data": {"image": image}}, {"id": 99, "data": {"image": blank}}])
+        assert answer["model_version"] == BASE_VERSION
+        for result in answer["results"]:
+            assert result["model_version"] == BASE_VERSION
+            assert {r["value"]["brushlabels"][0] for r in result["result"]} <= {"cat", "dog"}
+            assert result["score"] == pytest.approx(min(r["score"] for r in result["result"]))
+        ranked = sorted(answer["results"], key=lambda r: r["score"])  # Label Studio's "sort by prediction score"
+        assert ranked[0]["score"] <= ranked[1]["score"]
+        assert min(r["score"] for r in ranked[0]["result"]) == min(r["score"] for a in answer["results"] for r in a["result"])
+
+        # N - 1 corrections queue nothing; the N-th queues exactly one fine-tune (task 1 first: it gets a review IoU)
+        for task_id in range(1, EVERY):
+            assert server.webhook(correction(task_id, mask, image)).status_code == 201
+        store = CorrectionStore(redis_conn)
+        wait_for(lambda: store.count(7) == EVERY - 1, 60, "the inbox to store the corrections")
+        time.sleep(0.5)
+        assert fine_tune_jobs(redis_conn) == []
+        assert server.webhook(correction(EVERY, mask, image)).status_code == 201
+        [job] = wait_for(lambda: fine_tune_jobs(redis_conn), 60, "the trigger to enqueue a job")
+        assert job.func_name == "finetune.jobs.finetune_project" and job.args == ("7",)
+        assert job.meta["reason"] == "correction" and job.meta["new_corrections"] == EVERY
+
+        # the review signal of the base model: our prediction for task 1 vs the annotator's mask
+        review = store.review_stats()
+        assert review[BASE_VERSION]["n"] == 1 and 0.0 <= review[BASE_VERSION]["mean_iou"] <= 1.0
+        metrics = requests.get(f"{server.url}/metrics", timeout=5).text
+        assert f'clipseg_review_iou{{version="{BASE_VERSION}"}}' in metrics
+        assert re.search(r'clipseg_corrections\{project="7"\} 6(\.0)?\n', metrics), metrics
+
+        # START_TRAINING and `clipseg finetune --now` see the queued job: still exactly one
+        r = server.webhook({"action": "START_TRAINING", "project": {"id": 7}})
+        assert r.status_code == 200 and r.json() == {"status": "active", "job_id": job.id}
+        out = clipseg(env, "finetune", "--project", "7", "--now").stdout
+        assert out.startswith("not queued: active") and job.id in out
+        assert [j.id for j in fine_tune_jobs(redis_conn)] == [job.id]
+
+        # the real worker runs it; progress shows up in the job's meta while it runs
+        started = time.monotonic()
+        worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--burst"], env=env, cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stages = set()
+        while worker.poll() is None:
+            meta = job.get_meta(refresh=True)
+            stages.add(meta.get("stage"))
+            if meta.get("stage") == "training" and meta.get("step"):
+                assert meta["total_steps"] == 15 and 0.2 < meta["progress"] <= 0.8 and meta["loss"] > 0
+                assert meta["message"].startswith("step ")
+            assert time.monotonic() - started < TIMEOUT, "fine-tune took too long"
+            time.sleep(0.05)
+        log = worker.stdout.read()
+        assert worker.returncode == 0, log[-4000:]
+        assert {"training", "evaluating"} <= stages, stages
+        summary = job.latest_result().return_value
+        assert summary["promoted"], summary
+        version = summary["version"]
+        assert summary["metrics"]["corrections_miou"] > summary["metrics"]["parent_corrections_miou"]
+        assert job.get_meta(refresh=True)["stage"] == "done" and redis_conn.get(lock_key(7)) is None
+
+        # the running server reports the new version on its next /setup, and predicts with it
+        assert server.setup() == version
+        answer = server.predict([{"id": 1, "data": {"image": image}}])
+        assert answer["results"][0]["model_version"] == version == answer["model_version"]
+
+        # review signal of the new version: the annotator updates task 1 after our new prediction
+        assert server.webhook(correction(1, mask, image, action="ANNOTATION_UPDATED",
+                                         updated_at="2026-11-26T19:00:00.000000Z")).status_code == 201
+        wait_for(lambda: version in store.review_stats(), 30, "the review IoU of the new version")
+        assert store.review_stats()[version]["n"] == 1
+        assert f'clipseg_review_iou{{version="{version}"}}' in requests.get(f"{server.url}/metrics", timeout=5).text
+
+        listing = json.loads(clipseg(env, "versions", "--json").stdout)
+        assert listing["active"] == version
+        records = {v["version"]: v for v in listing["versions"]}
+        assert records[BASE_VERSION]["status"] == "base" and records[version]["status"] == "promoted"
+        assert records[version]["parent"] == BASE_VERSION and records[version]["review"]["n"] == 1
+        assert set(records[version]["metrics"]) >= {"corrections_miou", "base_miou", "parent_corrections_miou"}
+        text = clipseg(env, "versions").stdout
+        assert f"* {version}" in text and "review IoU" in text and "corrections mIoU" in text
+
+        # another server with another DATA_DIR (and no access to this one's disk) gets the checkpoint from Redis
+        own_dir = Path(env["DATA_DIR"]) / "models" / version
+        hidden = own_dir.with_name("hidden")
+        own_dir.rename(hidden)
+        try:
+            env2 = _env(redis_url, model, tmp_path / "data2")
+            with Server(env2, tmp_path / "serve2.log") as other:
+                assert other.setup() == version
+                assert other.predict([{"id": 1, "data": {"image": image}}])["model_version"] == version
+            assert (tmp_path / "data2" / "models" / version / "trainable.safetensors").is_file()
+        finally:
+            hidden.rename(own_dir)
+
+        # rollback: the running server swaps back to the base model without a restart
+        out = clipseg(env, "rollback", BASE_VERSION).stdout
+        assert f"version {BASE_VERSION} is active again" in out
+        wait_for(lambda: server.setup() == BASE_VERSION, 10, "the server to swap back")
+        assert server.predict([{"id": 1, "data": {"image": image}}])["model_version"] == BASE_VERSION
+        assert VersionRegistry(redis_conn).active()[0] == BASE_VERSION
+        assert clipseg(env, "rollback", "no-such-version", check=False).returncode == 1
+
+
+def test_worse_candidate_is_rejected(redis_conn, redis_url, tiny_model_factory, tmp_path):
+    """Corrections whose training masks are wrong (a corner of the background instead of the object) make a
+    candidate that is worse on the held-out corrections (which are right): it is recorded as rejected, and the
+    active model stays."""
+    model = tiny_model_factory(PRESET)
+    env = _env(redis_url, model, tmp_path / "data")
+    jpeg, mask = scene(128, 96, seed=0)
+    store = CorrectionStore(redis_conn)
+    ids = [a for a in range(500, 600) if not _held_out(a)][:5] + [a for a in range(500, 600) if _held_out(a)][:2]
+    wrong = np.zeros_like(mask)
+    wrong[:12, :12] = True  # the object is never there: scene() centres it in the middle half
+    assert not (wrong & mask).any()
+    for task_id, ann in enumerate(ids, start=1):
+        target = mask if _held_out(ann) else wrong
+        store.ingest_event(correction(task_id, target, data_uri(jpeg), annotation_id=ann, project=8), image_bytes=jpeg)
+    out = clipseg(env, "finetune", "--project", "8").stdout  # 7 new corrections >= FINETUNE_EVERY: queued
+    assert out.startswith("queued finetune-8-")
+    assert clipseg(env, "finetune", "--project", "8", "--now").stdout.startswith("not queued: active")
+    assert len(fine_tune_jobs(redis_conn)) == 1
+    clipseg(env, "worker", "--burst")
+
+    registry = VersionRegistry(redis_conn)
+    [rec] = [r for r in registry.list() if r.status != "base"]
+    assert rec.status == "rejected" and rec.reason == "not better on held-out corrections", rec
+    assert rec.metrics["corrections_miou"] <= rec.metrics["parent_corrections_miou"]
+    assert registry.active() is None  # the base model stays
+    assert store.new_since_last_finetune(8) == 0  # these corrections were used; a new job needs new ones
+    rows = json.loads(clipseg(env, "jobs", "--json").stdout)
+    assert [(r["state"], r["stage"]) for r in rows] == [("finished", "done")]
+    assert "rejected" in clipseg(env, "versions").stdout
+
+
+def test_worker_killed_mid_training_leaves_nothing_behind(redis_conn, redis_url, tiny_model_factory, tmp_path):
+    """SIGKILL during training: the job ends up failed with its reason in `clipseg jobs`; no version record,
+    no checkpoint, the active version unchanged; the next job removes temp dirs a killed writer leaves."""
+    model = tiny_model_factory(PRESET)
+    data_dir = tmp_path / "data"
+    env = _env(redis_url, model, data_dir, FINETUNE_STEPS=100_000)
+    jpeg, mask = scene(128, 96, seed=0)
+    store = CorrectionStore(redis_conn)
+    for task_id in range(1, 5):
+        store.ingest_event(correction(task_id, mask, data_uri(jpeg), project=9), image_bytes=jpeg)
+    r = maybe_enqueue_finetune(redis_conn, 9, "manual", retry_max=0)
+    job = Job.fetch(r.job_id, connection=redis_conn)
+    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env, cwd=ROOT,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (job.get_meta(refresh=True).get("step") or 0) >= 1, TIMEOUT, "training to start")
+        meta = job.get_meta()
+        assert meta["stage"] == "training" and meta["total_steps"] == 100_000 and meta["progress"] < 0.21
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    models = data_dir / "models"
+    assert job.get_status(refresh=True) == JobStatus.STARTED
+    assert [p.name for p in models.iterdir()] == []  # killed before saving: no checkpoint
+    registry = VersionRegistry(redis_conn)
+    assert [r.status for r in registry.list()] == ["base"] and registry.active() is None
+    # what a kill during saving leaves: a temp dir named after the dead writer's pid
+    leftover = models / f".p9-x-1.tmp-{worker.pid}-abc"
+    leftover.mkdir()
+    (leftover / "trainable.safetensors").write_bytes(b"partial")
+
+    # the heartbeat TTL (monitoring interval + 60 s) would expire on its own; expire it now
+    started = StartedJobRegistry("clipseg", connection=redis_conn)
+    redis_conn.zadd(started.key, {m: 1 for m in redis_conn.zrange(started.key, 0, -1)})
+    quick = {**env, "FINETUNE_STEPS": "2"}
+    out = clipseg(quick, "finetune", "--project", "9", "--now").stdout  # cleans up the abandoned job, queues anew
+    assert out.startswith("queued finetune-9-")
+    assert job.get_status(refresh=True) == JobStatus.FAILED
+    rows = {row["id"]: row for row in json.loads(clipseg(quick, "jobs", "--json").stdout)}
+    assert rows[job.id]["state"] == "failed" and "AbandonedJobError" in rows[job.id]["error"]
+    assert "AbandonedJobError" in clipseg(quick, "jobs").stdout
+
+    clipseg(quick, "worker", "--burst")  # the next job runs and cleans up
+    assert not leftover.exists()
+    assert [p.name for p in models.iterdir() if p.name.startswith(".")] == []
+    assert {r.status for r in registry.list()} <= {"base", "promoted", "rejected"} and len(registry.list()) == 2
+
+
+def test_start_training_webhook_enqueues(redis_conn, redis_url, tiny_model_factory, tmp_path):
+    """START_TRAINING (Label Studio's "Start Training" button) queues a fine-tune below the threshold; once."""
+    env = _env(redis_url, tiny_model_factory(PRESET), tmp_path / "data")
+    jpeg, mask = scene(128, 96, seed=0)
+    with Server(env, tmp_path / "serve.log") as server:
+        r = server.webhook({"action": "START_TRAINING", "project": {"id": 3}})
+        assert r.status_code == 200 and r.json()["status"] == "no_corrections"
+        assert server.webhook(correction(1, mask, data_uri(jpeg), project=3)).status_code == 201
+        wait_for(lambda: CorrectionStore(redis_conn).count(3) == 1, 30, "the correction to be stored")
+        assert fine_tune_jobs(redis_conn) == []  # 1 < FINETUNE_EVERY
+        r = server.webhook({"action": "START_TRAINING", "project": {"id": 3}})
+        assert r.status_code == 201 and r.json()["status"] == "enqueued"
+        again = server.webhook({"action": "START_TRAINING", "project": 3})
+        assert again.status_code == 200 and again.json() == {"status": "active", "job_id": r.json()["job_id"]}
+        [job] = fine_tune_jobs(redis_conn)
+        assert job.id == r.json()["job_id"] and job.meta["reason"] == "start_training"
