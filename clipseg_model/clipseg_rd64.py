@@ -33,6 +33,9 @@ class ClipSegRd64Model(SegmentationModel):
     def backbone_modules(self) -> list[torch.nn.Module]:
         return [self.hf.clip]
 
+    def text_modules(self):
+        return [self.hf.clip.text_model, self.hf.clip.text_projection]
+
     def unfreezable_layers(self) -> list[torch.nn.Module]:
         return list(self.hf.clip.vision_model.encoder.layers[: max(self.read_layers)])
 
@@ -49,7 +52,7 @@ class ClipSegRd64Model(SegmentationModel):
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """P phrases → (P, projection_dim) conditional embeddings."""
         tokens = tokenize(self.tokenizer, prompts, self.text_max_positions, self.device)
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_text):
             return self.hf.clip.get_text_features(**tokens).pooler_output
 
     def decode(self, features: ImageFeatures, text: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:

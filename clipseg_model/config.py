@@ -42,6 +42,7 @@ class ModelConfig:
     output_size: int = 224  # side of the logit map the model returns (seed: 224)
     # --- both ---
     unfreeze_last: int = 0  # train the last k CLIP vision layers too (0: CLIP frozen)
+    train_text: bool = False  # train the CLIP text tower too (for models trained from scratch; off for real CLIP)
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -138,8 +139,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "small-film": Preset(
         ModelConfig(image_size=96, d_model=64, n_heads=4, n_layers=2, extract_layers=(2, 4),
-                    learned_upsampler=True, output_size=96, unfreeze_last=4),
-        "CPU learning benchmark: small random CLIP (patch 8), vision tower trained from scratch",
+                    learned_upsampler=True, output_size=96, unfreeze_last=4, train_text=True),
+        "CPU learning benchmark: small random CLIP (patch 8), everything trained from scratch",
         TinyBackbone(hidden=64, layers=4, heads=4, patch=8, image=96, projection=64, text_layers=2),
     ),
 }

@@ -95,6 +95,9 @@ class FilmDecoderModel(SegmentationModel):
     def backbone_modules(self) -> list[nn.Module]:
         return [self.clip]
 
+    def text_modules(self):
+        return [self.clip.text_model, self.clip.text_projection]
+
     def unfreezable_layers(self) -> list[nn.Module]:
         return list(self.vision.encoder.layers[: max(self.read_layers)])
 
@@ -111,7 +114,7 @@ class FilmDecoderModel(SegmentationModel):
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """P phrases → (P, projection_dim) CLIP text embeddings."""
         tokens = tokenize(self.tokenizer, prompts, self.text_max_positions, self.device)
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_text):
             return self.clip.get_text_features(**tokens).pooler_output
 
     def decode(self, features: ImageFeatures, text: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:

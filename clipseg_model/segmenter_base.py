@@ -106,6 +106,10 @@ class SegmentationModel(nn.Module):
         """Vision layers that `unfreeze_last=k` may train, shallowest first."""
         raise NotImplementedError
 
+    def text_modules(self) -> list[nn.Module]:
+        """The text tower and its projection (trained only with `config.train_text`)."""
+        raise NotImplementedError
+
     # ---- shared behaviour ----------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Training path: B images and B phrases (one each) → logits (B, S_out, S_out)."""
@@ -114,13 +118,17 @@ class SegmentationModel(nn.Module):
         return self.decode(self.encode_images(pixel_values), self.encode_text(prompts))
 
     def apply_freezing(self) -> None:
-        """Freeze the backbone except its last `config.unfreeze_last` vision layers."""
+        """Freeze the backbone except its last `config.unfreeze_last` vision layers (and the text tower with
+        `config.train_text`)."""
         for module in self.backbone_modules():
             module.requires_grad_(False)
         k = self.config.unfreeze_last
         if k:
             for layer in self.unfreezable_layers()[-k:]:
                 layer.requires_grad_(True)
+        if self.config.train_text:
+            for module in self.text_modules():
+                module.requires_grad_(True)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "SegmentationModel":

@@ -174,3 +174,15 @@ def test_config_round_trip_and_validation():
         ModelConfig(architecture="unet")
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"architecture": "film-decoder", "colour": 1})
+
+
+def test_train_text_makes_the_text_tower_learn(tiny_model_factory):
+    model = load_model(tiny_model_factory("tiny-seed"), "cpu")
+    model.config = model.config.replace(train_text=True)
+    model.apply_freezing()
+    model.train()
+    s = model.config.image_size
+    model(torch.randn(2, 3, s, s), ["a red circle", "blue"]).sum().backward()
+    text = [p for m in model.text_modules() for p in m.parameters()]
+    assert text and all(p.requires_grad and p.grad is not None for p in text)
+    assert all(p.grad is None for p in model.vision.parameters())  # the vision tower stays frozen
