@@ -10,6 +10,7 @@ import base64
 import inspect
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -255,7 +256,9 @@ def test_server_with_pickle_model_reports_it_and_answers_503(tiny_model_factory,
     app = create_app(Settings(model=str(pickled), device="cpu", data_dir=tmp_path / "d"))
     client = app.test_client()
     runtime = app.extensions["clipseg_runtime"]
-    runtime.model.wait_ready(10)
+    deadline = time.monotonic() + 30
+    while runtime.model.loading and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not runtime.model.ready
     health = client.get("/health").get_json()
     assert "pickle" in health["error"]
