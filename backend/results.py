@@ -12,6 +12,8 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
+from backend.rle import mask_to_rle
+
 logger = logging.getLogger(__name__)
 
 BRUSH = "brushlabels"
@@ -43,11 +45,10 @@ def mask_to_brush(
 ) -> dict[str, Any] | None:
     """One `brushlabels` result item for `mask` (HxW, non-zero = foreground), or None for an empty mask.
 
-    The RLE is `label_studio_sdk.converter.brush.mask2rle` of the uint8 0/255 mask: Label Studio decodes it as
-    RGBA and reads the alpha channel, so `result_to_mask` reverses it exactly.
+    The RLE is the bytes `label_studio_sdk.converter.brush.mask2rle` writes for the uint8 0/255 mask (made by
+    `backend.rle.mask_to_rle`, 5-10x faster): Label Studio decodes it as RGBA and reads the alpha channel, so
+    `result_to_mask` reverses it exactly.
     """
-    from label_studio_sdk.converter.brush import mask2rle
-
     m = _as_uint8(mask)
     if not m.any():
         return None  # an empty RLE region would be an invisible, undeletable-looking annotation
@@ -60,7 +61,7 @@ def mask_to_brush(
         "original_width": int(width),
         "original_height": int(height),
         "image_rotation": 0,
-        "value": {"format": "rle", "rle": [int(v) for v in mask2rle(m)], "brushlabels": [label]},
+        "value": {"format": "rle", "rle": mask_to_rle(m), "brushlabels": [label]},
     }
     if score is not None:
         item["score"] = float(score)
