@@ -1,0 +1,147 @@
+"""Fine-tune loop demo: a model that never heard a colour word learns it from 30 corrections sent as webhooks.
+
+1. Train `small-film` from random init on generated shapes whose phrases never say "green" (colour phrases only:
+   "the red shape", "the blue object", ...; green shapes do appear, unnamed).
+2. Start the real backend, `clipseg serve` with no REDIS_URL: embedded Redis + fine-tune worker + scheduler.
+3. Send 30 corrections of "the green ..." through /webhook, as Label Studio would: data: URI images, brush RLE
+   masks of the ground truth, the phrase in a per-region TextArea. The 30th triggers a fine-tune (FINETUNE_EVERY=30).
+4. Wait for the server to serve the new version (or for the job to reject it) and print mIoU on held-out
+   "green" scenes and on held-out scenes of the old colours, before and after.
+
+    .venv/bin/python benchmarks/loop_demo.py            # numbers in docs/finetune_loop.md
+
+Replay is off (REPLAY_RATIO=0): the job's replay data is the generic shapes benchmark, whose phrases include
+"green", so replaying it would teach the concept through the back door.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.learning_cpu import build_random  # noqa: E402
+from clipseg_model.config import PRESETS  # noqa: E402
+from clipseg_model.loading import load_model  # noqa: E402
+from finetune.jobs import miou  # noqa: E402
+from finetune.shapes import ShapesDataset  # noqa: E402
+from finetune.training import TRAIN_PRESETS, train  # noqa: E402
+from tests.e2e.ls_harness import ManagedProcess, free_port  # noqa: E402
+from tests.fixtures.webhooks import LABEL_CONFIG, annotation_event, brush_region, textarea_region  # noqa: E402
+
+log = logging.getLogger("loop_demo")
+CONCEPT = "green"
+KINDS = ("color",)
+
+
+def _png_uri(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrain-steps", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--corrections", type=int, default=30)
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--promote-epsilon", type=float, default=0.05)
+    parser.add_argument("--val", type=int, default=100, help="held-out scenes per group")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    work = args.out or Path(tempfile.mkdtemp(prefix="loop-demo-"))
+    preset = PRESETS["small-film"]
+    size = preset.config.image_size
+    shapes = dict(image_size=size, kinds=KINDS)
+
+    # 1. a model that never heard the concept
+    model = load_model(build_random(preset, work / "init", 0), "cpu")
+    cfg = TRAIN_PRESETS["improved"].replace(lr=2e-3, batch_size=args.batch_size, steps=args.pretrain_steps,
+                                            warmup_fraction=0.03, log_every=25, seed=0)
+    result = train(model, ShapesDataset(100_000, seed=1000, exclude_words={CONCEPT}, **shapes), None, cfg,
+                   work / "pretrain", "cpu", progress=False)
+    base_dir = result.last_checkpoint
+    new_val = [s for s in ShapesDataset(args.val, seed=3000, require_words={CONCEPT}, **shapes)]
+    old_val = [s for s in ShapesDataset(args.val, seed=4000, exclude_words={CONCEPT}, **shapes)]
+    before = {"new": miou(model, new_val), "old": miou(model, old_val)}
+    pretrain_s = time.time() - started
+    log.info("pretrained in %.0f s: %s", pretrain_s, before)
+
+    # 2. the real backend: embedded Redis, worker and scheduler
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MODEL": str(base_dir), "DATA_DIR": str(work / "data"),
+           "REDIS_URL": "", "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "FINETUNE_EVERY": str(args.corrections),
+           "FINETUNE_STEPS": str(args.finetune_steps), "FINETUNE_LR": str(args.finetune_lr), "REPLAY_RATIO": "0",
+           "PROMOTE_EPSILON": str(args.promote_epsilon), "LOG_LEVEL": "INFO"}
+    server = ManagedProcess([sys.executable, "-m", "backend.cli", "serve", "--port", str(port)], env=env,
+                            base_env={}, cwd=ROOT, log_path=work / "serve.log", health_url=f"{url}/health",
+                            name="clipseg-serve")
+    with server:
+        while not requests.get(f"{url}/health", timeout=5).json()["ready"]:
+            time.sleep(0.2)
+        setup = {"project": "1.0", "schema": LABEL_CONFIG, "hostname": "http://localhost:8080", "access_token": "x"}
+        base_version = requests.post(f"{url}/setup", json=setup, timeout=10).json()["model_version"]
+
+        # 3. corrections of the new concept through the webhook, as Label Studio sends them
+        sent = time.time()
+        for i, sample in enumerate(ShapesDataset(args.corrections, seed=5000, require_words={CONCEPT}, **shapes)):
+            w, h = sample.image.size
+            result_items = [brush_region(sample.mask, "cat", f"r{i}"), textarea_region(sample.phrase, f"r{i}", w, h)]
+            body = annotation_event(result_items, annotation_id=10_000 + i, task_id=i + 1, project_id=1,
+                                    data={"image": _png_uri(sample.image)})
+            assert requests.post(f"{url}/webhook", json=body, timeout=5).status_code == 201
+
+        # 4. wait for the new version (the server hot-reloads it) or for the job to finish without one
+        redis_url = f"unix://{work / 'data' / 'redis' / 'redis.sock'}?db=0"
+        cli_env = {**env, "REDIS_URL": redis_url}
+        version, record = base_version, None
+        while time.time() - sent < 1800:
+            version = requests.post(f"{url}/setup", json=setup, timeout=10).json()["model_version"]
+            listing = json.loads(subprocess.run([sys.executable, "-m", "backend.cli", "versions", "--json"],
+                                                env=cli_env, cwd=ROOT, capture_output=True, text=True).stdout or "{}")
+            done = [v for v in listing.get("versions", []) if v["status"] in ("promoted", "rejected")]
+            if done and (done[-1]["status"] == "rejected" or version == done[-1]["version"]):
+                record = done[-1]
+                break
+            time.sleep(2)
+        loop_s = time.time() - sent
+    if record is None:
+        raise SystemExit(f"no fine-tune finished; see {work / 'serve.log'}")
+    tuned = load_model(record["path"], "cpu")
+    after = {"new": miou(tuned, new_val), "old": miou(tuned, old_val)}
+    summary = {"concept": CONCEPT, "corrections": args.corrections, "pretrain_steps": args.pretrain_steps,
+               "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
+               "version": record["version"], "status": record["status"], "reason": record["reason"],
+               "served_version": version, "gate_metrics": record["metrics"],
+               "miou_before": before, "miou_after": after, "pretrain_seconds": round(pretrain_s),
+               "loop_seconds": round(loop_s), "total_seconds": round(time.time() - started), "out": str(work)}
+    print(json.dumps(summary, indent=2))
+    print(f"mIoU on '{CONCEPT}' (n={len(new_val)}): {before['new']:.3f} -> {after['new']:.3f}; on the old colours "
+          f"(n={len(old_val)}): {before['old']:.3f} -> {after['old']:.3f}; version {record['version']} "
+          f"{record['status']} ({record['reason']}); {summary['total_seconds'] / 60:.1f} min in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
