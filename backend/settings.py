@@ -60,6 +60,7 @@ class Settings:
     replay_ratio: float = field(default=1.0, metadata={"env": "REPLAY_RATIO", "help": "base samples per correction in a fine-tune"})
     promote_epsilon: float = field(default=0.01, metadata={"env": "PROMOTE_EPSILON", "help": "allowed drop of the base score"})
     refcoco_dir: str = field(default="", metadata={"env": "REFCOCO_DIR", "help": "local RefCOCO for replay (else generated data)"})
+    replay_shapes: str = field(default="", metadata={"env": "REPLAY_SHAPES", "help": "generated replay data's options as JSON, e.g. {\"exclude_words\": [\"green\"], \"image_size\": 96}"})
     job_timeout: int = field(default=3600, metadata={"env": "JOB_TIMEOUT", "help": "seconds before an RQ job is killed"})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "DEBUG, INFO, WARNING"})
     log_json: bool = field(default=False, metadata={"env": "LOG_JSON", "help": "one JSON object per log line"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import random
 import time
@@ -83,8 +84,13 @@ def base_data(settings, n_replay: int, seed: int) -> tuple[list[ReferringSample]
         return replay, [val[i] for i in range(min(BASE_VAL_SAMPLES, len(val)))]
     from finetune.shapes import ShapesDataset
 
-    replay = ShapesDataset(n_replay, seed=seed)
-    val = ShapesDataset(BASE_VAL_SAMPLES, seed=10_000)  # fixed: scores comparable across versions
+    # The generated data should look like what the model was trained on (REPLAY_SHAPES: the generator's options).
+    try:
+        options = json.loads(settings.replay_shapes) if settings.replay_shapes else {}
+    except ValueError as exc:
+        raise ValueError(f"REPLAY_SHAPES is not JSON: {exc}") from None
+    replay = ShapesDataset(n_replay, seed=seed, **options)
+    val = ShapesDataset(BASE_VAL_SAMPLES, seed=10_000, **options)  # fixed: scores comparable across versions
     return [replay[i] for i in range(len(replay))], [val[i] for i in range(len(val))]
 
 
