@@ -20,18 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from clipseg_model.checkpoint import remove_abandoned_temp_dirs, save_checkpoint
 from clipseg_model.image_io import to_display_rgb
 from clipseg_model.loading import load_model, resolve_device
 from clipseg_model.losses import segmentation_loss
-from clipseg_model.predictor import Segmenter
 from clipseg_model.segmenter_base import SegmentationModel
-from finetune.metrics import MetricAccumulator
+from finetune.training import collate, evaluate
 from finetune.samples import ReferringSample
 
 log = logging.getLogger(__name__)
@@ -95,17 +92,10 @@ def base_data(settings, n_replay: int, seed: int) -> tuple[list[ReferringSample]
 
 
 def miou(model: SegmentationModel, samples: Sequence[ReferringSample], threshold: float = 0.5, batch: int = 8) -> float:
-    """Mean IoU of `model` on `samples`, predictions at each sample's own resolution."""
+    """Mean IoU of `model` on `samples`, predictions at each sample's own resolution (NaN for no samples)."""
     if not samples:
         return float("nan")
-    segmenter = Segmenter(model, threshold=threshold, feature_cache_bytes=0)
-    acc = MetricAccumulator(threshold)
-    for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
-        preds = segmenter.predict_batch([s.image for s in chunk], [[s.phrase] for s in chunk])
-        for s, (p,) in zip(chunk, preds):
-            acc.update(p.probability, s.mask)
-    return float(acc.compute()["miou"])
+    return float(evaluate(model, samples, batch_size=batch, threshold=threshold).metrics["miou"])
 
 
 def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample], steps: int, batch_size: int = 4,
@@ -119,18 +109,12 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    size = model.config.output_size
     losses = []
     for step in range(1, steps + 1):
-        batch = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
-        pixels = model.preprocess([s.image for s in batch]).to(device)
-        target = torch.stack([  # each mask at its own size → the model's output grid
-            F.interpolate(torch.from_numpy(s.mask.astype(np.float32))[None, None], size=(size, size), mode="area")[0, 0]
-            for s in batch
-        ]).to(device)
+        batch = collate([samples[rng.randrange(len(samples))] for _ in range(batch_size)], model)
         with autocast:
-            logits = model(pixels, [s.phrase for s in batch])
-        loss = segmentation_loss(logits.float(), target, dice_weight=1.0)
+            logits = model(batch.pixel_values.to(device), batch.phrases)
+        loss = segmentation_loss(logits.float(), batch.masks.to(device), dice_weight=1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
