@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
-from backend.rle import mask_to_rle
+from backend.rle import mask_to_rle, rle_to_mask
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +165,6 @@ def result_to_mask(result_item: Mapping[str, Any], width: int, height: int) -> n
     rtype = result_item.get("type", "")
     if "rle" in value or rtype in ("brushlabels", "brush"):
         # The checked decoder: garbage RLE raises ValueError instead of OverflowError or a 4 GB allocation.
-        from finetune.corrections import rle_to_mask
-
         if value.get("format", "rle") != "rle":
             raise ValueError(f"unsupported brush format {value.get('format')!r}")
         return rle_to_mask(value.get("rle"), height, width)

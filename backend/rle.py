@@ -4,13 +4,19 @@
 640x480 blob and ~100 ms for a fragmented mask, per region. This encoder writes the same bytes (tests compare them
 with the SDK's on random masks) with array operations.
 
+`rle_to_mask` is the checked decoder for RLE from the outside world (webhooks): it validates before the SDK's
+`decode_rle` allocates anything.
+
 The format (thi.ng rle-pack): a 32-bit value count, 5 bits word size - 1 (8 → 7), four 4-bit run-length field
 sizes - 1 (3, 4, 8, 16), then per run: 1 bit "series", 2 bits field index, the length - 1 in that many bits, and the
 8-bit value. The SDK pads to whole bytes with a full zero byte when already aligned; so do we.
 """
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
 
 _FIELD_BITS = np.array([3, 4, 8, 16])
 _HEADER_SIZES = (3, 4, 8, 16)
@@ -53,3 +59,41 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
         has = widths > b
         bits[offsets[has] + b] = (codes[has] >> (widths[has] - 1 - b)) & 1
     return np.packbits(bits).tolist()
+
+
+MAX_MASK_PIXELS = 50_000_000  # same bound as MAX_IMAGE_PIXELS: a region larger than any image we accept is garbage
+
+
+def check_mask_size(height: Any, width: Any) -> tuple[int, int]:
+    """(height, width) as ints when they are a sane mask size; ValueError otherwise (webhook values are untrusted)."""
+    if isinstance(height, bool) or isinstance(width, bool):
+        raise ValueError(f"mask size must be integers, got {height!r}x{width!r}")
+    try:
+        h, w = int(height), int(width)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"mask size must be integers, got {height!r}x{width!r}") from None
+    if h <= 0 or w <= 0 or h * w > MAX_MASK_PIXELS:
+        raise ValueError(f"mask size {w}x{h} is empty or over {MAX_MASK_PIXELS} pixels")
+    return h, w
+
+
+def rle_to_mask(rle: Sequence[int], height: int, width: int) -> np.ndarray:
+    """Decode a Label Studio brush RLE into a (height, width) np.bool_ mask.
+
+    The RLE comes from webhooks, so it is checked before decoding: a list of byte values whose 32-bit header
+    (the number of RGBA values) equals height*width*4. Without that check a garbage header makes the SDK's decoder
+    allocate up to 4 GB, and garbage runs raise OverflowError/IndexError. Raises ValueError for any bad input.
+    """
+    height, width = check_mask_size(height, width)
+    if not isinstance(rle, (list, tuple)) or len(rle) < 6:
+        raise ValueError("brush RLE must be a list of at least 6 byte values")
+    if not all(type(v) is int and 0 <= v <= 255 for v in rle):
+        raise ValueError("brush RLE must hold integers 0..255")
+    count = int.from_bytes(bytes(rle[:4]), "big")
+    if count != height * width * 4:
+        raise ValueError(f"RLE holds {count // 4} pixels, expected {width}x{height}={width * height}")
+    try:
+        flat = decode_rle(list(rle))
+    except (ValueError, IndexError, OverflowError) as exc:
+        raise ValueError(f"corrupt brush RLE: {exc}") from None
+    return flat.reshape(height, width, 4)[:, :, 3] > 0

@@ -46,6 +46,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from backend.results import result_to_mask
+from backend.rle import check_mask_size, rle_to_mask
+
 logger = logging.getLogger(__name__)
 
 ImageLoader = Callable[[dict], bytes]
@@ -155,58 +158,6 @@ def png_to_mask(data: bytes) -> np.ndarray:
         if img.mode == "1":
             return np.array(img, dtype=bool)
         return np.array(img.convert("L")) > 0
-
-
-MAX_MASK_PIXELS = 50_000_000  # same bound as MAX_IMAGE_PIXELS: a region larger than any image we accept is garbage
-
-
-def check_mask_size(height: Any, width: Any) -> tuple[int, int]:
-    """(height, width) as ints when they are a sane mask size; ValueError otherwise (webhook values are untrusted)."""
-    if isinstance(height, bool) or isinstance(width, bool):
-        raise ValueError(f"mask size must be integers, got {height!r}x{width!r}")
-    try:
-        h, w = int(height), int(width)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"mask size must be integers, got {height!r}x{width!r}") from None
-    if h <= 0 or w <= 0 or h * w > MAX_MASK_PIXELS:
-        raise ValueError(f"mask size {w}x{h} is empty or over {MAX_MASK_PIXELS} pixels")
-    return h, w
-
-
-def rle_to_mask(rle: Sequence[int], height: int, width: int) -> np.ndarray:
-    """Decode a Label Studio brush RLE into a (height, width) np.bool_ mask.
-
-    The RLE comes from webhooks, so it is checked before decoding: a list of byte values whose 32-bit header
-    (the number of RGBA values) equals height*width*4. Without that check a garbage header makes the SDK's decoder
-    allocate up to 4 GB, and garbage runs raise OverflowError/IndexError. Raises ValueError for any bad input.
-    """
-    from label_studio_sdk.converter.brush import decode_rle
-
-    height, width = check_mask_size(height, width)
-    if not isinstance(rle, (list, tuple)) or len(rle) < 6:
-        raise ValueError("brush RLE must be a list of at least 6 byte values")
-    if not all(type(v) is int and 0 <= v <= 255 for v in rle):
-        raise ValueError("brush RLE must hold integers 0..255")
-    count = int.from_bytes(bytes(rle[:4]), "big")
-    if count != height * width * 4:
-        raise ValueError(f"RLE holds {count // 4} pixels, expected {width}x{height}={width * height}")
-    try:
-        flat = decode_rle(list(rle))
-    except (ValueError, IndexError, OverflowError) as exc:
-        raise ValueError(f"corrupt brush RLE: {exc}") from None
-    return flat.reshape(height, width, 4)[:, :, 3] > 0
-
-
-def polygon_to_mask(points: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """Rasterise a polygon given in percent (0-100) coordinates into a (height, width) np.bool_ mask."""
-    import cv2
-
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    pts = np.round(pts * [width / 100.0, height / 100.0]).astype(np.int32)
-    out = np.zeros((height, width), dtype=np.uint8)
-    if len(pts) >= 3:
-        cv2.fillPoly(out, [pts], 1)
-    return out.astype(bool)
 
 
 def _as_mask(mask: np.ndarray | bytes | Sequence[int], shape: tuple[int, int] | None) -> np.ndarray:
@@ -517,13 +468,12 @@ class CorrectionStore:
             if kind in {"brushlabels", "brush"}:
                 if value.get("format", "rle") != "rle" or not value.get("rle"):
                     continue
-                mask = rle_to_mask(value["rle"], h, w)
                 labels = value.get("brushlabels") or []
             elif kind in {"polygonlabels", "polygon"}:
-                mask = polygon_to_mask(value.get("points") or [], h, w)
                 labels = value.get("polygonlabels") or []
             else:
                 continue
+            mask = result_to_mask(r, w, h)  # the same rasterisation the backend's own results round-trip with
             label = str(labels[0]) if labels else None
             prompt = per_region.get(r.get("id")) or whole or field_prompt
             if not prompt and label:

@@ -7,7 +7,9 @@ import logging
 import numpy as np
 import pytest
 
-from finetune.corrections import CorrectionStore, mask_iou, mask_to_png, png_to_mask, polygon_to_mask, rle_to_mask
+from backend.results import result_to_mask
+from backend.rle import rle_to_mask
+from finetune.corrections import CorrectionStore, mask_iou, mask_to_png, png_to_mask
 from tests.fixtures.webhooks import (
     annotation_event,
     brush_region,
@@ -68,7 +70,8 @@ def test_prompt_precedence_textarea_field_label(redis_conn):
     assert by_label["dog"].prompt == "a sleeping dog"  # label mapping
     dog = by_label["dog"].mask
     assert dog.shape == (480, 640) and dog[100, 150] and not dog[300, 400]
-    assert np.array_equal(dog, polygon_to_mask([[10, 10], [40, 10], [40, 50], [10, 50]], 480, 640))
+    assert np.array_equal(dog, result_to_mask(poly, 640, 480))  # the backend's own rasterisation
+    assert abs(dog.mean() - 0.30 * 0.40) < 0.01  # 30 % x 40 % of the image
 
 
 def test_same_event_twice_is_one_sample(store):
