@@ -33,6 +33,17 @@ class MaskPrediction:
     score: float  # mean probability inside the mask (0 when empty): low = uncertain, review first
 
 
+@dataclass
+class _Request:
+    """One caller's images and phrases waiting for a (possibly shared) model pass."""
+
+    images: list[Image.Image]
+    prompts: list[list[str]]
+    result: list[torch.Tensor] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
 class Segmenter:
     """Thread-safe predictor around a `SegmentationModel`; `swap_model` replaces it between requests."""
 
@@ -44,10 +55,16 @@ class Segmenter:
         text_cache_entries: int = 4096,
         feature_cache_bytes: int = 512 * 1024 * 1024,
         max_prompts_per_pass: int = 64,
+        max_images_per_pass: int = 8,
     ):
         self.threshold = threshold
         self.bf16 = bf16
         self.max_prompts_per_pass = max_prompts_per_pass
+        self.max_images_per_pass = max_images_per_pass
+        self._queue: list[_Request] = []
+        self._queue_cv = threading.Condition()
+        self._model_busy = False
+        self.batches_run = 0  # model passes run (concurrent calls merged into one count once)
         self.text_cache: LRUCache[torch.Tensor] = LRUCache(text_cache_entries)
         self.feature_cache: LRUCache[ImageFeatures] = LRUCache(feature_cache_bytes, lambda f: f.nbytes)
         self._lock = threading.RLock()
@@ -107,11 +124,58 @@ class Segmenter:
         return ImageFeatures.cat([cached[k] for k in keys])  # type: ignore[misc]
 
     # ---- public API ----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def logits(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]]) -> list[torch.Tensor]:
-        """Raw logits at model resolution: for image i, a (P_i, S, S) float32 tensor. Images must be RGB."""
+        """Raw logits at model resolution: for image i, a (P_i, S, S) float32 tensor. Images must be RGB.
+
+        Concurrent calls (several request threads) are merged: while the model is busy, arriving calls queue, and
+        the next free thread runs all queued calls (up to `max_images_per_pass` images) as one batch. Nobody waits
+        for a timer; a lone call runs at once.
+        """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompt lists")
+        request = _Request(list(images), [list(p) for p in prompts])
+        with self._queue_cv:
+            self._queue.append(request)
+        while True:
+            with self._queue_cv:
+                while not request.done and self._model_busy:
+                    self._queue_cv.wait()
+                if request.done:
+                    break
+                self._model_busy = True
+                batch, taken = [], 0
+                while self._queue and (not batch or taken + len(self._queue[0].images) <= self.max_images_per_pass):
+                    batch.append(self._queue.pop(0))
+                    taken += len(batch[-1].images)
+                self.batches_run += 1
+            try:
+                try:
+                    merged = self._logits_now([im for r in batch for im in r.images], [p for r in batch for p in r.prompts])
+                    for r in batch:
+                        r.result, merged = merged[: len(r.images)], merged[len(r.images):]
+                except Exception:
+                    if len(batch) == 1:
+                        raise
+                    for r in batch:  # one caller's bad input must not fail the others: run them one by one
+                        try:
+                            r.result = self._logits_now(r.images, r.prompts)
+                        except Exception as exc:  # noqa: BLE001 - handed to that caller
+                            r.error = exc
+            except BaseException as exc:
+                for r in batch:
+                    r.error = r.error or exc
+            finally:
+                with self._queue_cv:
+                    for r in batch:
+                        r.done = True
+                    self._model_busy = False
+                    self._queue_cv.notify_all()
+        if request.error is not None:
+            raise request.error
+        return request.result  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _logits_now(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]]) -> list[torch.Tensor]:
         with self._lock:
             flat = [p for group in prompts for p in group]
             if not flat:

@@ -141,3 +141,61 @@ def test_swap_model_changes_version_and_clears_caches(tiny_model_factory):
 def test_inference_mode_no_grad(segmenter):
     logits = segmenter.logits([Image.new("RGB", (16, 16))], [["x"]])[0]
     assert not logits.requires_grad and torch.is_inference(logits)
+
+
+def test_concurrent_calls_are_merged_and_give_the_same_masks(tiny_model_factory):
+    """Threads calling at once share model passes (fewer passes than calls) and get exactly their own answers."""
+    import threading
+
+    seg = Segmenter(load_model(tiny_model_factory("tiny-clipseg"), "cpu"), max_images_per_pass=4)
+    rng = np.random.default_rng(7)
+    jobs = [(Image.fromarray(rng.integers(0, 255, (24 + i, 30, 3), dtype=np.uint8)), [f"phrase {i}", "x"]) for i in range(12)]
+    alone = [seg.predict(im, ps) for im, ps in jobs]
+    seg.feature_cache.clear()
+    seg.text_cache.clear()
+    passes = seg.batches_run
+    out: dict[int, list] = {}
+    start = threading.Barrier(len(jobs))
+
+    def call(i: int) -> None:
+        start.wait()
+        out[i] = seg.predict(*jobs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(out) == list(range(len(jobs)))
+    assert seg.batches_run - passes < len(jobs), "concurrent calls should have shared passes"
+    for i, preds in out.items():
+        assert [p.prompt for p in preds] == jobs[i][1]
+        for a, b in zip(preds, alone[i]):
+            assert a.mask.shape == b.mask.shape and np.allclose(a.probability, b.probability, atol=1e-5)
+
+
+def test_a_bad_call_fails_alone_when_merged(tiny_model_factory):
+    """A call whose input breaks the model pass gets the error; calls merged with it still get their masks."""
+    import threading
+
+    seg = Segmenter(load_model(tiny_model_factory("tiny-clipseg"), "cpu"))
+    results: dict[str, object] = {}
+    start = threading.Barrier(6)
+
+    def call(name: str, image: Image.Image) -> None:
+        start.wait()
+        try:
+            results[name] = seg.predict(image, ["x"])
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            results[name] = exc
+
+    images = {"bad": Image.new("RGB", (0, 0)), **{f"good{i}": Image.new("RGB", (10 + i, 9)) for i in range(5)}}
+    threads = [threading.Thread(target=call, args=item) for item in images.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(results["bad"], Exception)
+    for i in range(5):
+        (pred,) = results[f"good{i}"]
+        assert pred.mask.shape == (9, 10 + i)
