@@ -10,8 +10,9 @@
 
     .venv/bin/python benchmarks/loop_demo.py            # numbers in docs/finetune_loop.md
 
-Replay is off (REPLAY_RATIO=0): the job's replay data is the generic shapes benchmark, whose phrases include
-"green", so replaying it would teach the concept through the back door.
+Replay (REPLAY_RATIO=1 by default) draws from the pretraining distribution (REPLAY_SHAPES: the same generator
+options, phrases without "green"), so the job keeps the old colours while it learns the new one; `--replay-ratio 0`
+shows what happens without it (the old colours are forgotten and the gate refuses the candidate).
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--promote-epsilon", type=float, default=0.05)
+    parser.add_argument("--replay-ratio", type=float, default=1.0, help="replayed pretraining samples per correction")
     parser.add_argument("--val", type=int, default=100, help="held-out scenes per group")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MODEL": str(base_dir), "DATA_DIR": str(work / "data"),
            "REDIS_URL": "", "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "FINETUNE_EVERY": str(args.corrections),
-           "FINETUNE_STEPS": str(args.finetune_steps), "FINETUNE_LR": str(args.finetune_lr), "REPLAY_RATIO": "0",
+           "FINETUNE_STEPS": str(args.finetune_steps), "FINETUNE_LR": str(args.finetune_lr),
+           "REPLAY_RATIO": str(args.replay_ratio),
+           "REPLAY_SHAPES": json.dumps({"image_size": size, "kinds": list(KINDS), "exclude_words": [CONCEPT]}),
            "PROMOTE_EPSILON": str(args.promote_epsilon), "LOG_LEVEL": "INFO"}
     server = ManagedProcess([sys.executable, "-m", "backend.cli", "serve", "--port", str(port)], env=env,
                             base_env={}, cwd=ROOT, log_path=work / "serve.log", health_url=f"{url}/health",
