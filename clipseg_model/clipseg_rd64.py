@@ -33,6 +33,9 @@ class ClipSegRd64Model(SegmentationModel):
     def backbone_modules(self) -> list[torch.nn.Module]:
         return [self.hf.clip]
 
+    def embedding_modules(self) -> list[torch.nn.Module]:
+        return [self.hf.clip.vision_model.embeddings, self.hf.clip.vision_model.pre_layrnorm]
+
     def text_modules(self):
         return [self.hf.clip.text_model, self.hf.clip.text_projection]
 
@@ -42,7 +45,7 @@ class ClipSegRd64Model(SegmentationModel):
     def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """(B, 3, S, S) → the activations of layers `extract_layers`, each (B, 1 + N, 768)."""
         vision = self.hf.clip.vision_model
-        grad = torch.is_grad_enabled() and self.config.unfreeze_last > 0
+        grad = self.vision_grad()
         with torch.set_grad_enabled(grad):
             layers = run_vision_layers(
                 vision.embeddings, vision.pre_layrnorm, vision.encoder.layers, pixel_values.to(self.device), self.read_layers

@@ -43,6 +43,7 @@ class ModelConfig:
     # --- both ---
     unfreeze_last: int = 0  # train the last k CLIP vision layers too (0: CLIP frozen)
     train_text: bool = False  # train the CLIP text tower too (for models trained from scratch; off for real CLIP)
+    train_embeddings: bool = False  # train the vision patch/position embeddings + pre-norm too (from-scratch models)
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:

@@ -95,6 +95,9 @@ class FilmDecoderModel(SegmentationModel):
     def backbone_modules(self) -> list[nn.Module]:
         return [self.clip]
 
+    def embedding_modules(self) -> list[nn.Module]:
+        return [self.vision.embeddings, self.vision.pre_layrnorm]
+
     def text_modules(self):
         return [self.clip.text_model, self.clip.text_projection]
 
@@ -103,7 +106,7 @@ class FilmDecoderModel(SegmentationModel):
 
     def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """(B, 3, S, S) → features: one (B, 1 + (S/patch)^2, width) tensor per read layer."""
-        grad = torch.is_grad_enabled() and self.config.unfreeze_last > 0
+        grad = self.vision_grad()
         with torch.set_grad_enabled(grad):
             layers = run_vision_layers(
                 self.vision.embeddings, self.vision.pre_layrnorm, self.vision.encoder.layers,

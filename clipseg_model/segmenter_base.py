@@ -110,6 +110,14 @@ class SegmentationModel(nn.Module):
         """The text tower and its projection (trained only with `config.train_text`)."""
         raise NotImplementedError
 
+    def embedding_modules(self) -> list[nn.Module]:
+        """The vision patch + position embeddings and pre-layer-norm (trained only with `config.train_embeddings`)."""
+        raise NotImplementedError
+
+    def vision_grad(self) -> bool:
+        """Whether the vision tower needs autograd now (some part of it trains and grad mode is on)."""
+        return torch.is_grad_enabled() and (self.config.unfreeze_last > 0 or self.config.train_embeddings)
+
     # ---- shared behaviour ----------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Training path: B images and B phrases (one each) → logits (B, S_out, S_out)."""
@@ -119,7 +127,7 @@ class SegmentationModel(nn.Module):
 
     def apply_freezing(self) -> None:
         """Freeze the backbone except its last `config.unfreeze_last` vision layers (and the text tower with
-        `config.train_text`)."""
+        `config.train_text`, and its vision embeddings with `config.train_embeddings`)."""
         for module in self.backbone_modules():
             module.requires_grad_(False)
         k = self.config.unfreeze_last
@@ -128,6 +136,9 @@ class SegmentationModel(nn.Module):
                 layer.requires_grad_(True)
         if self.config.train_text:
             for module in self.text_modules():
+                module.requires_grad_(True)
+        if self.config.train_embeddings:
+            for module in self.embedding_modules():
                 module.requires_grad_(True)
         self.train(self.training)
 

@@ -223,3 +223,34 @@ def test_train_and_eval_commands_end_to_end(tmp_path):
     assert Image.open(report / "grid.png").size[1] > 3 * 100
     for word in ("Dice", "mIoU", "oIoU", "P@0.5", "P@0.9"):
         assert word in done.stdout
+
+
+@pytest.mark.parametrize("preset", ["tiny-seed", "tiny-clipseg"])
+def test_train_embeddings_trains_patch_and_position_embeddings(tiny_model_factory, preset, tmp_path):
+    """With `train_embeddings` (models trained from scratch) the vision embeddings learn and a checkpoint keeps them;
+    without, they stay frozen."""
+    from clipseg_model.checkpoint import save_checkpoint
+
+    for on in (False, True):
+        model = load_model(tiny_model_factory(preset), "cpu")
+        model.config = model.config.replace(train_embeddings=on, unfreeze_last=0)
+        model.apply_freezing()
+        model.train()
+        s = model.config.image_size
+        model(torch.randn(2, 3, s, s), ["a red circle", "blue"]).sum().backward()
+        embeddings = [p for m in model.embedding_modules() for p in m.parameters()]
+        assert embeddings
+        if on:
+            assert all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in embeddings)
+        else:
+            assert all(not p.requires_grad and p.grad is None for p in embeddings)
+        layers = [p for layer in model.unfreezable_layers() for p in layer.parameters()]
+        assert all(p.grad is None for p in layers)  # the transformer layers stay frozen (unfreeze_last=0)
+    with torch.no_grad():  # `model` is the train_embeddings one: what it learnt must survive a checkpoint
+        for p in embeddings:
+            p.add_(0.5)
+    reloaded = load_model(save_checkpoint(model.eval(), tmp_path / "ckpt", {"version": "emb"}), "cpu")
+    assert reloaded.config.train_embeddings
+    for ours, theirs in zip(embeddings, (p for m in reloaded.embedding_modules() for p in m.parameters())):
+        assert torch.equal(ours, theirs)
+
