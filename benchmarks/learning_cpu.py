@@ -1,18 +1,21 @@
 """CPU learning benchmark: train a small film-decoder FROM SCRATCH on generated shapes, report held-out mIoU.
 
-Everything is random-initialised (vision tower, text tower, decoder): the vision tower and decoder learn, the text
-tower stays a fixed random encoder (the model family never trains it), so phrases are told apart only through its
-random — but deterministic — embeddings. The held-out set is generated data with the same phrase kinds and a
-different seed, so no held-out scene or phrase instance was seen in training.
+Everything is random-initialised and trained: vision tower (patch/position embeddings included, `train_embeddings`),
+text tower (`train_text`) and decoder. The model is `small-film` at 64 px (8 x 8 patch grid) with decoder dropout
+off; phrases are tokenised by a word-level CLIP-compatible BPE vocabulary built from the shapes vocabulary (each
+word one token). The held-out set is generated with exactly the same `ShapesConfig` as the training stream and a
+different seed (training 1000 + seed, held-out 2000 + seed), so no held-out scene was seen in training; the
+configuration is printed with the result.
 
     .venv/bin/python benchmarks/learning_cpu.py            # the measured configuration (docs/training.md)
-    .venv/bin/python benchmarks/learning_cpu.py --steps 200 --kinds color_shape   # a quick look
+    .venv/bin/python benchmarks/learning_cpu.py --steps 300 --eval-every 100   # a quick look
 
 Target: held-out mIoU >= 0.85 in under 10 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -27,25 +30,69 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from transformers import CLIPTokenizer  # noqa: E402
+
 from clipseg_model.checkpoint import save_checkpoint  # noqa: E402
-from clipseg_model.config import ModelConfig, Preset, TinyBackbone, PRESETS  # noqa: E402
-from clipseg_model.loading import build_model  # noqa: E402
+from clipseg_model.config import PRESETS, Preset  # noqa: E402
+from clipseg_model.loading import build_model, load_model  # noqa: E402
 from clipseg_model.random_init import write_backbone  # noqa: E402
-from clipseg_model.vocab import build_tokenizer  # noqa: E402
-from finetune.shapes import KINDS, ShapesDataset  # noqa: E402
+from clipseg_model.vocab import BOS, EOS, build_tokenizer, bytes_to_unicode  # noqa: E402
+from finetune.shapes import KINDS, ShapesConfig, ShapesDataset, concept_vocabulary  # noqa: E402
 from finetune.training import TRAIN_PRESETS, evaluate, train  # noqa: E402
 
 log = logging.getLogger("learning_cpu")
 
-# Benchmark models, defined here (not in clipseg_model.config) because they exist only for this benchmark.
-BENCH_PRESETS: dict[str, Preset] = {
-    "small-film": PRESETS["small-film"],
-}
+FILLER_WORDS = ("the", "on", "at")  # words of phrase templates that are not concepts
 
 
-def build_random(preset: Preset, out: Path, seed: int) -> Path:
+def word_level_tokenizer(words: list[str]) -> CLIPTokenizer:
+    """A CLIP-compatible BPE tokenizer whose merges make each of `words` ONE token (other text falls back to bytes).
+
+    Merges are added word by word: a word that does not yet come out as a single token gets merges that join
+    the tokens it currently splits into. New merges rank after all earlier ones, so they cannot change how an
+    already single-token word is split; the loop ends when every word is one token.
+    """
+    chars = list(bytes_to_unicode().values())
+    base = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+
+    def make() -> CLIPTokenizer:
+        vocab = list(dict.fromkeys(base + [a + b for a, b in merges] + [BOS, EOS]))
+        return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=list(merges))
+
+    tokenizer = make()
+    for _ in range(len(words) + 1):
+        split = [tokenizer.tokenize(w) for w in sorted(set(words))]
+        split = [t for t in split if len(t) > 1]
+        if not split:
+            return tokenizer
+        for tokens in split:
+            current = tokens[0]
+            for nxt in tokens[1:]:
+                if (current, nxt) not in merges:
+                    merges.append((current, nxt))
+                current += nxt
+        tokenizer = make()
+    raise RuntimeError("word-level merges did not converge")
+
+
+def shapes_words() -> list[str]:
+    """Every word a ShapesDataset phrase can contain."""
+    return [w for group in concept_vocabulary().values() for w in group] + list(FILLER_WORDS)
+
+
+def bench_preset(image_size: int, hidden: int, d_model: int, train_embeddings: bool, dropout: float) -> Preset:
+    """The benchmark model: `small-film` at `image_size` px with the given widths, decoder dropout and embeddings
+    training (image_size 96, widths 64, dropout 0.1 and no train_embeddings reproduce `small-film` itself)."""
+    base = PRESETS["small-film"]
+    config = base.config.replace(image_size=image_size, output_size=image_size, d_model=d_model,
+                                 train_embeddings=train_embeddings, dropout=dropout)  # ModelConfig checks d_model
+    backbone = dataclasses.replace(base.backbone, image=image_size, hidden=hidden, projection=hidden)
+    return Preset(config, f"{base.description}; benchmark variant at {image_size} px", backbone)
+
+
+def build_random(preset: Preset, out: Path, seed: int, tokenizer: CLIPTokenizer) -> Path:
     """Random backbone + fresh decoder for `preset`, saved as a checkpoint directory (like `init_model`)."""
-    tokenizer, _ = build_tokenizer(None)
     base = out.parent / f".{out.name}-base"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
@@ -56,51 +103,88 @@ def build_random(preset: Preset, out: Path, seed: int) -> Path:
     return out
 
 
+def breakdown(evaluation, val_data: ShapesDataset) -> dict[str, float]:
+    """mIoU per phrase kind, the share of samples with IoU < 0.3 (wrong object / missed) and the mIoU of the rest
+    (how good the masks of found objects are)."""
+    ious = [float(row["iou"]) for row in evaluation.per_sample]
+    kinds = [val_data[i].meta["kind"] for i in range(len(ious))]
+    out: dict[str, float] = {}
+    for kind in sorted(set(kinds)):
+        values = [v for v, k in zip(ious, kinds) if k == kind]
+        out[f"miou_{kind}"] = round(sum(values) / len(values), 4)
+    found = [v for v in ious if v >= 0.3]
+    out["share_iou_below_0.3"] = round(1 - len(found) / max(1, len(ious)), 4)
+    out["miou_of_found"] = round(sum(found) / max(1, len(found)), 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="small-film", choices=sorted(BENCH_PRESETS))
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=4200)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"phrase kinds, comma-separated (of {','.join(KINDS)})")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=float, default=0.03, help="warm-up share of the steps")
+    parser.add_argument("--dice-weight", type=float, default=1.0)
+    parser.add_argument("--tokenizer", default="word", choices=("word", "byte"),
+                        help="word: one token per shapes word (built from concept_vocabulary); byte: byte-level")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=64, help="vision/text tower width")
+    parser.add_argument("--d-model", type=int, default=64, help="decoder width")
+    parser.add_argument("--train-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the vision patch/position embeddings too")
+    parser.add_argument("--dropout", type=float, default=0.0, help="decoder dropout")
+    parser.add_argument("--kinds", default="color_shape,color,shape",
+                        help=f"phrase kinds, comma-separated (of {','.join(KINDS)})")
+    parser.add_argument("--min-radius", type=float, default=0.12, help="object radius, fraction of the image side")
+    parser.add_argument("--max-radius", type=float, default=0.25)
+    parser.add_argument("--min-objects", type=int, default=2)
+    parser.add_argument("--max-objects", type=int, default=4)
     parser.add_argument("--train-samples", type=int, default=200_000, help="length of the generated training stream")
     parser.add_argument("--val-samples", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=0, help="validate on 200 held-out samples every N steps")
+    parser.add_argument("--eval-every", type=int, default=1000, help="validate on 200 held-out samples every N steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temp dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
 
-    preset = BENCH_PRESETS[args.model]
-    size = preset.config.image_size
+    preset = bench_preset(args.image_size, args.hidden, args.d_model, args.train_embeddings, args.dropout)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    # Same generator options for both; only the seed differs (held-out scenes, same phrase distribution).
-    train_data = ShapesDataset(args.train_samples, seed=1000 + args.seed, image_size=size, kinds=kinds)
-    val_data = ShapesDataset(args.val_samples, seed=2000 + args.seed, image_size=size, kinds=kinds)
+    # One generator configuration for both sets; only the seed differs (held-out scenes, same distribution).
+    shapes = ShapesConfig(image_size=args.image_size, kinds=kinds, min_radius=args.min_radius,
+                          max_radius=args.max_radius, min_objects=args.min_objects, max_objects=args.max_objects)
+    train_data = ShapesDataset(args.train_samples, seed=1000 + args.seed, config=shapes)
+    val_data = ShapesDataset(args.val_samples, seed=2000 + args.seed, config=shapes)
     cfg = TRAIN_PRESETS["improved"].replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps,
-                                            warmup_fraction=0.03, eval_every=args.eval_every, log_every=25,
-                                            max_eval_samples=200, seed=args.seed)
+                                            warmup_fraction=args.warmup, dice_weight=args.dice_weight,
+                                            eval_every=args.eval_every, log_every=25, max_eval_samples=200,
+                                            seed=args.seed)
+    tokenizer = word_level_tokenizer(shapes_words()) if args.tokenizer == "word" else build_tokenizer(None)[0]
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="learning-cpu-"))
     started, cpu_started = time.time(), time.process_time()
-    model_dir = build_random(preset, work / "init", args.seed)
-    from clipseg_model.loading import load_model
-
-    model = load_model(model_dir, "cpu")
-    result = train(model, train_data, val_data if args.eval_every else None, cfg, work / "run", "cpu", progress=sys.stderr.isatty())
+    model = load_model(build_random(preset, work / "init", args.seed, tokenizer), "cpu")
+    result = train(model, train_data, val_data if args.eval_every else None, cfg, work / "run", "cpu",
+                   progress=sys.stderr.isatty())
     trained = time.time()
-    metrics = evaluate(model, val_data, batch_size=64).metrics
+    evaluation = evaluate(model, val_data, batch_size=64)
+    metrics = evaluation.metrics
     total = time.time() - started
     # CPU seconds / threads is the wall time an otherwise idle machine needs (the 2 cores may be shared).
     cpu = time.process_time() - cpu_started
-    summary = {"model": args.model, "kinds": list(kinds), "steps": args.steps, "batch_size": args.batch_size,
-               "lr": args.lr, "final_loss": result.final_loss, "heldout": metrics,
-               "train_seconds": round(trained - started, 1), "total_seconds": round(total, 1),
-               "cpu_seconds": round(cpu, 1), "out": str(work)}
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    shapes_desc = {k: (list(v) if isinstance(v, (tuple, frozenset)) else v)
+                   for k, v in dataclasses.asdict(shapes).items() if not isinstance(v, frozenset) or v}
+    summary = {"model": dataclasses.asdict(preset.config) | {"backbone": dataclasses.asdict(preset.backbone)},
+               "tokenizer": args.tokenizer, "shapes": shapes_desc, "train": cfg.to_dict(),
+               "final_loss": result.final_loss, "heldout": metrics, "breakdown": breakdown(evaluation, val_data), "train_seconds": round(trained - started, 1),
+               "total_seconds": round(total, 1), "cpu_seconds": round(cpu, 1),
+               "idle_estimate_seconds": round(cpu / args.threads, 1), "load_average": load, "out": str(work)}
     print(json.dumps(summary, indent=2))
     print(f"held-out mIoU {metrics['miou']:.4f} (mean Dice {metrics['mean_dice']:.4f}, n={metrics['n']}) "
-          f"in {total / 60:.1f} min wall time ({cpu / 60:.1f} CPU-min on {args.threads} threads)")
+          f"in {total / 60:.1f} min wall time ({cpu / 60:.1f} CPU-min on {args.threads} threads, "
+          f"~{cpu / args.threads / 60:.1f} min on an idle machine; load average {' '.join(load)})")
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
     return 0
