@@ -1,6 +1,6 @@
 """Fine-tune loop demo: a model that never heard a colour word learns it from 30 corrections sent as webhooks.
 
-1. Train `small-film` from random init on generated shapes whose phrases never say "green" (colour phrases only:
+1. Train the CPU learning benchmark's model (`small-film` at 64 px) from random init on generated shapes whose phrases never say "green" (colour phrases only:
    "the red shape", "the blue object", ...; green shapes do appear, unnamed).
 2. Start the real backend, `clipseg serve` with no REDIS_URL: embedded Redis + fine-tune worker + scheduler.
 3. Send 30 corrections of "the green ..." through /webhook, as Label Studio would: data: URI images, brush RLE
@@ -35,8 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.learning_cpu import build_random  # noqa: E402
-from clipseg_model.config import PRESETS  # noqa: E402
+from benchmarks.learning_cpu import bench_preset, build_random, shapes_words, word_level_tokenizer  # noqa: E402
 from clipseg_model.loading import load_model  # noqa: E402
 from finetune.jobs import miou  # noqa: E402
 from finetune.shapes import ShapesDataset  # noqa: E402
@@ -57,8 +56,8 @@ def _png_uri(image) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-steps", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--corrections", type=int, default=30)
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
@@ -72,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     work = args.out or Path(tempfile.mkdtemp(prefix="loop-demo-"))
-    preset = PRESETS["small-film"]
+    # The CPU learning benchmark's model and scenes (benchmarks/learning_cpu.py): small-film at 64 px, trained
+    # embeddings, a word-level vocabulary, objects of 12-25 % of the image.
+    preset = bench_preset(64, 64, 64, True, 0.0)
     size = preset.config.image_size
-    shapes = dict(image_size=size, kinds=KINDS)
+    shapes = dict(image_size=size, kinds=KINDS, min_radius=0.12, max_radius=0.25, min_objects=2, max_objects=4)
 
     # 1. a model that never heard the concept
-    model = load_model(build_random(preset, work / "init", 0), "cpu")
-    cfg = TRAIN_PRESETS["improved"].replace(lr=2e-3, batch_size=args.batch_size, steps=args.pretrain_steps,
+    tokenizer = word_level_tokenizer(shapes_words())
+    model = load_model(build_random(preset, work / "init", 0, tokenizer), "cpu")
+    cfg = TRAIN_PRESETS["improved"].replace(lr=1e-3, batch_size=args.batch_size, steps=args.pretrain_steps,
                                             warmup_fraction=0.03, log_every=25, seed=0)
     result = train(model, ShapesDataset(100_000, seed=1000, exclude_words={CONCEPT}, **shapes), None, cfg,
                    work / "pretrain", "cpu", progress=False)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
            "REDIS_URL": "", "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "FINETUNE_EVERY": str(args.corrections),
            "FINETUNE_STEPS": str(args.finetune_steps), "FINETUNE_LR": str(args.finetune_lr),
            "REPLAY_RATIO": str(args.replay_ratio),
-           "REPLAY_SHAPES": json.dumps({"image_size": size, "kinds": list(KINDS), "exclude_words": [CONCEPT]}),
+           "REPLAY_SHAPES": json.dumps({**shapes, "kinds": list(KINDS), "exclude_words": [CONCEPT]}),
            "PROMOTE_EPSILON": str(args.promote_epsilon), "LOG_LEVEL": "INFO"}
     server = ManagedProcess([sys.executable, "-m", "backend.cli", "serve", "--port", str(port)], env=env,
                             base_env={}, cwd=ROOT, log_path=work / "serve.log", health_url=f"{url}/health",

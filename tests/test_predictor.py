@@ -147,7 +147,7 @@ def test_concurrent_calls_are_merged_and_give_the_same_masks(tiny_model_factory)
     """Threads calling at once share model passes (fewer passes than calls) and get exactly their own answers."""
     import threading
 
-    seg = Segmenter(load_model(tiny_model_factory("tiny-clipseg"), "cpu"), max_images_per_pass=4)
+    seg = Segmenter(load_model(tiny_model_factory("tiny-clipseg"), "cpu"), max_images_per_pass=4, merge_concurrent=True)
     rng = np.random.default_rng(7)
     jobs = [(Image.fromarray(rng.integers(0, 255, (24 + i, 30, 3), dtype=np.uint8)), [f"phrase {i}", "x"]) for i in range(12)]
     alone = [seg.predict(im, ps) for im, ps in jobs]
@@ -178,7 +178,7 @@ def test_a_bad_call_fails_alone_when_merged(tiny_model_factory):
     """A call whose input breaks the model pass gets the error; calls merged with it still get their masks."""
     import threading
 
-    seg = Segmenter(load_model(tiny_model_factory("tiny-clipseg"), "cpu"))
+    seg = Segmenter(load_model(tiny_model_factory("tiny-clipseg"), "cpu"), merge_concurrent=True)
     results: dict[str, object] = {}
     start = threading.Barrier(6)
 
@@ -199,3 +199,12 @@ def test_a_bad_call_fails_alone_when_merged(tiny_model_factory):
     for i in range(5):
         (pred,) = results[f"good{i}"]
         assert pred.mask.shape == (9, 10 + i)
+
+
+def test_cpu_default_runs_each_call_on_its_own(tiny_model_factory):
+    seg = Segmenter(load_model(tiny_model_factory("tiny-clipseg"), "cpu"))
+    assert seg.merge_concurrent is None and seg.model.device.type == "cpu"
+    before = seg.batches_run
+    for i in range(3):
+        seg.predict(Image.new("RGB", (8, 8), (i, 0, 0)), ["x"])
+    assert seg.batches_run - before == 3
