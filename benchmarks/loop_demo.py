@@ -10,7 +10,7 @@
 
     .venv/bin/python benchmarks/loop_demo.py            # numbers in docs/finetune_loop.md
 
-Replay (REPLAY_RATIO=1 by default) draws from the pretraining distribution (REPLAY_SHAPES: the same generator
+Replay (REPLAY_RATIO=3 by default) draws from the pretraining distribution (REPLAY_SHAPES: the same generator
 options, phrases without "green"), so the job keeps the old colours while it learns the new one; `--replay-ratio 0`
 shows what happens without it (the old colours are forgotten and the gate refuses the candidate).
 """
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--corrections", type=int, default=30)
-    parser.add_argument("--finetune-steps", type=int, default=150)
-    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--promote-epsilon", type=float, default=0.05)
-    parser.add_argument("--replay-ratio", type=float, default=1.0, help="replayed pretraining samples per correction")
+    parser.add_argument("--replay-ratio", type=float, default=3.0, help="replayed pretraining samples per correction")
     parser.add_argument("--val", type=int, default=100, help="held-out scenes per group")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
