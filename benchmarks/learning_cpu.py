@@ -7,7 +7,7 @@ word one token). The held-out set is generated with exactly the same `ShapesConf
 different seed (training 1000 + seed, held-out 2000 + seed), so no held-out scene was seen in training; the
 configuration is printed with the result.
 
-    .venv/bin/python benchmarks/learning_cpu.py            # the measured configuration (docs/training.md)
+    .venv/bin/python benchmarks/learning_cpu.py            # the measured configuration (README.md, "CPU learning benchmark")
     .venv/bin/python benchmarks/learning_cpu.py --steps 300 --eval-every 100   # a quick look
 
 Target: held-out mIoU >= 0.85 in under 10 minutes on 2 CPU cores.
