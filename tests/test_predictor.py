@@ -208,3 +208,18 @@ def test_cpu_default_runs_each_call_on_its_own(tiny_model_factory):
     for i in range(3):
         seg.predict(Image.new("RGB", (8, 8), (i, 0, 0)), ["x"])
     assert seg.batches_run - before == 3
+
+
+def test_vision_batches_give_the_same_masks(tiny_model_factory):
+    """Several images in one vision pass (the GPU default) equal one image per pass (the CPU default)."""
+    model = load_model(tiny_model_factory("tiny-clipseg"), "cpu")
+    rng = np.random.default_rng(11)
+    images = [Image.fromarray(rng.integers(0, 255, (20 + 3 * i, 28, 3), dtype=np.uint8)) for i in range(5)]
+    prompts = [["a", "b"], ["c"], [], ["d e"], ["f"]]
+    one = Segmenter(model).predict_batch(images, prompts)
+    many = Segmenter(model, vision_batch=4).predict_batch(images, prompts)
+    assert Segmenter(model).vision_batch is None
+    for a_list, b_list in zip(one, many):
+        assert len(a_list) == len(b_list)
+        for a, b in zip(a_list, b_list):
+            assert np.allclose(a.probability, b.probability, atol=1e-5)
