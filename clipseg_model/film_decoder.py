@@ -122,9 +122,10 @@ class FilmDecoderModel(SegmentationModel):
 
     def decode(self, features: ImageFeatures, text: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Features of B images + (P, text_dim) embeddings → logits (P, output_size, output_size)."""
+        # The projections depend on the image only: once per image, then one row per prompt.
+        x = sum(reduce(h) for reduce, h in zip(self.reduces, features.layers))  # (B, 1 + N, d_model)
         if image_index is not None:
-            features = features.select(image_index.to(features.layers[0].device))
-        x = sum(reduce(h) for reduce, h in zip(self.reduces, features.layers))  # (P, 1 + N, d_model)
+            x = x.index_select(0, image_index.to(x.device))  # (P, 1 + N, d_model)
         x = self.film(x, text.to(x.dtype))
         x = self.blocks(x)[:, 1:]  # drop CLS: (P, N, d_model)
         grid = int(math.isqrt(x.shape[1]))

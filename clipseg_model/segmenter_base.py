@@ -30,10 +30,6 @@ class ImageFeatures:
     def batch_size(self) -> int:
         return self.layers[0].shape[0]
 
-    def select(self, index: torch.Tensor) -> "ImageFeatures":
-        """Rows `index` (shape (P,), long) of every layer: (P, 1 + N, C) each — one row per prompt."""
-        return ImageFeatures([h.index_select(0, index) for h in self.layers])
-
     def to(self, device: torch.device | str) -> "ImageFeatures":
         return ImageFeatures([h.to(device) for h in self.layers])
 
