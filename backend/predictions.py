@@ -5,9 +5,7 @@ tasks of the request are still answered.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -70,12 +68,10 @@ def parse_predict_request(body: Any) -> tuple[list[Mapping[str, Any]], str | Non
 class PredictService:
     """Turns a batch of tasks into Label Studio predictions with a `Segmenter`."""
 
-    def __init__(self, fetcher: ImageFetcher, metrics: BackendMetrics, threshold: float = 0.5,
-                 polygon_tolerance: float = 1.0, download_threads: int = 8,
+    def __init__(self, fetcher: ImageFetcher, metrics: BackendMetrics, polygon_tolerance: float = 1.0, download_threads: int = 8,
                  on_prediction: Callable[[str | None, Mapping[str, Any], Sequence[tuple[PromptRequest, MaskPrediction]], str], None] | None = None):
         self.fetcher = fetcher
         self.metrics = metrics
-        self.threshold = threshold
         self.polygon_tolerance = polygon_tolerance
         self.on_prediction = on_prediction
         self._pool = ThreadPoolExecutor(download_threads, thread_name_prefix="image-fetch")
@@ -142,6 +138,3 @@ class PredictService:
         # of review first.
         return TaskAnswer(items, float(min(scores)) if scores else 0.0, predictions=list(zip(prompts, preds)))
 
-
-def config_cache_key(config: str) -> str:
-    return hashlib.sha1(config.encode()).hexdigest()

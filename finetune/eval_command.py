@@ -9,7 +9,6 @@ prints Dice (mean and pooled), mIoU, oIoU and Prec@0.5..0.9.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 

@@ -51,7 +51,7 @@ def resolve(phrase: str, objects: list[dict], size: tuple[int, int], cfg: Shapes
 def test_samples_are_well_formed_and_phrases_unambiguous() -> None:
     ds = ShapesDataset(300, seed=3)
     assert isinstance(ds, ReferringDataset)
-    kinds, backgrounds_seen = set(), set()
+    kinds = set()
     for i in range(len(ds)):
         s = ds[i]
         assert isinstance(s, ReferringSample)
