@@ -48,6 +48,7 @@ import numpy as np
 
 from backend.results import result_to_mask
 from backend.rle import check_mask_size, rle_to_mask
+from finetune import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -176,10 +177,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
         import cv2
 
         b = cv2.resize(b.astype(np.uint8), (a.shape[1], a.shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
-    union = np.logical_or(a, b).sum()
-    if union == 0:
-        return 1.0
-    return float(np.logical_and(a, b).sum() / union)
+    return metrics.iou(a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
