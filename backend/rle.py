@@ -50,15 +50,30 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     nbits = 1 + 2 + field + 8
 
     header = (n << 21) | (7 << 16) | sum((s - 1) << (12 - 4 * i) for i, s in enumerate(_HEADER_SIZES))
-    codes = np.concatenate(([header], code)).astype(np.int64)
-    widths = np.concatenate(([53], nbits))
-    offsets = np.concatenate(([0], np.cumsum(widths)[:-1]))
-    total = int(widths.sum())
-    bits = np.zeros(total + 8 - total % 8, dtype=np.uint8)  # the SDK always pads, a whole byte when aligned
-    for b in range(int(widths.max())):  # bit b (from the most significant) of every code at once
-        has = widths > b
-        bits[offsets[has] + b] = (codes[has] >> (widths[has] - 1 - b)) & 1
-    return np.packbits(bits).tolist()
+    # The 53-bit header goes in as two codes (21 + 32 bits) so that every code is at most 32 bits wide.
+    codes = np.concatenate(([header >> 32, header & 0xFFFFFFFF], code)).astype(np.uint64)
+    widths = np.concatenate(([21, 32], nbits)).astype(np.int64)
+    return _pack_bits(codes, widths)
+
+
+def _pack_bits(codes: np.ndarray, widths: np.ndarray) -> list[int]:
+    """Concatenate codes (uint64, each < 2**widths, widths <= 32) MSB-first into bytes, padded like the SDK.
+
+    Code i starts at bit offset o_i of the stream. Placed in the 64-bit window that starts at its 32-bit word
+    (o_i // 32), it spans at most that word and the next, so its high and low halves are added into those two
+    words. Codes never share a bit, so adding is OR; per word the sums stay below 2**32, exact in float64, which
+    lets `np.bincount` do the scatter-add in one pass.
+    """
+    ends = np.cumsum(widths)
+    total = int(ends[-1])
+    offsets = ends - widths
+    word = offsets >> 5
+    placed = codes << (64 - (offsets & 31) - widths).astype(np.uint64)
+    n_words = total // 32 + 2
+    words = np.bincount(word, weights=(placed >> np.uint64(32)).astype(np.float64), minlength=n_words)
+    words += np.bincount(word + 1, weights=(placed & np.uint64(0xFFFFFFFF)).astype(np.float64), minlength=n_words)
+    stream = words[:n_words].astype(np.uint32).astype(">u4").view(np.uint8)
+    return stream[: total // 8 + 1].tolist()  # the SDK always pads, a whole zero byte when aligned
 
 
 MAX_MASK_PIXELS = 50_000_000  # same bound as MAX_IMAGE_PIXELS: a region larger than any image we accept is garbage

@@ -25,3 +25,15 @@ def test_long_runs_and_byte_alignment():
             rle = mask_to_rle(mask)
             assert rle == list(mask2rle(mask))
             assert np.array_equal(decode_rle(rle).reshape(*shape, 4)[:, :, 3], mask)
+
+
+def test_fragmented_full_size_masks():
+    """Salt-and-pepper masks (what random weights give): ~10^5 runs, every field width, several codes per 32-bit word."""
+    rng = np.random.default_rng(3)
+    for density in (0.05, 0.6):
+        mask = ((rng.random((480, 640)) < density) * 255).astype(np.uint8)
+        rle = mask_to_rle(mask)
+        assert rle == list(mask2rle(mask))
+        assert np.array_equal(decode_rle(rle).reshape(480, 640, 4)[:, :, 3], mask)
+    grey = rng.integers(0, 256, size=(37, 53), dtype=np.uint8)  # any byte value, not just 0/255
+    assert mask_to_rle(grey) == list(mask2rle(grey))
