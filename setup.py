@@ -24,6 +24,7 @@ setup(
         "tqdm>=4.60",
         "requests>=2.31",
         "flask>=3.0",
+        "orjson>=3.9",
         "gunicorn>=22.0",
         "prometheus_client>=0.20",
         "redis>=5.0",

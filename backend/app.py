@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 import logging
 import time
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from backend.json_provider import OrjsonProvider, loads as json_loads
 from backend.label_config import UnsupportedConfigError
 from backend.metrics import CONTENT_TYPE
 from backend.predictions import BadRequest, parse_predict_request, project_id
@@ -32,7 +32,7 @@ def _error(message: str, status: int) -> tuple[Response, int]:
 def _json_body() -> Any:
     raw = request.get_data(cache=False)
     try:
-        return json.loads(raw or b"{}")
+        return json_loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
 
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
     if start:
         runtime.start()
     app = Flask("clipseg-backend")
+    app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["clipseg_runtime"] = runtime
 
