@@ -39,6 +39,10 @@ class ModelConfig:
     dropout: float = 0.1
     extract_layers: tuple[int, ...] = ()  # CLIP layers (1-based) whose tokens feed the decoder; () = last hidden state
     learned_upsampler: bool = False  # transposed convolutions instead of one bilinear step
+    pixel_channels: int = 0  # >0: a full-resolution pixel branch of this width, FiLM'd by the phrase, refines the
+    # learned upsampler's output (sharper boundaries than a patch grid allows); 0: off (the seed and CLIPSeg)
+    pixel_tokens: bool = False  # the pixel branch also feeds the decoder: strided convs down to the patch grid,
+    # added to the image tokens before FiLM (local shape evidence a ViT trained from scratch learns slowly)
     output_size: int = 224  # side of the logit map the model returns (seed: 224)
     # --- both ---
     unfreeze_last: int = 0  # train the last k CLIP vision layers too (0: CLIP frozen)
@@ -50,6 +54,10 @@ class ModelConfig:
             raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.pixel_channels and not (self.learned_upsampler and self.architecture == FILM_DECODER):
+            raise ValueError("pixel_channels needs the film-decoder with learned_upsampler")
+        if self.pixel_tokens and not self.pixel_channels:
+            raise ValueError("pixel_tokens needs a pixel branch (pixel_channels > 0)")
         object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
@@ -130,6 +138,12 @@ PRESETS: dict[str, Preset] = {
         ModelConfig(image_size=96, d_model=32, n_heads=2, n_layers=1, extract_layers=(1, 2, 3),
                     learned_upsampler=True, output_size=96),
         "tests: the improved options on a tiny random CLIP (trained at 64 px, run at 96 px)",
+        TinyBackbone(),
+    ),
+    "tiny-pixel": Preset(
+        ModelConfig(image_size=64, d_model=32, n_heads=2, n_layers=1, extract_layers=(2, 4), learned_upsampler=True,
+                    output_size=64, pixel_channels=4, pixel_tokens=True),
+        "tests: the film-decoder's pixel branch (full-resolution refinement + pixel tokens) on a tiny random CLIP",
         TinyBackbone(),
     ),
     "tiny-clipseg": Preset(

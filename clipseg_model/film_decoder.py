@@ -31,9 +31,13 @@ class FiLM(nn.Module):
 
 
 class LearnedUpsampler(nn.Module):
-    """Patch grid → pixels with transposed convolutions (x`scale`), in place of one bilinear step."""
+    """Patch grid → pixels with transposed convolutions (x`scale`), in place of one bilinear step.
 
-    def __init__(self, d_model: int, scale: int):
+    With `head=False` there is no final 1x1 convolution: `features` gives `out_channels` maps at full resolution,
+    for a pixel branch to turn into logits.
+    """
+
+    def __init__(self, d_model: int, scale: int, head: bool = True):
         super().__init__()
         if scale & (scale - 1):
             raise ValueError(f"learned upsampler needs a power-of-two patch size, got {scale}")
@@ -44,12 +48,62 @@ class LearnedUpsampler(nn.Module):
             out = max(8, hidden // 2)
             layers += [nn.ConvTranspose2d(hidden, out, step, stride=step), nn.GELU()]
             hidden, scale = out, scale // step
-        layers.append(nn.Conv2d(hidden, 1, 1))
+        if head:
+            layers.append(nn.Conv2d(hidden, 1, 1))
         self.net = nn.Sequential(*layers)
+        self.has_head = head
+        self.out_channels = hidden
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """(P, d_model, g, g) → (P, 1, g * scale, g * scale)."""
+        """(P, d_model, g, g) → (P, 1, g * scale, g * scale), or (P, out_channels, ...) without the head."""
         return self.net(grid)
+
+    def features(self, grid: torch.Tensor) -> torch.Tensor:
+        """(P, d_model, g, g) → (P, out_channels, g * scale, g * scale): the maps before the final 1x1 conv."""
+        return (self.net[:-1] if self.has_head else self.net)(grid)
+
+
+class PixelBranch(nn.Module):
+    """Full-resolution refinement: a small conv stem on the input pixels, FiLM-conditioned on the phrase, fused
+    with the learned upsampler's maps, gives the logits. The patch grid says which object; the pixels say
+    exactly where its edges are (a patch grid alone blurs them over `patch` pixels).
+    """
+
+    def __init__(self, text_dim: int, channels: int, upsampler_channels: int, patch: int = 0, d_model: int = 0):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+        # Optional: stride-2 convolutions from the stem down to the patch grid, giving d_model features per patch.
+        self.to_tokens: nn.Sequential | None = None
+        if patch:
+            if patch & (patch - 1):
+                raise ValueError(f"pixel tokens need a power-of-two patch size, got {patch}")
+            layers: list[nn.Module] = []
+            width = channels
+            while patch > 1:
+                out = d_model if patch == 2 else min(2 * width, d_model)
+                layers += [nn.GELU(), nn.Conv2d(width, out, 3, stride=2, padding=1)]
+                width, patch = out, patch // 2
+            self.to_tokens = nn.Sequential(*layers)
+        self.film = FiLM(text_dim, channels)
+        self.fuse = nn.Sequential(nn.Conv2d(channels + upsampler_channels, channels, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(channels, 1, 1))
+
+    def tokens(self, stem: torch.Tensor) -> torch.Tensor:
+        """Stem maps (B, C, S, S) → (B, (S/patch)^2, d_model) per-patch features, row-major like the ViT's tokens."""
+        return self.to_tokens(stem).flatten(2).transpose(1, 2)
+
+    def forward(self, stem: torch.Tensor, maps: torch.Tensor, text: torch.Tensor,
+                image_index: torch.Tensor | None) -> torch.Tensor:
+        """stem (B, C, S, S) = self.stem(pixels), maps (P, C_up, S, S), text (P, text_dim) → logits (P, 1, S, S)."""
+        x = stem
+        if image_index is not None:
+            x = x.index_select(0, image_index.to(x.device))
+        gamma, beta = self.film.gamma(text), self.film.beta(text)  # (P, C)
+        x = F.gelu(gamma[:, :, None, None] * x + beta[:, :, None, None])
+        if maps.shape[-2:] != x.shape[-2:]:
+            maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([x, maps], 1))
 
 
 class FilmDecoderModel(SegmentationModel):
@@ -85,11 +139,15 @@ class FilmDecoderModel(SegmentationModel):
         )
         self.blocks = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         if config.learned_upsampler:
-            self.upsampler: nn.Module | None = LearnedUpsampler(config.d_model, self.patch_size)
+            self.upsampler: LearnedUpsampler | None = LearnedUpsampler(config.d_model, self.patch_size,
+                                                                       head=not config.pixel_channels)
             self.head = None
         else:
             self.upsampler = None
             self.head = nn.Linear(config.d_model, 1)
+        self.pixel_branch = (PixelBranch(text_dim, config.pixel_channels, self.upsampler.out_channels,
+                                         self.patch_size if config.pixel_tokens else 0, config.d_model)
+                             if config.pixel_channels else None)
         self.apply_freezing()
 
     def backbone_modules(self) -> list[nn.Module]:
@@ -105,13 +163,16 @@ class FilmDecoderModel(SegmentationModel):
         return list(self.vision.encoder.layers[: max(self.read_layers)])
 
     def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
-        """(B, 3, S, S) → features: one (B, 1 + (S/patch)^2, width) tensor per read layer."""
+        """(B, 3, S, S) → features: one (B, 1 + (S/patch)^2, width) tensor per read layer, then (with a pixel
+        branch) the (B, 3, S, S) pixels themselves."""
         grad = self.vision_grad()
         with torch.set_grad_enabled(grad):
             layers = run_vision_layers(
                 self.vision.embeddings, self.vision.pre_layrnorm, self.vision.encoder.layers,
                 pixel_values.to(self.device), self.read_layers,
             )
+        if self.pixel_branch is not None:
+            layers.append(pixel_values.to(self.device, layers[0].dtype))
         return ImageFeatures(layers)
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -123,13 +184,22 @@ class FilmDecoderModel(SegmentationModel):
     def decode(self, features: ImageFeatures, text: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Features of B images + (P, text_dim) embeddings → logits (P, output_size, output_size)."""
         # The projections depend on the image only: once per image, then one row per prompt.
-        x = sum(reduce(h) for reduce, h in zip(self.reduces, features.layers))  # (B, 1 + N, d_model)
+        tokens = features.layers[: len(self.reduces)]
+        x = sum(reduce(h) for reduce, h in zip(self.reduces, tokens))  # (B, 1 + N, d_model)
+        stem = None
+        if self.pixel_branch is not None:
+            stem = self.pixel_branch.stem(features.layers[-1].to(x.dtype))  # (B, C, S, S), once per image
+            if self.pixel_branch.to_tokens is not None:
+                x = torch.cat([x[:, :1], x[:, 1:] + self.pixel_branch.tokens(stem)], 1)
         if image_index is not None:
             x = x.index_select(0, image_index.to(x.device))  # (P, 1 + N, d_model)
         x = self.film(x, text.to(x.dtype))
         x = self.blocks(x)[:, 1:]  # drop CLS: (P, N, d_model)
         grid = int(math.isqrt(x.shape[1]))
-        if self.upsampler is not None:
+        if self.pixel_branch is not None:
+            up = self.upsampler.features(x.transpose(1, 2).reshape(x.shape[0], -1, grid, grid))  # (P, C, g*patch, ..)
+            maps = self.pixel_branch(stem, up, text.to(x.dtype), image_index)  # (P, 1, S, S)
+        elif self.upsampler is not None:
             maps = self.upsampler(x.transpose(1, 2).reshape(x.shape[0], -1, grid, grid))  # (P, 1, g*patch, g*patch)
         else:
             maps = self.head(x).transpose(1, 2).reshape(x.shape[0], 1, grid, grid)  # (P, 1, g, g)

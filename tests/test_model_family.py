@@ -13,7 +13,7 @@ from clipseg_model.film_decoder import FiLM
 from clipseg_model.loading import load_model
 from clipseg_model.losses import segmentation_loss
 
-TINY = ["tiny-seed", "tiny-improved", "tiny-clipseg"]
+TINY = ["tiny-seed", "tiny-improved", "tiny-pixel", "tiny-clipseg"]
 
 
 @pytest.fixture(params=TINY)
@@ -174,6 +174,33 @@ def test_config_round_trip_and_validation():
         ModelConfig(architecture="unet")
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"architecture": "film-decoder", "colour": 1})
+    with pytest.raises(ValueError, match="pixel_channels needs the film-decoder with learned_upsampler"):
+        ModelConfig(pixel_channels=8)  # the seed's bilinear head has no full-resolution maps to refine
+    with pytest.raises(ValueError, match="pixel_tokens needs a pixel branch"):
+        ModelConfig(learned_upsampler=True, pixel_tokens=True)
+
+
+def test_pixel_branch_reads_full_resolution_pixels(tiny_model_factory):
+    """With the pixel branch, a change inside one patch moves the logits at full resolution through both paths:
+    the refinement (pixel-level maps) and the pixel tokens (the patch grid the decoder attends over)."""
+    model = load_model(tiny_model_factory("tiny-pixel"), "cpu")
+    assert model.pixel_branch is not None and model.pixel_branch.to_tokens is not None
+    s = model.config.image_size
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, s, s)
+    with torch.no_grad():
+        features = model.encode_images(pixels)
+        assert torch.equal(features.layers[-1], pixels)  # the pixels travel with the (cacheable) features
+        tokens = model.pixel_branch.tokens(model.pixel_branch.stem(pixels))
+        grid = s // model.patch_size
+        assert tokens.shape == (1, grid * grid, model.config.d_model)
+        text = model.encode_text(["the red one"])
+        base = model.decode(features, text)
+        changed = pixels.clone()
+        changed[:, :, 5, 5] += 3.0
+        moved = model.decode(model.encode_images(changed), text)
+    assert base.shape == (1, model.config.output_size, model.config.output_size)
+    assert (moved - base).abs().max() > 1e-4
 
 
 def test_train_text_makes_the_text_tower_learn(tiny_model_factory):

@@ -20,7 +20,7 @@ from PIL import Image
 from clipseg_model.loading import load_model
 from clipseg_model.predictor import Segmenter
 
-TINY = ["tiny-seed", "tiny-improved", "tiny-clipseg"]
+TINY = ["tiny-seed", "tiny-improved", "tiny-pixel", "tiny-clipseg"]
 PHRASES = ["a red circle", "the left square", "blue", "the bigger shape on the right", "sky", "x"]
 
 

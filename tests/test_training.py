@@ -71,7 +71,7 @@ def test_learning_rate_schedules():
 # ---- training ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["tiny-improved", "tiny-clipseg"])
+@pytest.mark.parametrize("preset", ["tiny-improved", "tiny-pixel", "tiny-clipseg"])
 def test_overfits_a_fixed_batch_and_changes_only_trainable_weights(tiny_model_factory, tmp_path, preset):
     model = load_model(tiny_model_factory(preset), "cpu")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
