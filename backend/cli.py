@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("finetune.eval_command", "evaluate a model: Dice, mIoU, oIoU, Prec@X, HTML report"),
     "bench": ("clipseg_model.bench_command", "inference benchmark against HF CLIPSeg (random full-size weights)"),
 }
+# Subcommands that run torch: they flush subnormal floats before torch starts any thread (clipseg_model.numerics).
+TORCH_COMMANDS = frozenset({"model", "predict", "serve", "worker", "finetune", "train", "eval", "bench"})
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     configure(parser, settings)
     args = parser.parse_args(rest)
     setup_logging(args.log_level or settings.log_level, settings.log_json)
+    if name in TORCH_COMMANDS:  # before the first tensor op; gunicorn and RQ children fork from here and inherit it
+        from clipseg_model.numerics import flush_denormals
+
+        flush_denormals()
     try:
         return int(run(args, settings) or 0)
     except KeyboardInterrupt:
