@@ -35,18 +35,22 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     values = flat[starts].astype(np.int64)
 
     # Runs longer than 2**16 are cut into full 2**16 pieces (the SDK writes 2**16 - 1 and subtracts 2**16) + a rest.
-    pieces = np.where(lengths > _MAX_RUN, (lengths - 1) // _MAX_RUN + 1, 1)
-    run_values = np.repeat(values, pieces)
-    run_lengths = np.repeat(lengths, pieces)
-    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
-    k = np.arange(run_lengths.size) - first  # piece index within its run
-    is_last = k == np.repeat(pieces - 1, pieces)
-    run_lengths = np.where(is_last, run_lengths - _MAX_RUN * k, _MAX_RUN)
+    if lengths.max() > _MAX_RUN:
+        pieces = np.where(lengths > _MAX_RUN, (lengths - 1) // _MAX_RUN + 1, 1)
+        run_values = np.repeat(values, pieces)
+        run_lengths = np.repeat(lengths, pieces)
+        first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+        k = np.arange(run_lengths.size) - first  # piece index within its run
+        is_last = k == np.repeat(pieces - 1, pieces)
+        run_lengths = np.where(is_last, run_lengths - _MAX_RUN * k, _MAX_RUN)
+    else:  # the usual case: no run to split
+        run_values, run_lengths = values, lengths
 
-    index = np.select([run_lengths <= 8, run_lengths <= 16, run_lengths <= 256], [0, 1, 2], 3)
+    # field index: 0 for lengths <= 8, 1 for <= 16, 2 for <= 256, else 3
+    index = (run_lengths > 8).astype(np.int64) + (run_lengths > 16) + (run_lengths > 256)
     field = _FIELD_BITS[index]
     # code = 1 | index (2 bits) | length - 1 (field bits) | value (8 bits)
-    code = (((1 << 2 | index) << field) | (run_lengths - 1)) << 8 | run_values
+    code = (((4 | index) << field) | (run_lengths - 1)) << 8 | run_values
     nbits = 1 + 2 + field + 8
 
     header = (n << 21) | (7 << 16) | sum((s - 1) << (12 - 4 * i) for i, s in enumerate(_HEADER_SIZES))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ["a.k1", "a.k4", "a.k8", "a.8v1", "b", "c.speed", "c.iou", "d", "e", "f", "g.http", "g.direct"]
+ROWS = ["a.k1", "a.k4", "a.k8", "a.8v1", "b", "c.speed", "c.iou", "d", "d.server", "e", "f", "g.http", "g.direct"]
 
 
 def test_bench_tiny_quick_prints_every_row(tmp_path):
