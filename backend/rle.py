@@ -24,15 +24,21 @@ _MAX_RUN = 2**16
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """(H, W) uint8 mask (Label Studio expects 0/255) → brush RLE bytes, identical to the SDK's `mask2rle`."""
-    flat = np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    """(H, W) uint8 mask (Label Studio expects 0/255) → brush RLE bytes, identical to the SDK's `mask2rle`.
+
+    A bool mask is written as 0/255 (what `mask2rle` gets for `mask * 255`) without converting it first.
+    """
+    mask = np.asarray(mask)
+    scale = 255 if mask.dtype == np.bool_ else 1
+    flat = np.ascontiguousarray(mask).ravel().view(np.uint8) if scale == 255 else \
+        np.ascontiguousarray(mask, dtype=np.uint8).ravel()
     n = flat.size * 4  # Label Studio decodes RGBA: every pixel value repeated four times
     if flat.size == 0:
         raise ValueError("empty mask")
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     starts = np.concatenate(([0], change))
     lengths = np.diff(np.concatenate((starts, [flat.size]))) * 4  # runs of the RGBA stream: always >= 4
-    values = flat[starts].astype(np.int64)
+    values = flat[starts].astype(np.int64) * scale
 
     # Runs longer than 2**16 are cut into full 2**16 pieces (the SDK writes 2**16 - 1 and subtracts 2**16) + a rest.
     if lengths.max() > _MAX_RUN:

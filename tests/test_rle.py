@@ -37,3 +37,10 @@ def test_fragmented_full_size_masks():
         assert np.array_equal(decode_rle(rle).reshape(480, 640, 4)[:, :, 3], mask)
     grey = rng.integers(0, 256, size=(37, 53), dtype=np.uint8)  # any byte value, not just 0/255
     assert mask_to_rle(grey) == list(mask2rle(grey))
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 40), st.integers(1, 40))))
+def test_bool_masks_are_written_as_0_255(mask):
+    """The serving path hands bool masks over unconverted; the bytes are the SDK's for mask * 255."""
+    assert mask_to_rle(mask) == list(mask2rle(mask.astype(np.uint8) * 255))
