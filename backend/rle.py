@@ -29,9 +29,10 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     A bool mask is written as 0/255 (what `mask2rle` gets for `mask * 255`) without converting it first.
     """
     mask = np.asarray(mask)
-    scale = 255 if mask.dtype == np.bool_ else 1
-    flat = np.ascontiguousarray(mask).ravel().view(np.uint8) if scale == 255 else \
-        np.ascontiguousarray(mask, dtype=np.uint8).ravel()
+    if mask.dtype == np.bool_:
+        flat, scale = np.ascontiguousarray(mask).ravel().view(np.uint8), 255
+    else:
+        flat, scale = np.ascontiguousarray(mask, dtype=np.uint8).ravel(), 1
     n = flat.size * 4  # Label Studio decodes RGBA: every pixel value repeated four times
     if flat.size == 0:
         raise ValueError("empty mask")

@@ -37,10 +37,10 @@ if str(ROOT) not in sys.path:
 
 from transformers import CLIPTokenizer  # noqa: E402
 
-from clipseg_model.numerics import flush_denormals  # noqa: E402
 from clipseg_model.checkpoint import save_checkpoint  # noqa: E402
 from clipseg_model.config import PRESETS, Preset  # noqa: E402
 from clipseg_model.loading import build_model, load_model  # noqa: E402
+from clipseg_model.numerics import flush_denormals  # noqa: E402
 from clipseg_model.random_init import write_backbone  # noqa: E402
 from clipseg_model.vocab import BOS, EOS, build_tokenizer, bytes_to_unicode  # noqa: E402
 from finetune.shapes import KINDS, ShapesConfig, ShapesDataset, concept_vocabulary  # noqa: E402

@@ -29,12 +29,16 @@ class FiLM(nn.Module):
         """x: (P, T, d_model) tokens, text: (P, text_dim) → (P, T, d_model)."""
         return self.gamma(text).unsqueeze(1) * x + self.beta(text).unsqueeze(1)
 
+    def maps(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The same modulation on channel-first maps: x (P, d_model, H, W), text (P, text_dim) → (P, d_model, H, W)."""
+        return self.gamma(text)[:, :, None, None] * x + self.beta(text)[:, :, None, None]
+
 
 class LearnedUpsampler(nn.Module):
     """Patch grid → pixels with transposed convolutions (x`scale`), in place of one bilinear step.
 
-    With `head=False` there is no final 1x1 convolution: `features` gives `out_channels` maps at full resolution,
-    for a pixel branch to turn into logits.
+    With `head=False` there is no final 1x1 convolution: it returns `out_channels` maps at full resolution, for a
+    pixel branch to turn into logits.
     """
 
     def __init__(self, d_model: int, scale: int, head: bool = True):
@@ -51,16 +55,11 @@ class LearnedUpsampler(nn.Module):
         if head:
             layers.append(nn.Conv2d(hidden, 1, 1))
         self.net = nn.Sequential(*layers)
-        self.has_head = head
         self.out_channels = hidden
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         """(P, d_model, g, g) → (P, 1, g * scale, g * scale), or (P, out_channels, ...) without the head."""
         return self.net(grid)
-
-    def features(self, grid: torch.Tensor) -> torch.Tensor:
-        """(P, d_model, g, g) → (P, out_channels, g * scale, g * scale): the maps before the final 1x1 conv."""
-        return (self.net[:-1] if self.has_head else self.net)(grid)
 
 
 class PixelBranch(nn.Module):
@@ -99,8 +98,7 @@ class PixelBranch(nn.Module):
         x = stem
         if image_index is not None:
             x = x.index_select(0, image_index.to(x.device))
-        gamma, beta = self.film.gamma(text), self.film.beta(text)  # (P, C)
-        x = F.gelu(gamma[:, :, None, None] * x + beta[:, :, None, None])
+        x = F.gelu(self.film.maps(x, text))
         if maps.shape[-2:] != x.shape[-2:]:
             maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.fuse(torch.cat([x, maps], 1))
@@ -196,11 +194,11 @@ class FilmDecoderModel(SegmentationModel):
         x = self.film(x, text.to(x.dtype))
         x = self.blocks(x)[:, 1:]  # drop CLS: (P, N, d_model)
         grid = int(math.isqrt(x.shape[1]))
-        if self.pixel_branch is not None:
-            up = self.upsampler.features(x.transpose(1, 2).reshape(x.shape[0], -1, grid, grid))  # (P, C, g*patch, ..)
-            maps = self.pixel_branch(stem, up, text.to(x.dtype), image_index)  # (P, 1, S, S)
-        elif self.upsampler is not None:
-            maps = self.upsampler(x.transpose(1, 2).reshape(x.shape[0], -1, grid, grid))  # (P, 1, g*patch, g*patch)
+        if self.upsampler is not None:
+            # (P, 1, g*patch, g*patch); with a pixel branch (P, C, g*patch, g*patch) maps, which it turns into logits
+            maps = self.upsampler(x.transpose(1, 2).reshape(x.shape[0], -1, grid, grid))
+            if self.pixel_branch is not None:
+                maps = self.pixel_branch(stem, maps, text.to(x.dtype), image_index)  # (P, 1, S, S)
         else:
             maps = self.head(x).transpose(1, 2).reshape(x.shape[0], 1, grid, grid)  # (P, 1, g, g)
         size = self.config.output_size

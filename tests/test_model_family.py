@@ -40,6 +40,8 @@ def test_film_is_gamma_x_plus_beta():
     x, t = torch.randn(3, 5, 6), torch.randn(3, 8)
     expected = (t @ film.gamma.weight.T + film.gamma.bias)[:, None, :] * x + (t @ film.beta.weight.T + film.beta.bias)[:, None, :]
     assert torch.allclose(film(x, t), expected, atol=1e-6)
+    maps = x.transpose(1, 2).reshape(3, 6, 5, 1)  # the same numbers as channel-first maps (the pixel branch's form)
+    assert torch.allclose(film.maps(maps, t), expected.transpose(1, 2).reshape(3, 6, 5, 1), atol=1e-6)
 
 
 def test_seed_preset_matches_the_seed_design():
