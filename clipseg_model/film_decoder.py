@@ -17,6 +17,11 @@ from clipseg_model.segmenter_base import ImageFeatures, SegmentationModel, run_v
 from clipseg_model.text import tokenize
 
 
+# Fixed offset of the alignment logits: with cosines near 0 at the start, every token begins well on the background
+# side (most tokens are background).
+ALIGN_BIAS = -5.0
+
+
 class FiLM(nn.Module):
     """Feature-wise linear modulation: x * gamma(t) + beta(t), both linear in the text embedding."""
 
@@ -146,6 +151,9 @@ class FilmDecoderModel(SegmentationModel):
         self.pixel_branch = (PixelBranch(text_dim, config.pixel_channels, self.upsampler.out_channels,
                                          self.patch_size if config.pixel_tokens else 0, config.d_model)
                              if config.pixel_channels else None)
+        # Text-token alignment (training only): image tokens → text-embedding space, see `alignment_loss`.
+        self.align_head = nn.Linear(config.d_model, text_dim) if config.text_alignment else None
+        self.align_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if config.text_alignment else None
         self.apply_freezing()
 
     def backbone_modules(self) -> list[nn.Module]:
@@ -179,16 +187,58 @@ class FilmDecoderModel(SegmentationModel):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_text):
             return self.clip.get_text_features(**tokens).pooler_output
 
-    def decode(self, features: ImageFeatures, text: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Features of B images + (P, text_dim) embeddings → logits (P, output_size, output_size)."""
-        # The projections depend on the image only: once per image, then one row per prompt.
+    def image_tokens(self, features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's phrase-independent input, once per image: tokens (B, 1 + N, d_model) (CLS first) and,
+        with a pixel branch, its stem maps (B, C, S, S) (else None)."""
         tokens = features.layers[: len(self.reduces)]
         x = sum(reduce(h) for reduce, h in zip(self.reduces, tokens))  # (B, 1 + N, d_model)
         stem = None
         if self.pixel_branch is not None:
-            stem = self.pixel_branch.stem(features.layers[-1].to(x.dtype))  # (B, C, S, S), once per image
+            stem = self.pixel_branch.stem(features.layers[-1].to(x.dtype))  # (B, C, S, S)
             if self.pixel_branch.to_tokens is not None:
                 x = torch.cat([x[:, :1], x[:, 1:] + self.pixel_branch.tokens(stem)], 1)
+        return x, stem
+
+    def decode(self, features: ImageFeatures, text: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of B images + (P, text_dim) embeddings → logits (P, output_size, output_size)."""
+        return self.decode_tokens(*self.image_tokens(features), text, image_index)
+
+    def alignment_loss(self, tokens: torch.Tensor, text: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Text-to-token alignment (CRIS's text-to-pixel alignment, on the patch grid): every image token,
+        projected into the text-embedding space, should point towards its phrase's embedding where the target
+        covers it and away from it elsewhere. It teaches the image features what phrases name (a shape, say)
+        directly, at every token, instead of only through which mask the decoder picked.
+
+        logit = exp(align_logit_scale) * cos(align_head(token), text) + ALIGN_BIAS, binary cross-entropy against
+        the share of the token's patch that the mask covers.
+
+        tokens (B, 1 + N, d_model) from `image_tokens` (CLS ignored), text (B, text_dim), masks (B, H, W) in
+        [0, 1] → a scalar.
+        """
+        if self.align_head is None:
+            raise ValueError(f"{type(self).__name__} has no text-token alignment head (text_alignment)")
+        grid = int(math.isqrt(tokens.shape[1] - 1))
+        covered = F.adaptive_avg_pool2d(masks.to(tokens.dtype)[:, None], grid).flatten(1)  # (B, N)
+        projected = F.normalize(self.align_head(tokens[:, 1:]).float(), dim=-1)  # (B, N, text_dim)
+        cosine = torch.einsum("bnd,bd->bn", projected, F.normalize(text.float(), dim=-1))  # (B, N)
+        logits = self.align_logit_scale.clamp(max=math.log(100)).exp() * cosine + ALIGN_BIAS
+        return F.binary_cross_entropy_with_logits(logits, covered.float())
+
+    def forward_with_alignment(self, pixel_values: torch.Tensor, prompts: Sequence[str],
+                               masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training path with text-token alignment: B images, B phrases, (B, H, W) target masks →
+        (logits (B, S_out, S_out), alignment loss scalar)."""
+        if self.align_head is None:
+            return super().forward_with_alignment(pixel_values, prompts, masks)  # raises: no head
+        if len(prompts) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images but {len(prompts)} prompts")
+        text = self.encode_text(prompts)
+        x, stem = self.image_tokens(self.encode_images(pixel_values))
+        return self.decode_tokens(x, stem, text), self.alignment_loss(x, text, masks.to(x.device))
+
+    def decode_tokens(self, x: torch.Tensor, stem: torch.Tensor | None, text: torch.Tensor,
+                      image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """`image_tokens` of B images + (P, text_dim) embeddings → logits (P, output_size, output_size)."""
         if image_index is not None:
             x = x.index_select(0, image_index.to(x.device))  # (P, 1 + N, d_model)
         x = self.film(x, text.to(x.dtype))

@@ -115,11 +115,22 @@ class SegmentationModel(nn.Module):
         return torch.is_grad_enabled() and (self.config.unfreeze_last > 0 or self.config.train_embeddings)
 
     # ---- shared behaviour ----------------------------------------------------------------------------
-    def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Training path: B images and B phrases (one each) → logits (B, S_out, S_out)."""
+    def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str],
+                masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Training path: B images and B phrases (one each) → logits (B, S_out, S_out).
+
+        With `masks` (B, H, W) (the targets): (logits, text-token alignment loss), for models that have the
+        alignment head (see `forward_with_alignment`)."""
+        if masks is not None:
+            return self.forward_with_alignment(pixel_values, prompts, masks)
         if len(prompts) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images but {len(prompts)} prompts")
         return self.decode(self.encode_images(pixel_values), self.encode_text(prompts))
+
+    def forward_with_alignment(self, pixel_values: torch.Tensor, prompts: Sequence[str],
+                               masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, alignment loss); only the film-decoder built with `text_alignment` has it."""
+        raise ValueError(f"{type(self).__name__} has no text-token alignment head (text_alignment)")
 
     def apply_freezing(self) -> None:
         """Freeze the backbone except its last `config.unfreeze_last` vision layers (and the text tower with

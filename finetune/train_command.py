@@ -102,6 +102,8 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     train.add_argument("--eval-every", type=int, default=None, help="steps between validations and resume points")
     train.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes")
     train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--align-weight", type=float, default=None,
+                       help="add this x the text-token alignment loss (a model with text_alignment, e.g. tiny-pixel)")
     train.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too")
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.csv, loss.png)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -114,7 +116,7 @@ def _train_config(args: argparse.Namespace):
 
     cfg = train_preset(args.preset)
     changes: dict[str, Any] = {}
-    for name in ("steps", "epochs", "batch_size", "lr", "eval_every", "num_workers", "seed"):
+    for name in ("steps", "epochs", "batch_size", "lr", "eval_every", "num_workers", "seed", "align_weight"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value

@@ -158,6 +158,7 @@ class TrainConfig:
     warmup_fraction: float = 0.0  # share of the total steps with linear warm-up
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     dice_weight: float = 0.0  # 0: plain BCE-with-logits
+    align_weight: float = 0.0  # >0: add this x the text-token alignment loss (needs a model with text_alignment)
     batch_size: int = 32
     steps: int = 0  # optimizer steps; 0: use epochs
     epochs: int = 1
@@ -538,6 +539,8 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
     Returns:
         TrainResult. The model ends in eval mode holding the LAST step's weights.
     """
+    if cfg.align_weight and not getattr(model.config, "text_alignment", False):
+        raise ClipsegError("align_weight needs a model built with text_alignment (the film-decoder's alignment head)")
     started = time.time()
     out = Path(out_dir)
     device = torch.device(device)
@@ -581,7 +584,10 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # An alignment head that this run does not train gets no gradient: DDP must be told, or it waits for one.
+        unused = bool(getattr(model.config, "text_alignment", False)) and not cfg.align_weight
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=unused)
 
     csv_path = out / "metrics.csv"
     logger = writer = None
@@ -631,9 +637,15 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
             data = _Augmented(train_data, cfg.hflip, cfg.seed, epoch) if cfg.hflip > 0 else train_data
             loader = make_loader(data, model, cfg.batch_size, indices, cfg.num_workers, seed=cfg.seed + epoch)
             for batch in loader:
+                masks = batch.masks.to(device)
                 with autocast:
-                    logits = ddp_model(batch.pixel_values.to(device, non_blocking=True), batch.phrases)
-                loss = segmentation_loss(logits, batch.masks.to(device), cfg.dice_weight)
+                    if cfg.align_weight:
+                        logits, align = ddp_model(batch.pixel_values.to(device, non_blocking=True), batch.phrases, masks)
+                    else:
+                        logits = ddp_model(batch.pixel_values.to(device, non_blocking=True), batch.phrases)
+                loss = segmentation_loss(logits, masks, cfg.dice_weight)
+                if cfg.align_weight:
+                    loss = loss + cfg.align_weight * align.float()
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip > 0:

@@ -62,7 +62,9 @@ def test_frozen_backbone_gets_no_gradient(model):
     assert backbone and all(p.grad is None for p in backbone)
     assert all(not m.training for m in model.backbone_modules())  # dropout off in the frozen part
     trainable = list(model.trainable_parameters())
-    assert trainable and all(p.grad is not None for p in trainable)
+    # the alignment head (tiny-pixel) only learns from the alignment loss, which this forward does not compute
+    alignment = {id(p) for n, p in model.named_parameters() if n.startswith(("align_head.", "align_logit_scale"))}
+    assert trainable and all(p.grad is not None for p in trainable if id(p) not in alignment)
     assert {id(p) for p in trainable}.isdisjoint({id(p) for p in backbone})
 
 
@@ -215,3 +217,84 @@ def test_train_text_makes_the_text_tower_learn(tiny_model_factory):
     text = [p for m in model.text_modules() for p in m.parameters()]
     assert text and all(p.requires_grad and p.grad is not None for p in text)
     assert all(p.grad is None for p in model.vision.parameters())  # the vision tower stays frozen
+
+
+def test_alignment_loss_matches_a_hand_computation(tiny_model_factory):
+    """Per token: exp(scale) * cos(head(token), phrase) - 5, binary cross-entropy against the share of the token's
+    patch the target covers; CLS ignored; mean over images and tokens."""
+    import math
+
+    import torch.nn.functional as F
+
+    from clipseg_model.film_decoder import ALIGN_BIAS
+
+    model = load_model(tiny_model_factory("tiny-pixel"), "cpu")
+    torch.manual_seed(0)
+    grid, d = 4, model.config.d_model
+    tokens = torch.randn(2, 1 + grid * grid, d)
+    text = torch.randn(2, model.align_head.out_features)
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :4, :4] = 1  # patches 0, 1, 4, 5 fully covered
+    masks[1, 0, 0] = 1  # a quarter of patch 0
+    loss = model.alignment_loss(tokens, text, masks)
+
+    covered = torch.zeros(2, grid * grid)
+    covered[0, [0, 1, 4, 5]] = 1
+    covered[1, 0] = 0.25
+    scale = 1 / 0.07
+    total = 0.0
+    with torch.no_grad():
+        for b in range(2):
+            t = F.normalize(text[b], dim=0)
+            for n in range(grid * grid):
+                z = scale * float(F.normalize(model.align_head(tokens[b, 1 + n]), dim=0) @ t) + ALIGN_BIAS
+                y = float(covered[b, n])
+                p = 1 / (1 + math.exp(-z))
+                total -= y * math.log(p) + (1 - y) * math.log(1 - p)
+    assert ALIGN_BIAS == -5.0
+    assert float(loss.detach()) == pytest.approx(total / (2 * grid * grid), rel=1e-5)
+    tokens[:, 0] += 100.0  # the CLS token plays no part
+    assert float(model.alignment_loss(tokens, text, masks).detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
+def test_alignment_loss_trains_image_tokens_towards_their_phrases(tiny_model_factory):
+    """A few optimiser steps on the alignment loss alone halve it: the gradient reaches the image tokens (vision
+    embeddings, pixel tokens), the head and the text tower."""
+    model = load_model(tiny_model_factory("tiny-pixel"), "cpu")
+    model.config = model.config.replace(train_embeddings=True, train_text=True)
+    model.apply_freezing()
+    model.train()
+    torch.manual_seed(0)
+    pixels = torch.randn(4, 3, 64, 64)
+    masks = torch.zeros(4, 64, 64)
+    masks[:, 8:40, 8:40] = 1
+    phrases = ["the star", "the circle", "the star", "the circle"]
+    params = list(model.trainable_parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    first = None
+    for _ in range(30):
+        logits, loss = model(pixels, phrases, masks)
+        assert logits.shape == (4, 64, 64)
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        for name, param in (("pixel tokens", model.pixel_branch.to_tokens[1].weight),
+                            ("vision embeddings", model.vision.embeddings.patch_embedding.weight),
+                            ("text tower", model.clip.text_projection.weight)):
+            if param.grad is None or not param.grad.abs().sum() > 0:
+                pytest.fail(f"no gradient reached the {name}")
+        opt.step()
+    assert float(loss) < 0.5 * first
+
+
+def test_alignment_needs_the_head():
+    with pytest.raises(ValueError, match="text_alignment needs the film-decoder"):
+        ModelConfig(architecture="clipseg-rd64", text_alignment=True)
+
+
+@pytest.mark.parametrize("preset", ["tiny-improved", "tiny-clipseg"])
+def test_models_without_the_alignment_head_refuse_masks(tiny_model_factory, preset):
+    model = load_model(tiny_model_factory(preset), "cpu")
+    s = model.config.image_size
+    with pytest.raises(ValueError, match="no text-token alignment head"):
+        model(torch.randn(1, 3, s, s), ["a"], torch.ones(1, s, s))

@@ -254,3 +254,47 @@ def test_train_embeddings_trains_patch_and_position_embeddings(tiny_model_factor
     for ours, theirs in zip(embeddings, (p for m in reloaded.embedding_modules() for p in m.parameters())):
         assert torch.equal(ours, theirs)
 
+
+
+def test_alignment_weight_trains_the_alignment_head(tiny_model_factory, tmp_path):
+    """`align_weight` adds the text-token alignment loss: the head learns, the total loss falls; a model
+    without the head is refused before any step."""
+    from clipseg_model.errors import ClipsegError
+
+    model = load_model(tiny_model_factory("tiny-pixel"), "cpu")
+    head_before = model.align_head.weight.detach().clone()
+    data = _samples(4)
+    cfg = TrainConfig(optimizer="adam", lr=3e-3, batch_size=4, steps=25, dice_weight=1.0, align_weight=1.0,
+                      log_every=5)
+    losses = [loss for _, loss in train(model, data, None, cfg, tmp_path / "run", progress=False).loss_history]
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+    assert not torch.equal(head_before, model.align_head.weight)
+    # the total is segmentation + alignment: above the segmentation loss alone on the same batch
+    batch = collate([data[i] for i in range(4)], model)
+    with torch.no_grad():
+        logits, align = model(batch.pixel_values, batch.phrases, batch.masks)
+    assert float(align) > 0
+    plain = load_model(tiny_model_factory("tiny-improved"), "cpu")
+    with pytest.raises(ClipsegError, match="align_weight needs a model built with text_alignment"):
+        train(plain, data, None, cfg, tmp_path / "plain", progress=False)
+    assert not (tmp_path / "plain").exists()
+
+
+@pytest.mark.parametrize("align", ["0", "1"])
+def test_torchrun_trains_with_two_processes_on_cpu(tmp_path, align):
+    """`torchrun --nproc_per_node 2 -m backend.cli train ...` (gloo on the CPU): both ranks step in lockstep, rank 0
+    writes one run. With an alignment head that the run does not train (align 0), DDP must be told that some
+    parameters get no gradient, or its second step fails."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + int(align)),
+         "-m", "backend.cli", "train", "--model-preset", "tiny-pixel", "--init-random", "--data", "shapes",
+         "--max-samples", "16", "--max-val-samples", "4", "--steps", "4", "--batch-size", "2", "--device", "cpu",
+         "--align-weight", align, "--out", "run", "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    at_4 = [row.split(",") for row in rows if row.startswith("4,")]
+    # step 4 logged once (by rank 0 only): one loss row and one validation row
+    assert sum(bool(r[1]) for r in at_4) == 1 and sum(not r[1] for r in at_4) == 1, rows
+    assert load_model(tmp_path / "run" / "last", "cpu").config.text_alignment
