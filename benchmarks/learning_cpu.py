@@ -2,7 +2,9 @@
 
 Everything is random-initialised and trained: vision tower (patch/position embeddings included, `train_embeddings`),
 text tower (`train_text`) and decoder. The model is `small-film` at 64 px (8 x 8 patch grid) with decoder dropout
-off and the film-decoder's pixel branch on (`pixel_channels` 16, `pixel_tokens`); phrases are tokenised by a
+off, the film-decoder's pixel branch on (`pixel_channels` 16, `pixel_tokens`) and its text-token alignment head
+trained alongside the masks (`text_alignment`, `--align-weight 3`: every image token is pulled towards its
+phrase's embedding where the target covers it and away elsewhere); phrases are tokenised by a
 word-level CLIP-compatible BPE vocabulary built from the shapes vocabulary (each word one token). The held-out set is
 generated with the same `ShapesConfig` as the training stream and a different seed (training 1000 + seed, held-out
 2000 + seed), so no held-out scene was seen in training. Training over-samples the hardest phrase kind: half of the
@@ -13,8 +15,8 @@ result.
     .venv/bin/python benchmarks/learning_cpu.py            # the measured configuration (README.md, "CPU learning benchmark")
     .venv/bin/python benchmarks/learning_cpu.py --steps 300 --eval-every 100   # a quick look
 
-Target: held-out mIoU >= 0.85 in under 10 minutes on 2 CPU cores. --steps is sized for that budget on this project's
-2-vCPU machine (about 0.17 s per step of 32 with 2 threads).
+Target: held-out mIoU >= 0.85 in under 10 minutes on 2 CPU cores. --steps leaves room in that budget on this
+project's 2-vCPU machines (0.13-0.19 s per step of 32 with 2 threads, by CPU).
 """
 from __future__ import annotations
 
@@ -88,14 +90,15 @@ def shapes_words() -> list[str]:
 
 
 def bench_preset(image_size: int, hidden: int, d_model: int, train_embeddings: bool, dropout: float,
-                 pixel_channels: int = 0, pixel_tokens: bool = False) -> Preset:
+                 pixel_channels: int = 0, pixel_tokens: bool = False, text_alignment: bool = False) -> Preset:
     """The benchmark model: `small-film` at `image_size` px with the given widths, decoder dropout, embeddings
     training and pixel branch (image_size 96, widths 64, dropout 0.1, no train_embeddings and no pixel branch
     reproduce `small-film` itself)."""
     base = PRESETS["small-film"]
     config = base.config.replace(image_size=image_size, output_size=image_size, d_model=d_model,
                                  train_embeddings=train_embeddings, dropout=dropout,
-                                 pixel_channels=pixel_channels, pixel_tokens=pixel_tokens)  # checks d_model
+                                 pixel_channels=pixel_channels, pixel_tokens=pixel_tokens,
+                                 text_alignment=text_alignment)  # checks d_model
     backbone = dataclasses.replace(base.backbone, image=image_size, hidden=hidden, projection=hidden)
     return Preset(config, f"{base.description}; benchmark variant at {image_size} px", backbone)
 
@@ -129,7 +132,7 @@ def breakdown(evaluation, val_data: ShapesDataset) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3300)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=float, default=0.03, help="warm-up share of the steps")
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pixel-channels", type=int, default=16, help="width of the full-resolution pixel branch (0: off)")
     parser.add_argument("--pixel-tokens", action=argparse.BooleanOptionalAction, default=True,
                         help="the pixel branch also adds strided-conv features to the decoder's image tokens")
+    parser.add_argument("--align-weight", type=float, default=3.0,
+                        help="weight of the text-token alignment loss (0: off; >0 also builds the alignment head)")
     parser.add_argument("--kinds", default="color_shape,color,shape",
                         help=f"phrase kinds, comma-separated (of {','.join(KINDS)})")
     parser.add_argument("--boost-kind", default="shape", help="a phrase kind to over-sample in TRAINING (held-out unchanged)")
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-samples", type=int, default=200_000, help="length of the generated training stream")
     parser.add_argument("--val-samples", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=1100, help="validate on 200 held-out samples every N steps")
+    parser.add_argument("--eval-every", type=int, default=500, help="validate on 200 held-out samples every N steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     preset = bench_preset(args.image_size, args.hidden, args.d_model, args.train_embeddings, args.dropout,
-                          args.pixel_channels, args.pixel_tokens)
+                          args.pixel_channels, args.pixel_tokens, args.align_weight > 0)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     if args.boost_kind and (args.boost_kind not in kinds or not 0 <= args.boost_share < 1):
         parser.error(f"--boost-kind must be one of --kinds ({', '.join(kinds)}) and --boost-share in [0, 1)")
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     val_data = ShapesDataset(args.val_samples, seed=2000 + args.seed, config=shapes)
     cfg = TRAIN_PRESETS["improved"].replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps,
                                             warmup_fraction=args.warmup, dice_weight=args.dice_weight,
-                                            eval_every=args.eval_every, log_every=25, max_eval_samples=200,
+                                            eval_every=args.eval_every, align_weight=args.align_weight, log_every=25, max_eval_samples=200,
                                             seed=args.seed)
     tokenizer = word_level_tokenizer(shapes_words()) if args.tokenizer == "word" else build_tokenizer(None)[0]
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="learning-cpu-"))
