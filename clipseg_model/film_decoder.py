@@ -230,8 +230,6 @@ class FilmDecoderModel(SegmentationModel):
         (logits (B, S_out, S_out), alignment loss scalar)."""
         if self.align_head is None:
             return super().forward_with_alignment(pixel_values, prompts, masks)  # raises: no head
-        if len(prompts) != pixel_values.shape[0]:
-            raise ValueError(f"{pixel_values.shape[0]} images but {len(prompts)} prompts")
         text = self.encode_text(prompts)
         x, stem = self.image_tokens(self.encode_images(pixel_values))
         return self.decode_tokens(x, stem, text), self.alignment_loss(x, text, masks.to(x.device))

@@ -121,15 +121,16 @@ class SegmentationModel(nn.Module):
 
         With `masks` (B, H, W) (the targets): (logits, text-token alignment loss), for models that have the
         alignment head (see `forward_with_alignment`)."""
-        if masks is not None:
-            return self.forward_with_alignment(pixel_values, prompts, masks)
         if len(prompts) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images but {len(prompts)} prompts")
+        if masks is not None:
+            return self.forward_with_alignment(pixel_values, prompts, masks)
         return self.decode(self.encode_images(pixel_values), self.encode_text(prompts))
 
     def forward_with_alignment(self, pixel_values: torch.Tensor, prompts: Sequence[str],
                                masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, alignment loss); only the film-decoder built with `text_alignment` has it."""
+        """`forward` with masks (prompts already checked against images): (logits, alignment loss); only the
+        film-decoder built with `text_alignment` has it."""
         raise ValueError(f"{type(self).__name__} has no text-token alignment head (text_alignment)")
 
     def apply_freezing(self) -> None:

@@ -539,7 +539,7 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
     Returns:
         TrainResult. The model ends in eval mode holding the LAST step's weights.
     """
-    if cfg.align_weight and not getattr(model.config, "text_alignment", False):
+    if cfg.align_weight and not model.config.text_alignment:
         raise ClipsegError("align_weight needs a model built with text_alignment (the film-decoder's alignment head)")
     started = time.time()
     out = Path(out_dir)
@@ -585,7 +585,7 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
         from torch.nn.parallel import DistributedDataParallel
 
         # An alignment head that this run does not train gets no gradient: DDP must be told, or it waits for one.
-        unused = bool(getattr(model.config, "text_alignment", False)) and not cfg.align_weight
+        unused = model.config.text_alignment and not cfg.align_weight
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                             find_unused_parameters=unused)
 
