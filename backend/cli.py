@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("finetune.commands", "Redis, queue, workers and versions at a glance"),
     "train": ("finetune.train_command", "train a model (RefCOCO or generated data)"),
     "eval": ("finetune.eval_command", "evaluate a model: Dice, mIoU, oIoU, Prec@X, HTML report"),
-    "bench": ("clipseg_model.bench_command", "inference benchmark against HF CLIPSeg (random full-size weights)"),
+    "bench": ("backend.bench_command", "inference benchmark against HF CLIPSeg (random full-size weights)"),
 }
 # Subcommands that run torch: they flush subnormal floats before torch starts any thread (clipseg_model.numerics).
 TORCH_COMMANDS = frozenset({"model", "predict", "serve", "worker", "finetune", "train", "eval", "bench"})

@@ -12,7 +12,7 @@ import threading
 from typing import Any, Callable, Mapping
 
 from finetune.corrections import CORRECTION_ACTIONS, DELETE_ACTIONS, CorrectionStore, IngestResult
-from finetune.spool import ReplayResult, Spool
+from backend.spool import ReplayResult, Spool
 
 log = logging.getLogger(__name__)
 

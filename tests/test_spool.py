@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from finetune.corrections import CorrectionStore
-from finetune.spool import Spool, accept_event
+from backend.spool import Spool, accept_event
 from tests.fixtures.webhooks import annotation_event, brush_region, deleted_event, scene
 
 DEAD_URL = "redis://127.0.0.1:1/13"  # nothing listens on port 1
