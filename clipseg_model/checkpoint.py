@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clipseg_model.atomic import atomic_directory
 from clipseg_model.config import ModelConfig
 from clipseg_model.errors import CheckpointMismatchError
 from clipseg_model.segmenter_base import SegmentationModel
@@ -51,18 +51,14 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[s
 
 
 def save_checkpoint(model: SegmentationModel, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None,
-                    base_dir: str | os.PathLike | None = None, move_base: bool = False) -> Path:
-    """Write `model`'s trainable weights and config to `out_dir` atomically; refuse to overwrite.
+                    base_dir: str | os.PathLike | None = None, move_base: bool = False, *, replace: bool = False) -> Path:
+    """Write `model`'s trainable weights and config to `out_dir` atomically; refuse to overwrite unless `replace`.
 
     `base_dir`, when given, is copied (moved with `move_base`) to `out_dir/base` and the config points there,
     which makes the directory self-contained.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"checkpoint directory {out_dir} already exists")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, replace=replace) as tmp:
         config = model.config
         if base_dir is not None:
             (shutil.move if move_base else shutil.copytree)(str(base_dir), str(tmp / "base"))
@@ -71,34 +67,7 @@ def save_checkpoint(model: SegmentationModel, out_dir: str | os.PathLike, metada
         state = model.trainable_state_dict()
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"architecture": config.architecture})
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "config": config.to_dict(), "metadata": meta}, indent=2))
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def remove_abandoned_temp_dirs(parent: str | os.PathLike) -> list[Path]:
-    """Delete temp directories that a killed writer left in `parent` (its pid no longer runs on this machine)."""
-    removed = []
-    for tmp in Path(parent).glob(".*.tmp-*-*"):
-        try:
-            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-        except (IndexError, ValueError):
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # still running: its write is in progress
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
-        removed.append(tmp)
-    return removed
 
 
 def load_trainable_weights(model: SegmentationModel, checkpoint_dir: str | os.PathLike) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from clipseg_model.checkpoint import remove_abandoned_temp_dirs, save_checkpoint
+from clipseg_model.atomic import remove_abandoned_temp_dirs
+from clipseg_model.checkpoint import save_checkpoint
 from clipseg_model.image_io import to_display_rgb
 from clipseg_model.loading import load_model, resolve_device
 from clipseg_model.losses import segmentation_loss

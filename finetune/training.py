@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
+from clipseg_model.atomic import atomic_directory
 from clipseg_model.checkpoint import save_checkpoint
 from clipseg_model.errors import ClipsegError
 from clipseg_model.losses import segmentation_loss
@@ -410,28 +410,20 @@ def save_train_state(path: Path, model: SegmentationModel, optimizer: torch.opti
                      scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
                      step: int, cfg: TrainConfig, extra: dict[str, Any]) -> Path:
     """Write everything `train(..., resume=True)` needs to continue exactly, atomically (temp dir + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"))
-    tensors, optim_info = _optimizer_tensors(optimizer)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    info = {
-        "format": STATE_FORMAT, "step": step, "config": cfg.to_dict(), "optimizer": optim_info,
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        **extra,
-    }
-    (tmp / "state.json").write_text(json.dumps(info, indent=2, default=_json_default))
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(path, replace=True) as tmp:
+        save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"))
+        tensors, optim_info = _optimizer_tensors(optimizer)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        info = {
+            "format": STATE_FORMAT, "step": step, "config": cfg.to_dict(), "optimizer": optim_info,
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            **extra,
+        }
+        (tmp / "state.json").write_text(json.dumps(info, indent=2, default=_json_default))
     return path
 
 
@@ -473,17 +465,8 @@ def load_train_state(path: Path, model: SegmentationModel, optimizer: torch.opti
 
 
 def _write_checkpoint(model: SegmentationModel, path: Path, metadata: dict[str, Any]) -> Path:
-    """save_checkpoint refuses to overwrite: write beside, then swap, so a crash never leaves no checkpoint."""
-    new = path.with_name(f".{path.name}.new")
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(new, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    save_checkpoint(model, new, metadata)
-    if path.exists():
-        os.rename(path, old)
-    os.rename(new, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    """Write (or replace) a run's checkpoint directory atomically: a crash never leaves no checkpoint."""
+    return save_checkpoint(model, path, metadata, replace=True)
 
 
 def _tensorboard(out_dir: Path):

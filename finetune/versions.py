@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis import Redis
+
+from clipseg_model.atomic import atomic_directory
 
 STATUSES = ("candidate", "promoted", "rejected", "base")
 
@@ -144,14 +144,12 @@ class VersionRegistry:
         files = self.conn.hgetall(f"{self.ns}:artifact:{version}")
         if not files:
             raise UnknownVersionError(f"version {version!r}: {rec.path} is not on this machine and Redis has no copy")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-{os.getpid()}-", dir=target.parent))
-        for name, data in files.items():
-            (tmp / (name.decode() if isinstance(name, bytes) else name)).write_bytes(data)
         try:
-            os.rename(tmp, target)
-        except OSError:  # another process materialised it first
-            shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_directory(target) as tmp:
+                for name, data in files.items():
+                    (tmp / (name.decode() if isinstance(name, bytes) else name)).write_bytes(data)
+        except FileExistsError:
+            pass  # another process materialised it first
         return str(target)
 
     def rollback(self, version: str) -> VersionRecord:
