@@ -95,7 +95,7 @@ class Settings:
 
 
 def settings_table() -> list[tuple[str, str, str]]:
-    """(variable, default, help) for every setting: the README table and the compose-file test use it."""
+    """(variable, default, help) for every setting: the docs/configuration.md table and the compose-file test use it."""
     rows = []
     for f in fields(Settings):
         default = f.default_factory() if callable(f.default_factory) else f.default

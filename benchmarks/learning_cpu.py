@@ -12,7 +12,7 @@ training stream comes from a second generator (seed 3000 + seed) that only makes
 "the star"); the held-out set keeps the plain mix (a third of each kind). The configuration is printed with the
 result.
 
-    .venv/bin/python benchmarks/learning_cpu.py            # the measured configuration (README.md, "CPU learning benchmark")
+    .venv/bin/python benchmarks/learning_cpu.py            # the measured configuration (docs/training.md, "CPU learning benchmark")
     .venv/bin/python benchmarks/learning_cpu.py --steps 300 --eval-every 100   # a quick look
 
 Target: held-out mIoU >= 0.85 in under 10 minutes on 2 CPU cores. --steps leaves room in that budget on this

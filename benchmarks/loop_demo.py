@@ -8,7 +8,7 @@
 4. Wait for the server to serve the new version (or for the job to reject it) and print mIoU on held-out
    "green" scenes and on held-out scenes of the old colours, before and after.
 
-    .venv/bin/python benchmarks/loop_demo.py            # numbers in README.md, "Demo: learning a new concept"
+    .venv/bin/python benchmarks/loop_demo.py            # numbers in docs/loop.md, "Demo: learning a new concept"
 
 Replay (REPLAY_RATIO=3 by default) draws from the pretraining distribution (REPLAY_SHAPES: the same generator
 options, phrases without "green"), so the job keeps the old colours while it learns the new one; `--replay-ratio 0`

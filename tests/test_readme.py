@@ -1,4 +1,4 @@
-"""The README's promises: CI runs its exact test command, its settings table matches the code."""
+"""The README's promises: CI runs its exact test command, it stays a front door, the settings table matches the code."""
 from __future__ import annotations
 
 import re
@@ -8,6 +8,7 @@ from backend.settings import settings_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 
 
 def _code_blocks() -> list[str]:
@@ -27,4 +28,12 @@ def test_install_command_pins_the_cpu_torch_build():
 
 def test_settings_table_matches_the_code():
     for env, default, _help in settings_table():
-        assert f"| `{env}` | `{default}` |" in README, env
+        assert f"| `{env}` | `{default}` |" in CONFIGURATION, env
+
+
+def test_readme_is_a_front_door_and_its_links_resolve():
+    assert len(README.splitlines()) <= 200
+    links = re.findall(r"\]\((docs/[^)#]+)\)", README)
+    assert "docs/configuration.md" in links and "docs/architecture.md" in links
+    for link in links:
+        assert (ROOT / link).is_file(), link
