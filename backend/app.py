@@ -12,9 +12,9 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.json_provider import OrjsonProvider, loads as json_loads
-from backend.label_config import UnsupportedConfigError
+from backend.labelstudio.config import UnsupportedConfigError
 from backend.metrics import CONTENT_TYPE
-from backend.predictions import BadRequest, parse_predict_request, project_id
+from backend.labelstudio.protocol import BadRequest, parse_predict_request, project_id
 from backend.runtime import BackendRuntime
 from backend.serving_model import ModelNotReady
 from backend.settings import Settings
@@ -117,13 +117,10 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
         if not isinstance(schema, str) or not schema.strip():
             raise BadRequest("'schema' (the labeling config) is required")
         try:
-            config = runtime.label_config(schema)
+            runtime.setup(schema, project_id(body.get("project")), str(body.get("hostname") or ""),
+                          str(body.get("access_token") or ""))
         except UnsupportedConfigError as exc:
             return _error(str(exc), 400)
-        project = project_id(body.get("project"))
-        if project:
-            runtime.configs[project] = config
-        runtime.fetcher.use_setup_credentials(str(body.get("hostname") or ""), str(body.get("access_token") or ""))
         # One budget for both waits: Label Studio gives /setup 3 s in all, and a refusal it can read (503 with a
         # message) beats a read timeout.
         deadline = time.monotonic() + SETUP_WAIT
@@ -140,16 +137,10 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
         body = _json_body()
         tasks, schema, context = parse_predict_request(body)
         project = project_id(body.get("project"))
-        config = None
-        if schema:
-            try:
-                config = runtime.label_config(schema)
-            except UnsupportedConfigError as exc:
-                return _error(str(exc), 400)
-        elif project and project in runtime.configs:
-            config = runtime.configs[project]
-        if config is None:
-            raise BadRequest("no 'label_config' in the request and no /setup seen for this project")
+        try:
+            config = runtime.config_for_predict(schema, project)
+        except UnsupportedConfigError as exc:
+            return _error(str(exc), 400)
         if not runtime.model.wait_ready(PREDICT_WAIT):
             return _error(runtime.model.error or "the model is still loading", 503)
         try:

@@ -11,18 +11,17 @@ import logging
 import threading
 from typing import Any, Callable, Mapping
 
-from finetune.corrections import CORRECTION_ACTIONS, DELETE_ACTIONS, CorrectionStore, IngestResult
+from backend.ingest import CorrectionIngester, ImageLoader, IngestResult
+from backend.labelstudio.webhooks import HANDLED_ACTIONS
 from backend.spool import ReplayResult, Spool
 
 log = logging.getLogger(__name__)
-
-HANDLED_ACTIONS = CORRECTION_ACTIONS | DELETE_ACTIONS
 
 
 class _RecordingStore:
     """Passes events to the real store and remembers which projects got new corrections."""
 
-    def __init__(self, store: CorrectionStore):
+    def __init__(self, store: CorrectionIngester):
         self.store = store
         self.projects: set[str] = set()
 
@@ -38,8 +37,8 @@ class _RecordingStore:
 class CorrectionsInbox:
     """Accepts webhook events and feeds them to the corrections store from a background thread."""
 
-    def __init__(self, spool_dir: str, store_factory: Callable[[], CorrectionStore],
-                 image_loader: Callable[[dict], bytes] | None, on_new_corrections: Callable[[str], None],
+    def __init__(self, spool_dir: str, store_factory: Callable[[], CorrectionIngester],
+                 image_loader: ImageLoader | None, on_new_corrections: Callable[[str], None],
                  retry_interval: float = 2.0):
         self.spool = Spool(spool_dir)
         self.store_factory = store_factory

@@ -40,6 +40,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection as _u3_connection
 
+from backend.labelstudio.image_refs import reference_kind
 from backend.settings import Settings
 from clipseg_model.caches import LRUCache
 from clipseg_model.image_io import to_display_rgb
@@ -48,9 +49,7 @@ logger = logging.getLogger(__name__)
 
 Resolver = Callable[[str, int], list[str]]
 
-CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 _REDIRECTS = {301, 302, 303, 307, 308}
-_LS_PATH_PREFIXES = ("/data/", "/storage-data/")
 _TOKEN_REFRESH_MARGIN_S = 30.0  # renew the access token this long before its `exp`
 _ACCESS_TOKEN_FALLBACK_TTL_S = 240.0  # Label Studio access tokens live 5 min; used when `exp` is unreadable
 
@@ -318,8 +317,8 @@ class ImageFetcher:
 
     def resolve(self, ref: str, task_id: int | str | None = None) -> tuple[str, str]:
         """(absolute URL to download, cache key) for a non-data reference; raises ImageFetchError(400/403)."""
-        scheme = urlsplit(ref).scheme.lower()
-        if scheme in CLOUD_SCHEMES or ref.startswith(tuple(s + ":" for s in CLOUD_SCHEMES)):
+        kind = reference_kind(ref)
+        if kind == "cloud":
             if task_id is None or str(task_id).strip() == "":
                 raise ImageFetchError(f"cloud storage URI {redact(ref)} needs the task id for presigning", 400)
             if not str(task_id).isdigit():
@@ -328,17 +327,18 @@ class ImageFetcher:
             fileuri = base64.urlsafe_b64encode(ref.encode()).decode()
             # Keyed by the cloud URI: the presigned URL changes per call, the object does not.
             return f"{base}/tasks/{task_id}/presign/?fileuri={fileuri}", ref
-        if scheme in ("http", "https"):
+        if kind == "http":
             self._check_path(urlsplit(ref).path, ref)
             return ref, ref
+        scheme = urlsplit(ref).scheme.lower()
         if scheme:
             raise ImageFetchError(f"unsupported URL scheme {scheme!r} in {redact(ref)}", 403 if scheme == "file" else 400)
+        if kind != "label_studio":
+            raise ImageFetchError(f"{redact(ref)} is not a Label Studio media path (/data/... or /storage-data/...)", 400)
         # A Label Studio-relative path. `upload/...` is how older exports store uploads.
         path = ref if ref.startswith("/") else "/" + ref
         if path.startswith("/upload/"):
             path = "/data" + path
-        if not path.startswith(_LS_PATH_PREFIXES):
-            raise ImageFetchError(f"{redact(ref)} is not a Label Studio media path (/data/... or /storage-data/...)", 400)
         self._check_path(urlsplit(path).path, ref)
         local = parse_qs(urlsplit(path).query).get("d")
         if local is not None:

@@ -12,18 +12,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from backend.images import FetchedImage, ImageFetchError, ImageFetcher
-from backend.label_config import LabelConfig, PromptRequest
+from backend.labelstudio.config import LabelConfig
+from backend.labelstudio.image_refs import task_image_ref
+from backend.labelstudio.prompts import PromptRequest
+from backend.labelstudio.protocol import prediction_json
 from backend.metrics import BackendMetrics
-from backend.results import mask_to_results
+from backend.labelstudio.results import mask_to_results
 from clipseg_model.predictor import MaskPrediction, Segmenter
 
 log = logging.getLogger(__name__)
 
 IMAGES_PER_PASS = 8  # images decoded and segmented together; bounds memory for big requests
-
-
-class BadRequest(ValueError):
-    """The request itself is malformed (answered with 400 and this message)."""
 
 
 @dataclass
@@ -34,36 +33,7 @@ class TaskAnswer:
     predictions: list[tuple[PromptRequest, MaskPrediction]] | None = None
 
     def to_json(self, version: str) -> dict[str, Any]:
-        return {"result": self.result, "score": self.score, "model_version": version}
-
-
-def project_id(value: Any) -> str | None:
-    """Label Studio sends `project` as "<id>.<timestamp>" (or an int); the id part."""
-    if value is None or value == "":
-        return None
-    return str(value).split(".", 1)[0]
-
-
-def parse_predict_request(body: Any) -> tuple[list[Mapping[str, Any]], str | None, Mapping[str, Any] | None]:
-    """(tasks, label_config, context) of a /predict body, validated; raises BadRequest."""
-    if not isinstance(body, Mapping):
-        raise BadRequest("the request body must be a JSON object")
-    tasks = body.get("tasks")
-    if not isinstance(tasks, list):
-        raise BadRequest("'tasks' must be a list of tasks")
-    for i, task in enumerate(tasks):
-        if not isinstance(task, Mapping) or not isinstance(task.get("data", {}), Mapping):
-            raise BadRequest(f"task {i} must be an object with a 'data' object")
-    config = body.get("label_config")
-    if config is not None and not isinstance(config, str):
-        raise BadRequest("'label_config' must be a string")
-    params = body.get("params") or {}
-    if not isinstance(params, Mapping):
-        raise BadRequest("'params' must be an object")
-    context = params.get("context")
-    if context is not None and not isinstance(context, Mapping):
-        raise BadRequest("'params.context' must be an object")
-    return tasks, config, context
+        return prediction_json(self.result, self.score, version)
 
 
 class PredictService:
@@ -81,7 +51,7 @@ class PredictService:
         self._encoders = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="region-encode")
 
     def _fetch(self, config: LabelConfig, task: Mapping[str, Any]) -> FetchedImage | ImageFetchError:
-        ref = config.image_ref(task)
+        ref = task_image_ref(task, config)
         if ref is None:
             return ImageFetchError(f"task has no '{config.image_key}' field", 400)
         try:

@@ -1,5 +1,6 @@
 """Everything a server process holds, built once from `Settings`: Redis, the served model, the image fetcher, the
-predict service, the corrections inbox and the metrics. Routes (backend.app) only talk to this object."""
+labeling configs, the predict service, the prediction recorder, the corrections inbox and the metrics. Routes
+(backend.app) only talk to this object and its verbs (`setup`, `config_for_predict`, `start_training`)."""
 from __future__ import annotations
 
 import logging
@@ -8,9 +9,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from backend.images import ImageFetcher
-from backend.label_config import LabelConfig
+from backend.labelstudio.config import LabelConfig, LabelConfigs
 from backend.metrics import BackendMetrics, gauge
-from backend.predictions import PredictService, project_id
+from backend.prediction_log import PredictionRecord, PredictionRecorder
+from backend.labelstudio.protocol import BadRequest
+from backend.predictions import PredictService
 from backend.serving_model import ServingModel
 from backend.settings import Settings
 
@@ -22,17 +25,18 @@ class BackendRuntime:
         self.settings = settings
         self.metrics = BackendMetrics()
         self.fetcher = ImageFetcher.from_settings(settings)
-        self.configs: dict[str, LabelConfig] = {}  # project id -> parsed config from /setup
-        self._config_cache: dict[str, LabelConfig] = {}
+        self.configs = LabelConfigs(settings)
         self.model = ServingModel(settings.model, settings.device, settings.threshold, settings.bf16,
                                   registry_factory=self.registry if settings.redis_url else None,
                                   models_dir=str(Path(settings.data_dir) / "models"))
-        self.predict_service = PredictService(self.fetcher, self.metrics, on_prediction=self._record_prediction)
+        self.recorder = PredictionRecorder(self.store) if settings.redis_url else None
+        self.predict_service = PredictService(self.fetcher, self.metrics,
+                                              on_prediction=self._record_prediction if self.recorder else None)
         self.inbox = None
         if settings.redis_url:
             from backend.corrections_inbox import CorrectionsInbox
 
-            self.inbox = CorrectionsInbox(str(Path(settings.data_dir) / "spool"), self.store, self._load_task_image,
+            self.inbox = CorrectionsInbox(str(Path(settings.data_dir) / "spool"), self.ingester, self.fetcher.fetch_bytes,
                                           self._corrections_arrived)
         self.metrics.add_collector(self._collect)
 
@@ -52,7 +56,12 @@ class BackendRuntime:
     def store(self):
         from finetune.corrections import CorrectionStore
 
-        return CorrectionStore.from_settings(self.redis, self.settings)
+        return CorrectionStore(self.redis)
+
+    def ingester(self):
+        from backend.ingest import CorrectionIngester
+
+        return CorrectionIngester(self.store(), self.configs, self.fetcher.fetch_bytes)
 
     def trigger(self, project: str, reason: str):
         from finetune.triggers import maybe_enqueue_finetune
@@ -65,34 +74,31 @@ class BackendRuntime:
         if result.enqueued:
             log.info("fine-tune %s queued for project %s (%d new corrections)", result.job_id, project, result.new_corrections)
 
-    def _load_task_image(self, task: dict) -> bytes:
-        """Image bytes of a webhook's task (the corrections store keeps them by content hash)."""
-        data = task.get("data") or {}
-        config = self.configs.get(project_id(task.get("project")) or "")
-        ref = config.image_ref(task) if config else None
-        if ref is None:  # no /setup seen for this project: the first string value that looks like an image ref
-            ref = next((v for v in data.values() if isinstance(v, str) and (v.startswith(("/data/", "http", "data:image", "s3://", "gs://", "azure")))), None)
-        if ref is None:
-            raise ValueError(f"task {task.get('id')} has no image reference")
-        return self.fetcher.fetch_bytes(ref, task.get("id"))
-
     def _record_prediction(self, project: str | None, task: Mapping[str, Any], pairs: Sequence, version: str) -> None:
-        if not self.settings.redis_url or project is None or task.get("id") is None:
+        """Hand our masks to the recorder (written to Redis in the background, off the request path)."""
+        if self.recorder is None or project is None or task.get("id") is None:
             return
-        store = self.store()
-        for request, pred in pairs:
-            store.record_prediction(project, int(task["id"]), request.label, pred.mask, version, pred.score)
+        self.recorder.submit([PredictionRecord(project, int(task["id"]), request.label, request.text, pred.mask,
+                                               pred.score, version) for request, pred in pairs])
 
-    # ---- labeling configs --------------------------------------------------------------------------------
-    def label_config(self, config: str) -> LabelConfig:
-        """Parse (cached) a labeling config; raises UnsupportedConfigError."""
-        parsed = self._config_cache.get(config)
-        if parsed is None:
-            parsed = LabelConfig.from_settings(config, self.settings)
-            if len(self._config_cache) > 256:
-                self._config_cache.clear()
-            self._config_cache[config] = parsed
-        return parsed
+    # ---- verbs of the routes -------------------------------------------------------------------------------
+    def setup(self, schema: str, project: str | None, hostname: str, access_token: str) -> LabelConfig:
+        """/setup: parse and remember the project's config, take Label Studio's URL and token for downloads.
+        Raises UnsupportedConfigError."""
+        config = self.configs.parse(schema)
+        self.configs.remember(project, config)
+        self.fetcher.use_setup_credentials(hostname, access_token)
+        return config
+
+    def config_for_predict(self, schema: str | None, project: str | None) -> LabelConfig:
+        """/predict's config: the request's `label_config`, else the project's from /setup. Raises
+        UnsupportedConfigError, or BadRequest when neither is there."""
+        config = self.configs.for_project(project, None) if not schema else self.configs.parse(schema)
+        if config is None:
+            raise BadRequest("no 'label_config' in the request and no /setup seen for this project")
+        if schema:
+            self.configs.remember(project, config)
+        return config
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -104,6 +110,8 @@ class BackendRuntime:
         self.model.stop()
         if self.inbox is not None:
             self.inbox.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
 
     # ---- scrape-time metrics -----------------------------------------------------------------------------
     def _collect(self):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:
-    from finetune.corrections import CorrectionStore, ImageLoader
+    from backend.ingest import CorrectionIngester, ImageLoader
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ def _tag_loader_errors(loader: "ImageLoader | None") -> "ImageLoader | None":
     if loader is None:
         return None
 
-    def load(task: dict) -> bytes:
+    def load(*args: Any) -> bytes:
         try:
-            return loader(task)
+            return loader(*args)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise  # the task names no usable image (or its data is not an object): permanent
         except Exception as exc:  # noqa: BLE001 - sorted by the fetch status below
@@ -134,7 +134,7 @@ class Spool:
 
     def replay(
         self,
-        store: "CorrectionStore",
+        store: "CorrectionIngester",
         image_loader: "ImageLoader | None" = None,
         *,
         deadline_s: float | None = None,
@@ -182,7 +182,7 @@ class Spool:
 
 def accept_event(
     payload: Mapping[str, Any],
-    store_factory: Callable[[], "CorrectionStore"],
+    store_factory: Callable[[], "CorrectionIngester"],
     spool: Spool,
     image_loader: "ImageLoader | None" = None,
     *,
@@ -194,9 +194,9 @@ def accept_event(
     spooled, they are replayed first (for at most `replay_budget_s`); if some remain, this one is spooled after them.
     Errors other than Redis being unreachable (a malformed payload, the image loader failing) propagate.
     """
-    from finetune.corrections import CORRECTION_ACTIONS, DELETE_ACTIONS
+    from backend.labelstudio.webhooks import HANDLED_ACTIONS
 
-    if payload.get("action") not in CORRECTION_ACTIONS | DELETE_ACTIONS:
+    if payload.get("action") not in HANDLED_ACTIONS:
         return "ignored"
     if spool.pending():
         try:

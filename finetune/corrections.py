@@ -1,7 +1,8 @@
-"""Corrections store: annotators' final masks from Label Studio webhooks, kept in Redis for fine-tuning.
+"""Corrections store: annotators' final masks, kept in Redis for fine-tuning.
 
-A *correction* is one Label Studio annotation (one submit/update by an annotator); it yields one *sample* per
-region: (prompt, mask, image). Samples are keyed by project, task and annotation, so a repeated or updated event
+A *correction* is one annotation (one submit/update by an annotator); it yields one *sample* per region: (prompt,
+mask, image). The store is handed plain regions (`Region`: prompt, label, mask) by `backend.ingest`, which reads
+Label Studio's webhooks; it knows nothing of Label Studio's formats. Samples are keyed by project, task and annotation, so a repeated or updated event
 replaces the annotation's samples instead of adding more; every write is one Lua script (atomic).
 
 Why image bytes by content hash rather than re-fetching from Label Studio by task id: the fine-tune worker may run
@@ -14,8 +15,9 @@ Redis keys (`ns` = namespace, default "clipseg"; `p` project id, `t` task id, `a
 
 | key                          | type   | content                                                                    |
 |------------------------------|--------|----------------------------------------------------------------------------|
-| `ns:corr:ann:{p}:{t}:{a}`    | hash   | `meta` JSON (regions: prompt/label/shape, image sha, times, review pairs),   |
-|                              |        | `seq` (ingest sequence), `m:{i}` mask of region i as PNG bytes (1-bit)      |
+| `ns:corr:ann:{p}:{t}:{a}`    | hash   | `meta` JSON (regions: prompt/label/shape/area/source, image sha, times,    |
+|                              |        | review pairs), `seq` (ingest sequence), `context` (the caller's JSON: task   |
+|                              |        | data and typed texts the prompts came from), `m:{i}` region i's PNG mask    |
 | `ns:corr:idx:{p}`            | zset   | member `{t}:{a}`, score = `seq`: the project's corrections in ingest order  |
 | `ns:corr:seq:{p}`            | string | last `seq` handed out in the project (INCR)                                 |
 | `ns:corr:trained:{p}`        | string | watermark: corrections with `seq` <= this were used by a finished fine-tune |
@@ -23,7 +25,7 @@ Redis keys (`ns` = namespace, default "clipseg"; `p` project id, `t` task id, `a
 | `ns:corr:where`              | hash   | annotation id -> `{p}:{t}` (ANNOTATIONS_DELETED carries only ids)           |
 | `ns:img:{sha256}`            | string | image bytes as downloaded (JPEG/PNG...)                                     |
 | `ns:img:refs`                | hash   | sha256 -> number of annotations using the image                             |
-| `ns:pred:{p}:{t}`            | hash   | our prediction per label: `{label}` -> JSON (version, score, shape, time),  |
+| `ns:pred:{p}:{t}`            | hash   | our prediction per label: `{label}` -> JSON (version, score, shape, prompt),|
 |                              |        | `{label}:mask` -> PNG bytes; expires after `prediction_ttl`                 |
 | `ns:review:{p}`              | hash   | `{version}|n`, `{version}|sum`: IoU of our prediction vs the final mask     |
 
@@ -41,21 +43,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from backend.results import result_to_mask
-from backend.rle import check_mask_size, rle_to_mask
 from finetune import metrics
 
 logger = logging.getLogger(__name__)
 
-ImageLoader = Callable[[dict], bytes]
-
-CORRECTION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED"})
-DELETE_ACTIONS = frozenset({"ANNOTATIONS_DELETED", "TASKS_DELETED", "PROJECT_DELETED"})
 
 # ---------------------------------------------------------------------------------------------------------------
 # Lua scripts: each write is one script, so readers never see half an annotation and counts stay consistent.
@@ -63,7 +58,7 @@ DELETE_ACTIONS = frozenset({"ANNOTATIONS_DELETED", "TASKS_DELETED", "PROJECT_DEL
 _PUT = """
 -- KEYS: 1 ann, 2 idx, 3 seq, 4 projects, 5 where, 6 refs, 7 img(new), 8 review
 -- ARGV: 1 member, 2 project, 3 ann id, 4 where value, 5 sha, 6 image bytes, 7 meta json, 8 img prefix,
---       9 now, 10.. mask bytes
+--       9 now, 10 context json (kept verbatim: cjson would turn its empty lists into objects), 11.. mask bytes
 local new = cjson.decode(ARGV[7])
 local old_raw = redis.call('HGET', KEYS[1], 'meta')
 local old = nil
@@ -95,8 +90,8 @@ end
 if not seq then seq = redis.call('INCR', KEYS[3]) end
 new.created = tonumber(created)
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'meta', cjson.encode(new), 'seq', seq)
-for i = 10, #ARGV do redis.call('HSET', KEYS[1], 'm:' .. (i - 10), ARGV[i]) end
+redis.call('HSET', KEYS[1], 'meta', cjson.encode(new), 'seq', seq, 'context', ARGV[10])
+for i = 11, #ARGV do redis.call('HSET', KEYS[1], 'm:' .. (i - 11), ARGV[i]) end
 for _, r in ipairs(new.review) do
   redis.call('HINCRBY', KEYS[8], r[1] .. '|n', 1)
   redis.call('HINCRBYFLOAT', KEYS[8], r[1] .. '|sum', r[2])
@@ -126,6 +121,19 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[6], ARGV[4]) end
+return 1
+"""
+
+_SET_PROMPTS = """
+-- KEYS: 1 ann ; ARGV: 1 prompts json (one per region, in order). Returns 1, or 0 when the annotation is gone or
+-- its region count changed since it was read.
+local raw = redis.call('HGET', KEYS[1], 'meta')
+if not raw then return 0 end
+local meta = cjson.decode(raw)
+local prompts = cjson.decode(ARGV[1])
+if #prompts ~= #meta.regions then return 0 end
+for i, p in ipairs(prompts) do meta.regions[i].prompt = p end
+redis.call('HSET', KEYS[1], 'meta', cjson.encode(meta))
 return 1
 """
 
@@ -161,14 +169,10 @@ def png_to_mask(data: bytes) -> np.ndarray:
         return np.array(img.convert("L")) > 0
 
 
-def _as_mask(mask: np.ndarray | bytes | Sequence[int], shape: tuple[int, int] | None) -> np.ndarray:
+def _as_mask(mask: np.ndarray | bytes) -> np.ndarray:
     if isinstance(mask, np.ndarray):
         return mask.astype(bool)
-    if isinstance(mask, (bytes, bytearray, memoryview)):
-        return png_to_mask(bytes(mask))
-    if shape is None:
-        raise ValueError("an RLE mask needs shape=(height, width)")
-    return rle_to_mask(mask, *shape)
+    return png_to_mask(bytes(mask))
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -186,12 +190,18 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Region:
-    """One region of an annotation turned into a training target: prompt and (H, W) np.bool_ mask."""
+    """One region of an annotation turned into a training target: prompt and (H, W) np.bool_ mask.
+
+    `source` says where the prompt came from and `key` names the region in its annotation; both are opaque to the
+    store (the caller that resolves prompts uses them to re-resolve stored prompts after a settings change).
+    """
 
     prompt: str
     mask: np.ndarray
     label: str | None = None
-    kind: str = "brushlabels"
+    kind: str = "brush"
+    source: str | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,40 +229,31 @@ class CorrectionSample:
 
 
 @dataclass(frozen=True)
-class IngestResult:
-    """What an event did: status is stored, replaced, deleted, cancelled, empty, stale or ignored."""
+class PutResult:
+    """What `put_annotation` did: status "stored", "replaced" or "stale"; the correction's sequence number; and the
+    review IoU per label (our recorded prediction vs the final mask)."""
 
-    action: str
     status: str
-    project: str | None = None
-    task_id: int | None = None
-    annotation_ids: tuple[int, ...] = ()
-    n_samples: int = 0
+    seq: int
     ious: Mapping[str, float] = field(default_factory=dict)
 
 
-def _parse_time(value: Any) -> float:
-    """Label Studio ISO time (`2026-11-26T18:35:14.123456Z`) or a number -> unix seconds; 0.0 when absent."""
-    if value in (None, ""):
-        return 0.0
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
+@dataclass(frozen=True)
+class StoredAnnotation:
+    """One stored annotation as `CorrectionStore.annotations` lists it (masks not decoded).
 
+    `regions` are dicts with prompt, label, kind, shape [H, W], area (mask pixels), source and key; `context` is
+    what the caller stored with it (e.g. the task data the prompts were resolved from).
+    """
 
-def _project_of(payload: Mapping[str, Any]) -> str | None:
-    project = payload.get("project")
-    if isinstance(project, Mapping):
-        project = project.get("id")
-    if project in (None, ""):
-        ann, task = payload.get("annotation") or {}, payload.get("task") or {}
-        project = ann.get("project") if isinstance(ann, Mapping) else None
-        if project in (None, "") and isinstance(task, Mapping):
-            project = task.get("project")
-    return None if project in (None, "") else str(project)
+    project: str
+    task_id: int
+    annotation_id: int
+    seq: int
+    image_sha256: str
+    updated: float
+    regions: list[dict[str, Any]]
+    context: dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,33 +265,20 @@ class CorrectionStore:
     Args:
         redis_conn: a redis-py client (bytes responses, i.e. decode_responses=False).
         namespace: key prefix.
-        prompt_field: task data field with the phrase (e.g. "expression"), used when no TextArea gives one.
-        label_prompts: label -> phrase used when neither a TextArea nor `prompt_field` gives one.
         prediction_ttl: seconds our recorded predictions are kept.
+
+    The store persists plain regions (prompt, label, mask) it is handed; turning Label Studio's webhooks into
+    regions is `backend.ingest`'s job.
     """
 
-    def __init__(
-        self,
-        redis_conn: Any,
-        namespace: str = "clipseg",
-        *,
-        prompt_field: str = "",
-        label_prompts: Mapping[str, str] | None = None,
-        prediction_ttl: int = 30 * 24 * 3600,
-    ) -> None:
+    def __init__(self, redis_conn: Any, namespace: str = "clipseg", *, prediction_ttl: int = 30 * 24 * 3600) -> None:
         self.conn = redis_conn
         self.ns = namespace
-        self.prompt_field = prompt_field
-        self.label_prompts = dict(label_prompts or {})
         self.prediction_ttl = prediction_ttl
         self._put = redis_conn.register_script(_PUT)
         self._delete = redis_conn.register_script(_DELETE)
         self._mark = redis_conn.register_script(_MARK)
-
-    @classmethod
-    def from_settings(cls, redis_conn: Any, settings: Any, namespace: str = "clipseg") -> "CorrectionStore":
-        """Build a store with `prompt_field` and `label_prompts` from a `backend.settings.Settings`."""
-        return cls(redis_conn, namespace, prompt_field=settings.prompt_field, label_prompts=settings.label_prompts)
+        self._prompts = redis_conn.register_script(_SET_PROMPTS)
 
     # keys ----------------------------------------------------------------------------------------------------
     def _k(self, *parts: Any) -> str:
@@ -303,71 +291,7 @@ class CorrectionStore:
         """Redis key holding the image bytes with this sha256 (hex)."""
         return self._k("img", sha)
 
-    # ingest --------------------------------------------------------------------------------------------------
-    def ingest_event(
-        self,
-        payload: Mapping[str, Any],
-        image_loader: ImageLoader | None = None,
-        *,
-        image_bytes: bytes | None = None,
-    ) -> IngestResult:
-        """Apply one Label Studio webhook payload.
-
-        ANNOTATION_CREATED/UPDATED store (or replace) the annotation's samples; the image comes from
-        `image_bytes` if given, else `image_loader(task_dict)`. Cancelled or region-less annotations remove what
-        was stored. ANNOTATIONS_DELETED / TASKS_DELETED / PROJECT_DELETED remove samples. Other actions are ignored.
-        Raises redis.exceptions.ConnectionError when Redis is unreachable (the spool catches it).
-        """
-        action = str(payload.get("action") or "")
-        if action in CORRECTION_ACTIONS:
-            return self._ingest_annotation(action, payload, image_loader, image_bytes)
-        if action == "ANNOTATIONS_DELETED":
-            ids = [int(a["id"]) for a in payload.get("annotations") or [] if isinstance(a, Mapping) and "id" in a]
-            gone = [i for i in ids if self.delete_annotation(i)]
-            return IngestResult(action, "deleted", _project_of(payload), None, tuple(gone))
-        if action == "TASKS_DELETED":
-            gone = []
-            for t in payload.get("tasks") or []:
-                gone += self.delete_task(int(t["id"]), project=_project_of(payload))
-            return IngestResult(action, "deleted", _project_of(payload), None, tuple(gone))
-        if action == "PROJECT_DELETED":
-            project = _project_of(payload)
-            gone = self.delete_project(project) if project else []
-            return IngestResult(action, "deleted", project, None, tuple(gone))
-        return IngestResult(action, "ignored", _project_of(payload))
-
-    def _ingest_annotation(
-        self,
-        action: str,
-        payload: Mapping[str, Any],
-        image_loader: ImageLoader | None,
-        image_bytes: bytes | None,
-    ) -> IngestResult:
-        ann = payload.get("annotation") or {}
-        task = dict(payload.get("task") or {})
-        project = _project_of(payload)
-        task_id = ann.get("task")
-        task_id = int(task_id["id"] if isinstance(task_id, Mapping) else (task_id if task_id is not None else task["id"]))
-        ann_id = int(ann["id"])
-        if project is None:
-            raise ValueError(f"{action} for annotation {ann_id} names no project")
-        if ann.get("was_cancelled"):
-            self.delete_annotation(ann_id, project=project, task_id=task_id)
-            return IngestResult(action, "cancelled", project, task_id, (ann_id,))
-        regions = self.regions_from_result(ann.get("result") or [], task.get("data") or {})
-        if not regions:
-            self.delete_annotation(ann_id, project=project, task_id=task_id)
-            return IngestResult(action, "empty", project, task_id, (ann_id,))
-        if image_bytes is None:
-            if image_loader is None:
-                raise ValueError("no image: pass image_bytes or an image_loader")
-            image_bytes = image_loader(task)
-        updated = _parse_time(ann.get("updated_at")) or _parse_time(ann.get("created_at"))
-        return self.put_annotation(
-            project, task_id, ann_id, regions, image_bytes,
-            updated=updated, parent_prediction=ann.get("parent_prediction"), action=action,
-        )
-
+    # write -------------------------------------------------------------------------------------------------
     def put_annotation(
         self,
         project: int | str,
@@ -378,12 +302,13 @@ class CorrectionStore:
         *,
         updated: float = 0.0,
         parent_prediction: int | None = None,
-        action: str = "put",
-    ) -> IngestResult:
+        context: Mapping[str, Any] | None = None,
+    ) -> PutResult:
         """Store (or replace) one annotation's regions with its image bytes; atomic.
 
         `updated` (unix seconds, the annotation's updated_at) orders versions: an older version than the stored one
-        is dropped ("stale"); the same version again keeps its sequence number (not counted as new).
+        is dropped ("stale"); the same version again keeps its sequence number (not counted as new). `context` is
+        kept with the annotation as given (JSON-serialisable), e.g. what the prompts were resolved from.
         """
         project = str(project)
         sha = hashlib.sha256(image_bytes).hexdigest()
@@ -398,7 +323,8 @@ class CorrectionStore:
             "created": 0,
             "parent_prediction": parent_prediction,
             "regions": [
-                {"prompt": r.prompt, "label": r.label, "kind": r.kind, "shape": list(r.mask.shape)} for r in regions
+                {"prompt": r.prompt, "label": r.label, "kind": r.kind, "shape": list(r.mask.shape),
+                 "area": int(np.count_nonzero(r.mask)), "source": r.source, "key": r.key} for r in regions
             ],
             # [[version, iou, label]]: one pair per label with a recorded prediction
             "review": [[v, iou, label] for label, (v, iou) in review.items()],
@@ -417,73 +343,21 @@ class CorrectionStore:
                 self._k("review", project),
             ],
             args=[member, project, annotation_id, f"{project}:{task_id}", sha, image_bytes,
-                  json.dumps(meta), self._k("img", ""), round(time.time(), 3), *masks],
+                  json.dumps(meta), self._k("img", ""), round(time.time(), 3), json.dumps(dict(context or {})), *masks],
         )
         status = status.decode() if isinstance(status, bytes) else status
         logger.info(
             "correction %s", status,
             extra={"project": project, "task": task_id, "annotation": annotation_id, "samples": len(regions), "seq": seq},
         )
-        return IngestResult(action, status, project, int(task_id), (int(annotation_id),), len(regions),
-                            {label: iou for label, (_, iou) in review.items()})
+        return PutResult(status, int(seq), {label: iou for label, (_, iou) in review.items()})
 
-    def regions_from_result(self, result: Iterable[Mapping[str, Any]], task_data: Mapping[str, Any]) -> list[Region]:
-        """Turn an annotation's `result` list into regions (brush RLE decoded, polygons rasterised).
+    def set_prompts(self, project: int | str, task_id: int, annotation_id: int, prompts: Sequence[str]) -> bool:
+        """Replace the prompts of a stored annotation's regions (one per region, in order); atomic.
 
-        Prompt of a region: a TextArea with the region's id (per-region), else an annotation-level TextArea,
-        else `task_data[prompt_field]`, else `label_prompts.get(label, label)`. Regions with no prompt are skipped.
+        Returns False when the annotation is gone or its number of regions differs (it was replaced meanwhile).
         """
-        result = list(result)
-        shape_ids = {r.get("id") for r in result if r.get("type") in {"brushlabels", "brush", "polygonlabels", "polygon"}}
-        per_region: dict[Any, str] = {}
-        whole = ""
-        for r in result:
-            if r.get("type") != "textarea":
-                continue
-            text = " ".join(t.strip() for t in (r.get("value") or {}).get("text") or [] if t and t.strip())
-            if not text:
-                continue
-            if r.get("id") in shape_ids:
-                per_region[r.get("id")] = text
-            elif not whole:
-                whole = text
-        field_prompt = ""
-        if self.prompt_field and isinstance(task_data.get(self.prompt_field), str):
-            field_prompt = task_data[self.prompt_field].strip()
-
-        regions = []
-        for r in result:
-            kind = r.get("type")
-            value = r.get("value") or {}
-            try:
-                h, w = int(r["original_height"]), int(r["original_width"])
-            except (KeyError, TypeError, ValueError):
-                if kind in {"brushlabels", "brush", "polygonlabels", "polygon"}:
-                    logger.warning("region %s without original size skipped", r.get("id"))
-                continue
-            if kind in {"brushlabels", "brush", "polygonlabels", "polygon"}:
-                h, w = check_mask_size(h, w)  # before allocating: a 100,000 x 100,000 region is 10 GB
-            if kind in {"brushlabels", "brush"}:
-                if value.get("format", "rle") != "rle" or not value.get("rle"):
-                    continue
-                labels = value.get("brushlabels") or []
-            elif kind in {"polygonlabels", "polygon"}:
-                labels = value.get("polygonlabels") or []
-            else:
-                continue
-            mask = result_to_mask(r, w, h)  # the same rasterisation the backend's own results round-trip with
-            label = str(labels[0]) if labels else None
-            prompt = per_region.get(r.get("id")) or whole or field_prompt
-            if not prompt and label:
-                prompt = self.label_prompts.get(label, label)
-            if not prompt:
-                logger.warning("region %s has no prompt (no TextArea, field or label); skipped", r.get("id"))
-                continue
-            if not mask.any():
-                logger.debug("empty region %s skipped", r.get("id"))
-                continue
-            regions.append(Region(prompt=prompt, mask=mask, label=label, kind=str(kind)))
-        return regions
+        return bool(self._prompts(keys=[self._ann_key(project, task_id, annotation_id)], args=[json.dumps(list(prompts))]))
 
     # predictions and review ----------------------------------------------------------------------------------
     def record_prediction(
@@ -491,17 +365,18 @@ class CorrectionStore:
         project: int | str,
         task_id: int,
         label: str,
-        mask_rle_or_png: np.ndarray | bytes | Sequence[int],
+        mask: np.ndarray | bytes,
         model_version: str,
         score: float | None = None,
         *,
-        shape: tuple[int, int] | None = None,
+        prompt: str | None = None,
     ) -> None:
-        """Remember the mask this backend predicted for (task, label): an (H, W) bool array, PNG bytes, or a Label
-        Studio brush RLE (then `shape=(H, W)` is required). Replaces the previous prediction for that label."""
-        mask = _as_mask(mask_rle_or_png, shape)
+        """Remember the mask this backend predicted for (task, label): an (H, W) bool array or PNG bytes, and the
+        phrase it was predicted for. Replaces the previous prediction for that label."""
+        mask = _as_mask(mask)
         key = self._k("pred", project, task_id)
-        meta = {"model_version": model_version, "score": score, "shape": list(mask.shape), "time": time.time()}
+        meta = {"model_version": model_version, "score": score, "shape": list(mask.shape), "time": time.time(),
+                "prompt": prompt}
         with self.conn.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={label: json.dumps(meta), f"{label}:mask": mask_to_png(mask)})
             pipe.expire(key, self.prediction_ttl)
@@ -647,6 +522,27 @@ class CorrectionStore:
                 for row in rows:
                     if row:
                         out.extend(self._samples_of(row))
+        return out
+
+    def annotations(self, project: int | str) -> list[StoredAnnotation]:
+        """The project's stored annotations in ingest order, without decoding masks (for listings and re-prompting)."""
+        out: list[StoredAnnotation] = []
+        members = self.conn.zrange(self._k("corr", "idx", project), 0, -1)
+        for start in range(0, len(members), 256):
+            with self.conn.pipeline(transaction=False) as pipe:
+                for m in members[start:start + 256]:
+                    task, ann = m.decode().split(":")
+                    pipe.hmget(self._ann_key(project, task, ann), ["meta", "seq", "context"])
+                rows = pipe.execute()
+            for raw_meta, raw_seq, raw_context in rows:
+                if raw_meta is None:
+                    continue
+                meta = json.loads(raw_meta)
+                out.append(StoredAnnotation(
+                    project=str(meta["project"]), task_id=int(meta["task"]), annotation_id=int(meta["annotation"]),
+                    seq=int(raw_seq or 0), image_sha256=meta["image"], updated=float(meta["updated"]),
+                    regions=list(meta["regions"]), context=json.loads(raw_context) if raw_context else {},
+                ))
         return out
 
     def _samples_of(self, row: Mapping[bytes, bytes]) -> list[CorrectionSample]:

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 from backend.app import create_app
-from backend.results import result_to_mask
+from backend.labelstudio.results import result_to_mask
 from backend.settings import Settings
-from backend.rle import rle_to_mask
+from backend.labelstudio.rle import rle_to_mask
 from tests.fixtures.bad_images import (
     HTML_ERROR_PAGE, ImageHost, corpus_bad, corpus_odd, data_uri, jpeg, png,
 )

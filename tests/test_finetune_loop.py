@@ -30,7 +30,7 @@ from finetune.jobs import _held_out
 from finetune.triggers import lock_key, maybe_enqueue_finetune
 from finetune.versions import VersionRegistry
 from tests.e2e.ls_harness import ManagedProcess, free_port
-from tests.fixtures.webhooks import LABEL_CONFIG, annotation_event, brush_region, scene
+from tests.fixtures.webhooks import LABEL_CONFIG, annotation_event, brush_region, ingester, scene
 
 pytestmark = pytest.mark.slow
 
@@ -252,7 +252,7 @@ def test_worse_candidate_is_rejected(redis_conn, redis_url, tiny_model_factory, 
     assert not (wrong & mask).any()
     for task_id, ann in enumerate(ids, start=1):
         target = mask if _held_out(ann) else wrong
-        store.ingest_event(correction(task_id, target, data_uri(jpeg), annotation_id=ann, project=8), image_bytes=jpeg)
+        ingester(store).ingest_event(correction(task_id, target, data_uri(jpeg), annotation_id=ann, project=8), image_bytes=jpeg)
     out = clipseg(env, "finetune", "--project", "8").stdout  # 7 new corrections >= FINETUNE_EVERY: queued
     assert out.startswith("queued finetune-8-")
     assert clipseg(env, "finetune", "--project", "8", "--now").stdout.startswith("not queued: active")
@@ -279,7 +279,7 @@ def test_worker_killed_mid_training_leaves_nothing_behind(redis_conn, redis_url,
     jpeg, mask = scene(128, 96, seed=0)
     store = CorrectionStore(redis_conn)
     for task_id in range(1, 5):
-        store.ingest_event(correction(task_id, mask, data_uri(jpeg), project=9), image_bytes=jpeg)
+        ingester(store).ingest_event(correction(task_id, mask, data_uri(jpeg), project=9), image_bytes=jpeg)
     r = maybe_enqueue_finetune(redis_conn, 9, "manual", retry_max=0)
     job = Job.fetch(r.job_id, connection=redis_conn)
     worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env, cwd=ROOT,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.label_config import LabelConfig, PromptRequest, UnsupportedConfigError, parse_label_config
+from backend.labelstudio.config import LabelConfig, UnsupportedConfigError, parse_label_config
+from backend.labelstudio.prompts import PromptRequest
 from backend.settings import Settings
 
 BRUSH = """<View>
@@ -94,7 +95,7 @@ def test_interactive_textarea_context_wins():
     assert cfg.textarea == "prompt"
     task = {"id": 3, "data": {"image": "x", "expression": "the man on the left"}}
     (p,) = cfg.prompts(task, textarea_context("a sleeping cat"))
-    assert (p.text, p.label, p.source, p.control.from_name) == ("a sleeping cat", "cats", "context", "tag")
+    assert (p.text, p.label, p.source, p.control.from_name) == ("a sleeping cat", "cats", "typed", "tag")
     # Without context (batch predictions) the field is used; empty/None context means no interaction.
     for context in (None, {}, {"result": []}):
         (p,) = cfg.prompts(task, context)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.results import mask_to_brush, mask_to_polygons, mask_to_results, region_id, result_to_mask
+from backend.labelstudio.results import mask_to_brush, mask_to_polygons, mask_to_results, region_id, result_to_mask
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
-from backend.rle import mask_to_rle
+from backend.labelstudio.rle import decode_rle_fast, mask_to_rle
 
 
 @settings(max_examples=200, deadline=None)
@@ -44,3 +44,10 @@ def test_fragmented_full_size_masks():
 def test_bool_masks_are_written_as_0_255(mask):
     """The serving path hands bool masks over unconverted; the bytes are the SDK's for mask * 255."""
     assert mask_to_rle(mask) == list(mask2rle(mask.astype(np.uint8) * 255))
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40)), elements=st.sampled_from([0, 255])))
+def test_fast_decoder_equals_the_sdks(mask):
+    rle = mask2rle(mask)
+    assert np.array_equal(decode_rle_fast(rle), decode_rle(rle))

@@ -12,7 +12,7 @@ import redis
 
 from finetune.corrections import CorrectionStore
 from backend.spool import Spool, accept_event
-from tests.fixtures.webhooks import annotation_event, brush_region, deleted_event, scene
+from tests.fixtures.webhooks import annotation_event, brush_region, deleted_event, ingester, scene
 
 DEAD_URL = "redis://127.0.0.1:1/13"  # nothing listens on port 1
 
@@ -29,7 +29,7 @@ def _events(n: int, image_seed: int = 0) -> tuple[bytes, list[dict]]:
 
 
 def _factory(url: str):
-    return lambda: CorrectionStore(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1))
+    return lambda: ingester(CorrectionStore(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1)))
 
 
 def test_append_is_atomic_and_ordered(tmp_path):
@@ -43,7 +43,7 @@ def test_append_is_atomic_and_ordered(tmp_path):
 def test_redis_down_spools_then_replays(tmp_path, redis_url):
     spool = Spool(tmp_path / "spool")
     image, events = _events(5)
-    loader = lambda task: image  # noqa: E731
+    loader = lambda ref, task_id: image  # noqa: E731
     assert [accept_event(e, _factory(DEAD_URL), spool, loader) for e in events] == ["spooled"] * 5
     assert len(spool) == 5
     assert accept_event(deleted_event(101), _factory(DEAD_URL), spool, loader) == "spooled"
@@ -52,7 +52,7 @@ def test_redis_down_spools_then_replays(tmp_path, redis_url):
     late = annotation_event([brush_region(mask)], annotation_id=200, task_id=50)
     assert accept_event(late, _factory(redis_url), spool, loader) == "stored"
     assert len(spool) == 0
-    store = _factory(redis_url)()
+    store = _factory(redis_url)().store
     assert sorted(s.annotation_id for s in store.samples(1)) == [100, 102, 103, 104, 200]
     assert store.count(1) == 5
 
@@ -62,18 +62,18 @@ def test_pending_events_keep_order_while_replay_cannot_finish(tmp_path, redis_ur
     image, mask = scene(seed=2)
     _, mask2 = scene(seed=3)
     created = annotation_event([brush_region(mask)], annotation_id=7)
-    assert accept_event(created, _factory(DEAD_URL), spool, lambda t: image) == "spooled"
+    assert accept_event(created, _factory(DEAD_URL), spool, lambda ref, task_id: image) == "spooled"
 
-    def flaky_loader(task):  # Label Studio down during replay: the spooled event stays, the new one queues behind
+    def flaky_loader(ref, task_id):  # Label Studio down during replay: the spooled event stays, the new one queues behind
         raise OSError("LS unreachable")
 
     updated = annotation_event([brush_region(mask2)], annotation_id=7, action="ANNOTATION_UPDATED",
                                updated_at="2026-11-26T21:00:00Z")
     assert accept_event(updated, _factory(redis_url), spool, flaky_loader) == "spooled"
     assert len(spool) == 2
-    result = spool.replay(_factory(redis_url)(), lambda t: image)
+    result = spool.replay(_factory(redis_url)(), lambda ref, task_id: image)
     assert (result.replayed, result.pending, result.error) == (2, 0, None)
-    [s] = _factory(redis_url)().samples(1)
+    [s] = _factory(redis_url)().store.samples(1)
     assert np.array_equal(s.mask, mask2)  # the update won, as in Label Studio
 
 
@@ -84,7 +84,7 @@ def test_malformed_file_is_set_aside(tmp_path, redis_url):
     (spool.dir / f"{time.time_ns():020d}-0-000000.json").write_text("{not json")
     spool.append({"action": "ANNOTATION_CREATED", "annotation": {}})  # no id
     spool.append(events[1])
-    result = spool.replay(_factory(redis_url)(), lambda t: image)
+    result = spool.replay(_factory(redis_url)(), lambda ref, task_id: image)
     assert (result.replayed, result.rejected, result.pending) == (2, 2, 0)
     assert len(list((spool.dir / "rejected").iterdir())) == 2
 
@@ -122,10 +122,10 @@ def test_real_redis_restart_loses_nothing(tmp_path):
                 proc.wait()
             if i == 20:
                 proc, url = start()
-            outcomes.append(accept_event(event, _factory(url), spool, lambda t: image))
+            outcomes.append(accept_event(event, _factory(url), spool, lambda ref, task_id: image))
         assert outcomes[:10] == ["stored"] * 10 and outcomes[10:20] == ["spooled"] * 10
         assert outcomes[20:] == ["stored"] * 10  # the first event after the restart replayed the spool
-        store = _factory(url)()
+        store = _factory(url)().store
         assert sorted(s.annotation_id for s in store.samples()) == [100 + i for i in range(30)]
         assert len(spool) == 0
     finally:

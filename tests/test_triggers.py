@@ -16,9 +16,9 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from finetune.corrections import CorrectionStore
+from finetune.corrections import CorrectionStore, Region
 from finetune.triggers import active_job_id, lock_key, maybe_enqueue_finetune, periodic_check
-from tests.fixtures.webhooks import annotation_event, brush_region, scene
+from tests.fixtures.webhooks import scene
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = "tests.fixtures.jobs.finetune_project"
@@ -38,8 +38,7 @@ def run_burst_worker(url: str) -> subprocess.CompletedProcess:
 def add_corrections(store: CorrectionStore, n: int, project: int = 1, start: int = 0) -> None:
     image, mask = scene(seed=project)
     for i in range(start, start + n):
-        store.ingest_event(annotation_event([brush_region(mask)], annotation_id=project * 1000 + i, task_id=i,
-                                            project_id=project), image_bytes=image)
+        store.put_annotation(project, i, project * 1000 + i, [Region("cat", mask, "cat")], image, updated=1.0)
 
 
 def jobs_in_queue(conn) -> list[Job]:

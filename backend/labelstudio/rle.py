@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle
 
 _FIELD_BITS = np.array([3, 4, 8, 16])
 _HEADER_SIZES = (3, 4, 8, 16)
@@ -119,7 +118,41 @@ def rle_to_mask(rle: Sequence[int], height: int, width: int) -> np.ndarray:
     if count != height * width * 4:
         raise ValueError(f"RLE holds {count // 4} pixels, expected {width}x{height}={width * height}")
     try:
-        flat = decode_rle(list(rle))
+        flat = decode_rle_fast(rle)
     except (ValueError, IndexError, OverflowError) as exc:
         raise ValueError(f"corrupt brush RLE: {exc}") from None
     return flat.reshape(height, width, 4)[:, :, 3] > 0
+
+
+def decode_rle_fast(rle: Sequence[int]) -> np.ndarray:
+    """`label_studio_sdk.converter.brush.decode_rle`, bit for bit, without its per-bit Python loop.
+
+    The SDK turns the bytes into a '0'/'1' string one bit at a time (37 ms of a 46 ms decode of a 640x480 mask on a
+    loaded 2-core machine); numpy's unpackbits makes the same string at once. The run loop is the SDK's.
+    Returns the flat (N,) uint8 RGBA values.
+    """
+    bits = (np.unpackbits(np.asarray(rle, dtype=np.uint8)) + 48).tobytes().decode("ascii")
+    pos = 0
+
+    def read(size: int) -> int:
+        nonlocal pos
+        chunk = bits[pos:pos + size]
+        pos += size
+        return int(chunk, 2)
+
+    num = read(32)
+    word_size = read(5) + 1
+    rle_sizes = [read(4) + 1 for _ in range(4)]
+    out = np.zeros(num, dtype=np.uint8)
+    i = 0
+    while i < num:
+        x = read(1)
+        j = i + 1 + read(rle_sizes[read(2)])
+        if x:
+            out[i:j] = read(word_size)
+            i = j
+        else:
+            while i < j:
+                out[i] = read(word_size)
+                i += 1
+    return out

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
-from backend.rle import mask_to_rle, rle_to_mask
+from backend.labelstudio.rle import mask_to_rle, rle_to_mask
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def mask_to_brush(
     """One `brushlabels` result item for `mask` (HxW, non-zero = foreground), or None for an empty mask.
 
     The RLE is the bytes `label_studio_sdk.converter.brush.mask2rle` writes for the uint8 0/255 mask (made by
-    `backend.rle.mask_to_rle` straight from the bool mask, 10x+ faster): Label Studio decodes it as RGBA and reads the alpha channel, so
+    `backend.labelstudio.rle.mask_to_rle` straight from the bool mask, 10x+ faster): Label Studio decodes it as RGBA and reads the alpha channel, so
     `result_to_mask` reverses it exactly.
     """
     m = _as_bool(mask)

@@ -1,36 +1,32 @@
-"""Labeling config → what this backend can answer, and the text prompts for each task.
+"""Labeling config → what this backend can answer.
 
-Label Studio sends the project's labeling config (XML) to /setup (`schema`) and /predict (`label_config`).
-This module finds the Image object, the BrushLabels/PolygonLabels controls that target it, an optional
-TextArea used for interactive prompts and the task data fields that may hold a referring phrase, and then
-resolves, per task, which phrases to segment and which label each result gets.
-
-Prompt resolution, first match wins:
-1. text typed in an interactive TextArea: /predict's `params.context` is
-   `{"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea", "value": {"text": ["cats"]}}, ...]}`;
-2. a task data field: `prompt_field` (setting) or a `$field` referenced by a Text/Header/... tag in the config;
-3. the labels themselves, each optionally mapped to a phrase (`label_prompts`, e.g. `person -> "a person"`).
+Label Studio sends the project's labeling config (XML) to /setup (`schema`), /predict (`label_config`) and in every
+webhook (`project.label_config`). This module finds the Image object, the BrushLabels/PolygonLabels controls that
+target it, the TextAreas (typed prompts) and the task data fields shown next to the image (`$field` on
+Text/Header/...), which may hold a referring phrase. Which phrase a region is about is decided in one place,
+`backend.labelstudio.prompts`.
 """
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from lxml import etree
 
 from backend.settings import Settings
 
+if TYPE_CHECKING:
+    from backend.labelstudio.prompts import PromptRequest
+
 logger = logging.getLogger(__name__)
 
 OutputKind = Literal["brush", "polygon"]
-PromptSource = Literal["context", "field", "label"]
 
 _CONTROL_TYPES = {"BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
 # Tags whose `value="$key"` shows task text next to the image; any of them may hold the referring phrase.
 _TEXT_TAGS = {"Text", "Header", "HyperText", "Paragraphs"}
-# Context region types that carry a selected label in `value[<type>]`.
-_LABEL_RESULT_TYPES = ("brushlabels", "polygonlabels", "labels", "rectanglelabels", "keypointlabels", "ellipselabels")
 
 
 class UnsupportedConfigError(ValueError):
@@ -54,19 +50,6 @@ class LabelControl:
     @property
     def kind(self) -> OutputKind:
         return "brush" if self.type == "brushlabels" else "polygon"
-
-
-@dataclass(frozen=True)
-class PromptRequest:
-    """One phrase to segment in one task's image, and where to put the answer.
-
-    `text` goes to the model; `label` is the label value written into the result item of `control`.
-    """
-
-    text: str
-    label: str
-    control: LabelControl
-    source: PromptSource = "label"
 
 
 @dataclass(frozen=True)
@@ -103,93 +86,11 @@ class LabelConfig:
         value = (task.get("data") or {}).get(self.image_key)
         return value if isinstance(value, str) and value.strip() else None
 
-    def prompts(self, task: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> list[PromptRequest]:
-        """Prompts for one task: typed context text, else a data field, else one prompt per label.
+    def prompts(self, task: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> list["PromptRequest"]:
+        """The phrases /predict segments for `task`: `backend.labelstudio.prompts.predict_prompts` (the one rule)."""
+        from backend.labelstudio.prompts import predict_prompts
 
-        Args:
-            task: a Label Studio task (`{"id", "data": {...}, ...}`).
-            context: /predict's `params.context` (None or `{}` outside interactive mode).
-        Returns:
-            PromptRequests in a stable order; empty only when the controls have no labels and nothing was typed.
-        """
-        context_items = _context_items(context)
-        selected = self._selected_label(context_items)
-        typed = self._typed_texts(context_items)
-        if typed:
-            return [self._free_text_request(text, selected, "context") for text in typed]
-        phrases = self._field_texts(task)
-        if phrases:
-            return [self._free_text_request(text, selected, "field") for text in phrases]
-        out = []
-        for control in self.controls:
-            for label in control.labels:
-                out.append(PromptRequest(self._label_phrase(control, label), label, control, "label"))
-        return out
-
-    # -- helpers ---------------------------------------------------------------------------------------
-
-    def _label_phrase(self, control: LabelControl, label: str) -> str:
-        text = control.label_texts.get(label, label)
-        for key in (label, text):
-            if key in self.label_prompts and self.label_prompts[key].strip():
-                return self.label_prompts[key].strip()
-        return text
-
-    def _free_text_request(
-        self, text: str, selected: tuple[LabelControl, str] | None, source: PromptSource
-    ) -> PromptRequest:
-        if selected is not None:
-            control, label = selected
-        else:
-            control, label = self._label_for_text(text)
-        return PromptRequest(text, label, control, source)
-
-    def _label_for_text(self, text: str) -> tuple[LabelControl, str]:
-        """A label whose name or phrase equals the text (case-insensitive), else the first control's first label."""
-        wanted = text.strip().lower()
-        for control in self.controls:
-            for label in control.labels:
-                names = {label, control.label_texts.get(label, label), self.label_prompts.get(label, "")}
-                if wanted in {n.strip().lower() for n in names if n}:
-                    return control, label
-        control = self.controls[0]
-        # A control without <Label> children still needs a label string in the result.
-        return control, control.labels[0] if control.labels else text
-
-    def _selected_label(self, items: Sequence[Mapping[str, Any]]) -> tuple[LabelControl, str] | None:
-        """The label picked in the labeling UI, when the context carries a labeled region."""
-        by_name = {c.from_name: c for c in self.controls}
-        for item in items:
-            rtype = item.get("type")
-            if rtype not in _LABEL_RESULT_TYPES:
-                continue
-            values = _value(item).get(rtype) or []
-            if not isinstance(values, list) or not values or not isinstance(values[0], str):
-                continue
-            label = values[0]
-            from_name = item.get("from_name")
-            control = by_name.get(from_name) if isinstance(from_name, str) else None
-            if control is not None and (label in control.labels or not control.labels):
-                return control, label
-            for control in self.controls:
-                if label in control.labels:
-                    return control, label
-        return None
-
-    def _typed_texts(self, items: Sequence[Mapping[str, Any]]) -> list[str]:
-        textareas = [i for i in items if i.get("type") == "textarea"]
-        # Prefer the config's own TextAreas; accept any textarea item when names don't match (renamed config).
-        own = [i for i in textareas if i.get("from_name") in self.textareas]
-        return _texts(v for i in (own or textareas) for v in _as_list(_value(i).get("text")))
-
-    def _field_texts(self, task: Mapping[str, Any]) -> list[str]:
-        data = task.get("data") or {}
-        keys = [self.prompt_field] if self.prompt_field else list(self.text_fields)
-        for key in keys:
-            texts = _texts(_as_list(data.get(key)))
-            if texts:
-                return texts
-        return []
+        return predict_prompts(self, task, context)
 
 
 def parse_label_config(
@@ -286,29 +187,45 @@ def _text_fields(config: str, exclude: set[str]) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _context_items(context: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
-    if not isinstance(context, Mapping):
-        return []
-    items = context.get("result") or []
-    return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
+class LabelConfigs:
+    """Parsed labeling configs of this process: cached by XML, and the latest one seen per project.
 
+    A project's config arrives with /setup, with /predict (`label_config`) and in every webhook
+    (`project.label_config`); whichever came last is the project's.
+    """
 
-def _value(item: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A context item's `value` object; {} when it is missing or not an object (the context is client input)."""
-    value = item.get("value")
-    return value if isinstance(value, Mapping) else {}
+    def __init__(self, settings: Settings, max_cached: int = 256):
+        self.settings = settings
+        self.max_cached = max_cached
+        self._parsed: dict[str, LabelConfig] = {}
+        self._by_project: dict[str, LabelConfig] = {}
+        self._lock = threading.Lock()
 
+    def parse(self, xml: str) -> LabelConfig:
+        """Parse (cached) with this process's settings; raises UnsupportedConfigError."""
+        parsed = self._parsed.get(xml)
+        if parsed is None:
+            parsed = LabelConfig.from_settings(xml, self.settings)
+            with self._lock:
+                if len(self._parsed) >= self.max_cached:
+                    self._parsed.clear()
+                self._parsed[xml] = parsed
+        return parsed
 
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    def remember(self, project: str | None, config: LabelConfig) -> None:
+        if project:
+            with self._lock:
+                self._by_project[project] = config
 
-
-def _texts(values: Iterable[Any]) -> list[str]:
-    """Non-empty stripped strings, duplicates dropped, order kept."""
-    out: list[str] = []
-    for value in values:
-        if isinstance(value, str) and value.strip() and value.strip() not in out:
-            out.append(value.strip())
-    return out
+    def for_project(self, project: str | None, xml: str | None = None) -> LabelConfig | None:
+        """The project's config: parsed from `xml` when given (and remembered), else the last one seen; None when
+        neither is known or the config is not one this backend answers."""
+        if xml:
+            try:
+                config = self.parse(xml)
+            except UnsupportedConfigError as exc:
+                logger.warning("project %s: labeling config not usable here (%s)", project, exc)
+                return None
+            self.remember(project, config)
+            return config
+        return self._by_project.get(project or "")

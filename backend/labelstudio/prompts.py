@@ -1,0 +1,230 @@
+"""The one prompt rule: which phrase a region is about, for /predict and for stored corrections alike.
+
+A phrase comes from the first of these that gives one:
+1. text typed for the region itself: a per-region TextArea result item with the region's id (corrections only:
+   at /predict time the region does not exist yet);
+2. text typed in a TextArea of the config, for the whole task: /predict's `params.context.result` textarea items,
+   or the annotation's textarea items not bound to a region;
+3. a task data field: `PROMPT_FIELD` when set, else the first `$field` the config shows with Text/Header/...;
+4. the label itself: `LABEL_PROMPTS` maps a label (its stored value or its human value) to a phrase, else the
+   label's human `value`.
+
+Steps 2 and 3 may give several phrases (a list field, several typed lines); /predict segments each one and picks
+a label for it (the label selected in the editor, else the label whose name or phrase is the text, else the
+first). A stored region has a label already, so it takes the phrase whose label is its own (else the first):
+the phrase /predict used for that region. `tests/test_prompt_rule.py` checks both paths agree for every source.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+from backend.labelstudio.config import LabelConfig, LabelControl
+
+PromptSource = Literal["region_text", "typed", "field", "label"]
+
+# Context region types that carry a selected label in `value[<type>]`.
+_LABEL_RESULT_TYPES = ("brushlabels", "polygonlabels", "labels", "rectanglelabels", "keypointlabels", "ellipselabels")
+SHAPE_TYPES = frozenset({"brushlabels", "brush", "polygonlabels", "polygon"})
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One phrase to segment in one task's image, and where to put the answer.
+
+    `text` goes to the model; `label` is the label value written into the result item of `control`.
+    """
+
+    text: str
+    label: str
+    control: LabelControl
+    source: PromptSource = "label"
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """The prompt settings that apply when no labeling config is known (a webhook without `label_config`)."""
+
+    prompt_field: str = ""
+    label_prompts: Mapping[str, str] | None = None
+
+
+# ---- /predict ----------------------------------------------------------------------------------------------
+
+
+def predict_prompts(config: LabelConfig, task: Mapping[str, Any],
+                    context: Mapping[str, Any] | None = None) -> list[PromptRequest]:
+    """Prompts /predict segments for one task (rule steps 2-4), in a stable order.
+
+    Args:
+        config: the project's parsed labeling config.
+        task: a Label Studio task (`{"id", "data": {...}, ...}`).
+        context: /predict's `params.context` (None or `{}` outside interactive mode).
+    Returns:
+        PromptRequests; empty only when the controls have no labels and nothing was typed.
+    """
+    items = _result_items(context)
+    selected = _selected_label(config, items)
+    for source, texts in (("typed", _typed_texts(config, items)), ("field", field_texts(config, task))):
+        if texts:
+            out = []
+            for text in texts:
+                control, label = selected if selected is not None else label_for_text(config, text)
+                out.append(PromptRequest(text, label, control, source))  # type: ignore[arg-type]
+            return out
+    return [PromptRequest(label_phrase(config, control, label), label, control, "label")
+            for control in config.controls for label in control.labels]
+
+
+# ---- stored corrections ----------------------------------------------------------------------------------------
+
+
+def region_prompt(config: LabelConfig | None, task: Mapping[str, Any], result: Sequence[Mapping[str, Any]],
+                  region: Mapping[str, Any], *, fallback: PromptSettings = PromptSettings()) -> tuple[str, PromptSource] | None:
+    """The phrase a stored region is trained with (rule steps 1-4), and its source; None when nothing gives one.
+
+    Args:
+        config: the project's labeling config, or None when unknown (then `fallback` gives PROMPT_FIELD and
+            LABEL_PROMPTS, and any TextArea counts as typed text).
+        task: the task the annotation belongs to (`data` is read).
+        result: the annotation's whole `result` list (textarea items are read from it).
+        region: the brush/polygon result item.
+    """
+    shape_ids = {r.get("id") for r in result if r.get("type") in SHAPE_TYPES}
+    own = [r for r in result if r.get("type") == "textarea" and r.get("id") == region.get("id")]
+    text = " ".join(_texts(v for r in own for v in _as_list(_value(r).get("text"))))
+    if text:
+        return text, "region_text"
+    label = _region_label(region)
+    whole = [r for r in result if r.get("type") == "textarea" and r.get("id") not in shape_ids]
+    if config is None:
+        typed = _texts(v for r in whole for v in _as_list(_value(r).get("text")))
+        field = _texts(_as_list((task.get("data") or {}).get(fallback.prompt_field))) if fallback.prompt_field else []
+        for source, texts in (("typed", typed), ("field", field)):
+            if texts:
+                return texts[0], source  # type: ignore[return-value]
+        if label is None:
+            return None
+        mapped = (fallback.label_prompts or {}).get(label, "").strip()
+        return mapped or label, "label"
+    control = next((c for c in config.all_controls if c.from_name == region.get("from_name")), None)
+    for source, texts in (("typed", _typed_texts(config, whole)), ("field", field_texts(config, task))):
+        if texts:
+            return _text_for_label(config, texts, label), source  # type: ignore[return-value]
+    if label is None:
+        return None
+    if control is None:
+        control = next((c for c in config.all_controls if label in c.labels), None)
+    if control is None:
+        mapped = config.label_prompts.get(label, "").strip()
+        return mapped or label, "label"
+    return label_phrase(config, control, label), "label"
+
+
+def _text_for_label(config: LabelConfig, texts: Sequence[str], label: str | None) -> str:
+    """Of several phrases, the one /predict would have given `label` (else the first)."""
+    if label is not None and len(texts) > 1:
+        for text in texts:
+            if label_for_text(config, text)[1] == label:
+                return text
+    return texts[0]
+
+
+def _region_label(region: Mapping[str, Any]) -> str | None:
+    labels = _value(region).get(region.get("type")) or []
+    labels = labels if isinstance(labels, list) else [labels]
+    return str(labels[0]) if labels and isinstance(labels[0], (str, int, float)) else None
+
+
+# ---- pieces of the rule ----------------------------------------------------------------------------------------
+
+
+def label_phrase(config: LabelConfig, control: LabelControl, label: str) -> str:
+    """Rule step 4: LABEL_PROMPTS for the label (stored value or human value), else the label's human value."""
+    text = control.label_texts.get(label, label)
+    for key in (label, text):
+        if key in config.label_prompts and config.label_prompts[key].strip():
+            return config.label_prompts[key].strip()
+    return text
+
+
+def label_for_text(config: LabelConfig, text: str) -> tuple[LabelControl, str]:
+    """A label whose name or phrase equals the text (case-insensitive), else the first control's first label."""
+    wanted = text.strip().lower()
+    for control in config.controls:
+        for label in control.labels:
+            names = {label, control.label_texts.get(label, label), config.label_prompts.get(label, "")}
+            if wanted in {n.strip().lower() for n in names if n}:
+                return control, label
+    control = config.controls[0]
+    # A control without <Label> children still needs a label string in the result.
+    return control, control.labels[0] if control.labels else text
+
+
+def field_texts(config: LabelConfig, task: Mapping[str, Any]) -> list[str]:
+    """Rule step 3: phrases in the task data field (PROMPT_FIELD, else the first `$field` shown that has one)."""
+    data = task.get("data") or {}
+    if not isinstance(data, Mapping):
+        return []
+    keys = [config.prompt_field] if config.prompt_field else list(config.text_fields)
+    for key in keys:
+        texts = _texts(_as_list(data.get(key)))
+        if texts:
+            return texts
+    return []
+
+
+def _typed_texts(config: LabelConfig, items: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Rule step 2: text of textarea items; the config's own TextAreas first, any when names don't match."""
+    textareas = [i for i in items if i.get("type") == "textarea"]
+    own = [i for i in textareas if i.get("from_name") in config.textareas]
+    return _texts(v for i in (own or textareas) for v in _as_list(_value(i).get("text")))
+
+
+def _selected_label(config: LabelConfig, items: Sequence[Mapping[str, Any]]) -> tuple[LabelControl, str] | None:
+    """The label picked in the labeling UI, when /predict's context carries a labeled region."""
+    by_name = {c.from_name: c for c in config.controls}
+    for item in items:
+        rtype = item.get("type")
+        if rtype not in _LABEL_RESULT_TYPES:
+            continue
+        values = _value(item).get(rtype) or []
+        if not isinstance(values, list) or not values or not isinstance(values[0], str):
+            continue
+        label = values[0]
+        from_name = item.get("from_name")
+        control = by_name.get(from_name) if isinstance(from_name, str) else None
+        if control is not None and (label in control.labels or not control.labels):
+            return control, label
+        for control in config.controls:
+            if label in control.labels:
+                return control, label
+    return None
+
+
+def _result_items(context: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    if not isinstance(context, Mapping):
+        return []
+    items = context.get("result") or []
+    return [i for i in items if isinstance(i, Mapping)] if isinstance(items, list) else []
+
+
+def _value(item: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A result item's `value` object; {} when it is missing or not an object (client input)."""
+    value = item.get("value")
+    return value if isinstance(value, Mapping) else {}
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _texts(values: Iterable[Any]) -> list[str]:
+    """Non-empty stripped strings, duplicates dropped, order kept."""
+    out: list[str] = []
+    for value in values:
+        if isinstance(value, str) and value.strip() and value.strip() not in out:
+            out.append(value.strip())
+    return out
