@@ -415,9 +415,54 @@ def _http_predict(session, url: str, images, config: str, first_id: int = 0,
     out = resp.json()  # the standard library's parser, as Label Studio's requests-based client uses
     if parses is not None:
         parses.append((time.perf_counter() - started, len(resp.content)))
-    if len(out.get("results", [])) != len(images) or any(not r["result"] and r.get("score") == 0.0 for r in out["results"][:0]):
-        raise RuntimeError(f"unexpected /predict answer: {str(out)[:300]}")
+    sizes = [_data_uri_size(u) for u in uris]
+    check_predict_answer(out, sizes, _config_labels(config))
     return out
+
+
+def check_predict_answer(out: Any, sizes: Sequence[tuple[int, int]], labels: Sequence[str]) -> None:
+    """Raise RuntimeError unless `out` is a right /predict answer for tasks of images of `sizes` (W, H).
+
+    Right: one result per task, in order; no task answered as failed (an empty result with score 0.0 is how the
+    backend answers a task it could not do); every region a brush/polygon item of one of `labels`, at its task's
+    image size, with a score in [0, 1]; one model_version for all.
+    """
+    def fail(why: str) -> None:
+        raise RuntimeError(f"wrong /predict answer: {why}: {str(out)[:300]}")
+
+    results = out.get("results") if isinstance(out, dict) else None
+    if not isinstance(results, list) or len(results) != len(sizes):
+        fail(f"expected {len(sizes)} results")
+    versions = {r.get("model_version") for r in results if isinstance(r, dict)}
+    if len(versions) != 1 or not all(isinstance(v, str) and v for v in versions):
+        fail("model_version missing or not the same for every task")
+    for i, (r, (width, height)) in enumerate(zip(results, sizes)):
+        score = r.get("score")
+        if not isinstance(r.get("result"), list) or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+            fail(f"task {i}: no result list or a score outside [0, 1]")
+        if not r["result"] and score == 0.0:
+            fail(f"task {i} was answered as failed")
+        for item in r["result"]:
+            kind = item.get("type")
+            value = item.get("value") or {}
+            if kind not in ("brushlabels", "polygonlabels") or not set(value.get(kind) or []) <= set(labels):
+                fail(f"task {i}: a region of type {kind!r} with labels {value.get(kind)!r}")
+            if (item.get("original_width"), item.get("original_height")) != (width, height):
+                fail(f"task {i}: a region sized {item.get('original_width')}x{item.get('original_height')}, "
+                     f"the image is {width}x{height}")
+
+
+def _data_uri_size(uri: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as img:
+        return img.size
+
+
+def _config_labels(config: str) -> list[str]:
+    from backend.labelstudio.config import parse_label_config
+
+    return [label for control in parse_label_config(config).controls for label in control.labels]
 
 
 def bench_server(report: Report, model, model_dir: Path, size: tuple[int, int], seed: int, repeats: int) -> None:

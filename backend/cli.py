@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "versions": ("finetune.commands", "list model versions with metrics"),
     "rollback": ("finetune.commands", "make an earlier model version active again"),
     "status": ("finetune.commands", "Redis, queue, workers and versions at a glance"),
+    "corrections": ("backend.corrections_command", "list a project's stored corrections and their phrases; --reprompt"),
     "train": ("finetune.train_command", "train a model (RefCOCO or generated data)"),
     "eval": ("finetune.eval_command", "evaluate a model: Dice, mIoU, oIoU, Prec@X, HTML report"),
     "bench": ("backend.bench_command", "inference benchmark against HF CLIPSeg (random full-size weights)"),

@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 ImageLoader = Callable[[str, Any], bytes]
 
 
+def _config_key(store: CorrectionStore, project: str) -> str:
+    """Redis key of the project's latest labeling config (XML), as the last webhook carried it."""
+    return f"{store.ns}:lsconfig:{project}"
+
+
+def project_label_config(store: CorrectionStore, project: str) -> str | None:
+    """The project's labeling config as its last webhook carried it (for re-prompting stored corrections)."""
+    raw = store.conn.get(_config_key(store, project))
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 @dataclass(frozen=True)
 class IngestResult:
     """What an event did: status is stored, replaced, deleted, cancelled, empty, stale or ignored."""
@@ -89,7 +100,10 @@ class CorrectionIngester:
         if event.cancelled:
             store.delete_annotation(event.annotation_id, project=event.project, task_id=event.task_id)
             return IngestResult(event.action, "cancelled", event.project, event.task_id, ids)
-        config = self.configs.for_project(event.project, event_label_config(payload))
+        xml = event_label_config(payload)
+        config = self.configs.for_project(event.project, xml)
+        if xml and config is not None:
+            store.conn.set(_config_key(store, event.project), xml)
         if config is None:
             log.warning("project %s: no labeling config in the webhook and none seen here; prompts use PROMPT_FIELD "
                         "and the labels, the image is the first image reference in the task data", event.project)

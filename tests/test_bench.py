@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import time
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +45,26 @@ def test_bench_tiny_quick_prints_every_row(tmp_path):
     assert data["machine"]["torch_threads"] >= 1 and data["model"]["tiny"] is True
     # the model is built once and reused
     assert (tmp_path / "work" / "tiny-clipseg-seed0" / "clipseg_config.json").is_file()
+
+
+def test_bench_answer_check_fails_on_wrong_answers():
+    """The benchmark's check of each /predict answer can fail: every kind of wrong answer is refused."""
+    from backend.bench_command import check_predict_answer
+
+    region = {"type": "brushlabels", "value": {"brushlabels": ["a cat"], "rle": [0]}, "original_width": 64,
+              "original_height": 48}
+    good = {"results": [{"result": [region], "score": 0.7, "model_version": "v1"},
+                        {"result": [], "score": 0.2, "model_version": "v1"}]}
+    check_predict_answer(good, [(64, 48), (64, 48)], ["a cat"])
+    wrong = [
+        {"results": good["results"][:1]},  # one result for two tasks
+        {"results": [good["results"][0], {"result": [], "score": 0.0, "model_version": "v1"}]},  # a failed task
+        {"results": [good["results"][0], {**good["results"][1], "model_version": "v2"}]},  # two versions
+        {"results": [{**good["results"][0], "result": [{**region, "original_width": 32}]}, good["results"][1]]},
+        {"results": [{**good["results"][0], "result": [{**region, "value": {"brushlabels": ["dog"]}}]},
+                     good["results"][1]]},
+        {"results": [{**good["results"][0], "score": 1.5}, good["results"][1]]},
+    ]
+    for answer in wrong:
+        with pytest.raises(RuntimeError, match="wrong /predict answer"):
+            check_predict_answer(answer, [(64, 48), (64, 48)], ["a cat"])

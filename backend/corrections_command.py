@@ -1,0 +1,97 @@
+"""`clipseg corrections --project P [--json] [--reprompt]`: what the model will learn from.
+
+Lists every stored region of a project: task, annotation, label, the phrase it will be trained with (and where
+that phrase came from), the mask's size and area, and the image's hash. Stored corrections keep the task data and
+typed texts their phrases were resolved from, so after a change of PROMPT_FIELD or LABEL_PROMPTS the listing
+shows, per region, the phrase the current settings would give (`now`), and `--reprompt` rewrites the stored
+phrases with them. Re-prompting is explicit rather than automatic: a fine-tune's data should change only when
+someone says so, and the listing shows beforehand what would change.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from clipseg_model.errors import ClipsegError
+
+
+def configure(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--project", required=True, help="Label Studio project id")
+    parser.add_argument("--json", action="store_true", help="one JSON object per region instead of a table")
+    parser.add_argument("--reprompt", action="store_true",
+                        help="rewrite stored phrases with the current prompt settings (PROMPT_FIELD, LABEL_PROMPTS)")
+
+
+def rows(store, configs, project: str) -> list[dict[str, Any]]:
+    """One dict per stored region of `project`, with `now`: the (phrase, source) the current settings give."""
+    from backend.ingest import project_label_config
+    from backend.labelstudio.prompts import PromptSettings
+    from backend.labelstudio.webhooks import reprompt
+
+    xml = project_label_config(store, project)
+    config = configs.for_project(project, xml) if xml else None
+    fallback = PromptSettings(configs.settings.prompt_field, dict(configs.settings.label_prompts))
+    out = []
+    for ann in store.annotations(project):
+        now = reprompt(ann.context, [r.get("key") for r in ann.regions], config, fallback) if ann.context else []
+        for i, region in enumerate(ann.regions):
+            current = now[i] if i < len(now) else None
+            out.append({
+                "task": ann.task_id, "annotation": ann.annotation_id, "region": i, "label": region.get("label"),
+                "prompt": region.get("prompt"), "source": region.get("source"),
+                "now": current[0] if current else None, "now_source": current[1] if current else None,
+                "mask": "x".join(map(str, region.get("shape", []))), "area": region.get("area"),
+                "image": ann.image_sha256, "seq": ann.seq,
+            })
+    return out
+
+
+def run(args: argparse.Namespace, settings) -> int:
+    from backend.labelstudio.config import LabelConfigs
+    from finetune.commands import _redis
+    from finetune.corrections import CorrectionStore
+
+    store = CorrectionStore(_redis(settings))
+    project = str(args.project)
+    listing = rows(store, LabelConfigs(settings), project)
+    if not listing:
+        if project not in store.projects():
+            raise ClipsegError(f"project {project} has no stored corrections (projects with some: "
+                               f"{', '.join(store.projects()) or 'none'})")
+    if args.reprompt:
+        changed = _reprompt(store, project, listing)
+        listing = rows(store, LabelConfigs(settings), project)
+        print(f"re-prompted {changed} region(s) of project {project}")
+    if args.json:
+        for row in listing:
+            print(json.dumps(row))
+        return 0
+    header = f"{'task':>6} {'ann':>6} {'#':>2} {'label':<12} {'mask':>9} {'area':>7} {'image':<12} prompt (source)"
+    print(header)
+    stale = 0
+    for r in listing:
+        line = (f"{r['task']:>6} {r['annotation']:>6} {r['region']:>2} {str(r['label'])[:12]:<12} {r['mask']:>9} "
+                f"{r['area'] if r['area'] is not None else '-':>7} {r['image'][:12]:<12} {r['prompt']!r} ({r['source']})")
+        if r["now"] is not None and r["now"] != r["prompt"]:
+            stale += 1
+            line += f"  -> now {r['now']!r} ({r['now_source']})"
+        print(line)
+    print(f"{len(listing)} region(s) in {len({(r['task'], r['annotation']) for r in listing})} correction(s)")
+    if stale:
+        print(f"{stale} region(s) would get another phrase with the current settings: "
+              f"`clipseg corrections --project {project} --reprompt` rewrites them")
+    return 0
+
+
+def _reprompt(store, project: str, listing: list[dict[str, Any]]) -> int:
+    by_ann: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for row in listing:
+        by_ann.setdefault((row["task"], row["annotation"]), []).append(row)
+    changed = 0
+    for (task, ann), regions in by_ann.items():
+        new = [r["now"] if r["now"] is not None else r["prompt"] for r in regions]
+        n = sum(1 for r, p in zip(regions, new) if p != r["prompt"])
+        if n and store.set_prompts(project, task, ann, new):
+            changed += n
+    return changed

@@ -1,0 +1,143 @@
+"""One prompt rule for both paths: the phrase a stored correction is trained with is the phrase /predict used for
+that region, for every prompt source. Both paths run for real: /predict and /webhook through the Flask app with a
+tiny model, real Redis, the spool and the background prediction recorder."""
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.app import create_app
+from backend.settings import Settings
+from finetune.corrections import CorrectionStore
+from tests.fixtures.webhooks import annotation_event, brush_region, textarea_region
+
+IMAGE = '<Image name="image" value="$image"/>'
+CAT_DOG = '<BrushLabels name="tag" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels>'
+
+
+def view(*tags: str) -> str:
+    return "<View>" + "".join(tags) + "</View>"
+
+
+def typed(text: str, region_id: str | None = None, label: str | None = None) -> dict:
+    """/predict's params.context when an annotator typed `text` (for region `region_id` with `label` selected)."""
+    items = [{"id": region_id or "typed1", "from_name": "prompt", "to_name": "image", "type": "textarea",
+              "value": {"text": [text]}}]
+    if label is not None:
+        items.append({"id": region_id, "from_name": "tag", "to_name": "image", "type": "brushlabels",
+                      "value": {"brushlabels": [label]}})
+    return {"result": items}
+
+
+# (id, labeling config, settings, task data besides the image, /predict context, region label, per-region text,
+#  annotation-level text, expected phrase)
+CASES = [
+    ("typed TextArea", view(IMAGE, CAT_DOG, '<TextArea name="prompt" toName="image" editable="true"/>'), {},
+     {}, typed("the sleeping cat"), "cat", None, "the sleeping cat", "the sleeping cat"),
+    ("per-region TextArea", view(IMAGE, CAT_DOG, '<TextArea name="prompt" toName="image" perRegion="true"/>'), {},
+     {}, typed("the dog on the right", "r1", "dog"), "dog", "the dog on the right", None, "the dog on the right"),
+    ("PROMPT_FIELD", view(IMAGE, CAT_DOG), {"prompt_field": "ref"},
+     {"ref": "the big cat", "note": "ignore me"}, None, "cat", None, None, "the big cat"),
+    ("$field shown by Header", view(IMAGE, '<Header value="$expression"/>',
+                                    '<BrushLabels name="tag" toName="image"><Label value="person"/></BrushLabels>'), {},
+     {"expression": "the man on the left"}, None, "person", None, None, "the man on the left"),
+    ("$field shown by Text", view(IMAGE, '<Text name="caption" value="$caption"/>', CAT_DOG), {},
+     {"caption": "a cat under the table"}, None, "cat", None, None, "a cat under the table"),
+    ("label", view(IMAGE, CAT_DOG), {}, {}, None, "dog", None, None, "dog"),
+    ("label with an alias", view(IMAGE, '<BrushLabels name="tag" toName="image"><Label value="Big dog" alias="d"/>'
+                                        '</BrushLabels>'), {}, {}, None, "d", None, None, "Big dog"),
+    ("mapped label", view(IMAGE, CAT_DOG), {"label_prompts": {"dog": "a sleeping dog"}},
+     {}, None, "dog", None, None, "a sleeping dog"),
+]
+
+
+def jpeg_uri(seed: int) -> tuple[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG")
+    mask = np.zeros((40, 56), bool)
+    mask[10:30, 8:40] = True
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), mask
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_factory):
+    return tiny_model_factory("tiny-clipseg")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_stored_prompt_is_the_phrase_predict_used(case, model_dir, tmp_path, redis_url, redis_conn):
+    _, config, settings, data, context, label, region_text, whole_text, expected = case
+    app = create_app(Settings(model=str(model_dir), data_dir=tmp_path, redis_url=redis_url, finetune_every=1000,
+                              **settings))
+    runtime = app.extensions["clipseg_runtime"]
+    client = app.test_client()
+    try:
+        assert runtime.model.wait_ready(60)
+        image, mask = jpeg_uri(seed=len(expected))
+        task = {"id": 21, "data": {"image": image, **data}}
+        resp = client.post("/predict", json={"tasks": [task], "project": "7.1700000000", "label_config": config,
+                                             "params": {"context": context}})
+        assert resp.status_code == 200
+        assert runtime.recorder.flush(20)
+        store = CorrectionStore(redis_conn)
+        recorded = store.prediction("7", 21, label)
+        assert recorded is not None, f"/predict made no region labelled {label!r}"
+        predicted_phrase = recorded[1]["prompt"]
+        assert predicted_phrase == expected
+
+        # The annotator corrects the region and submits; Label Studio posts the annotation with the project's config.
+        result = [brush_region(mask, label, "r1")]
+        result[0]["original_width"], result[0]["original_height"] = 56, 40
+        if region_text:
+            result.append(textarea_region(region_text, "r1", 56, 40))
+        if whole_text:
+            result.append(textarea_region(whole_text, "t9", 56, 40))
+        event = annotation_event(result, project_id=7, task_id=21, annotation_id=31, data=task["data"])
+        event["project"]["label_config"] = config
+        assert client.post("/webhook", json=event).status_code == 201
+        runtime.inbox.drain_once()
+        wait_for(lambda: store.count("7") == 1)
+        (sample,) = store.samples("7")
+        assert sample.prompt == predicted_phrase
+        assert sample.label == label and np.array_equal(sample.mask, mask)
+    finally:
+        runtime.stop()
+
+
+def test_webhook_of_a_project_never_set_up_uses_the_payloads_config(model_dir, tmp_path, redis_url, redis_conn):
+    """No /setup or /predict of project 8 in this process: the image key and the phrase still come from the
+    project's own config in the payload (a guess would take the first URL-looking value, `homepage`)."""
+    config = view('<Image name="img" value="$picture"/>', '<Header value="$expression"/>',
+                  CAT_DOG.replace('toName="image"', 'toName="img"'))
+    app = create_app(Settings(model=str(model_dir), data_dir=tmp_path, redis_url=redis_url, finetune_every=1000))
+    runtime = app.extensions["clipseg_runtime"]
+    try:
+        image, mask = jpeg_uri(seed=3)
+        data = {"homepage": "https://example.invalid/page", "picture": image, "expression": "the cat in the box"}
+        result = [brush_region(mask, "cat", "r1")]
+        result[0].update(to_name="img", original_width=56, original_height=40)
+        event = annotation_event(result, project_id=8, task_id=5, annotation_id=6, data=data)
+        event["project"]["label_config"] = config
+        assert app.test_client().post("/webhook", json=event).status_code == 201
+        runtime.inbox.drain_once()
+        store = CorrectionStore(redis_conn)
+        wait_for(lambda: store.count("8") == 1)
+        (sample,) = store.samples("8")
+        assert sample.prompt == "the cat in the box"
+        assert sample.load_image() == base64.b64decode(image.split(",", 1)[1])
+    finally:
+        runtime.stop()
