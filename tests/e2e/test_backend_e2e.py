@@ -351,3 +351,29 @@ def test_annotation_webhooks_reach_the_corrections_store(stack: Stack, predictio
     assert store.count(project) == 1
     time.sleep(1.0)  # nothing late turns the update into a second correction
     assert store.count(project) == 1 and len(store.samples(project)) == 1
+
+
+REFCOCO_CONFIG = (
+    '<View><Image name="image" value="$image"/><Header value="$expression"/>'
+    '<BrushLabels name="tag" toName="image"><Label value="object"/></BrushLabels></View>'
+)
+
+
+def test_refcoco_style_project_stores_corrections_under_the_tasks_phrase(stack: Stack):
+    """A project whose phrase per task is shown with `<Header value="$expression"/>` and no PROMPT_FIELD set: the
+    backend predicted for the task's phrase, and the correction Label Studio posts is stored under that phrase,
+    not under the label name (the config comes with the webhook; no /setup for this project needs to be seen)."""
+    c = stack.client
+    project = c.create_project(f"refcoco-style {stack.ml_id}", REFCOCO_CONFIG)
+    png, circle = scene_png(64, 48)
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    c.import_tasks(project, [{"image": data_url, "expression": "the red circle on the left"}])
+    (task,) = c.tasks(project)
+    c.add_ml_backend(project, stack.backend.base_url, "clipseg", is_interactive=True)
+    ann = c.create_annotation(task["id"], [brush_item(circle, "object")])
+    store = stack.store()
+    (sample,) = wait_for(lambda: store.samples(str(project)), INGEST_TIMEOUT,
+                         f"the correction in the store\n{stack.backend.log_tail()}")
+    assert sample.annotation_id == ann["id"]
+    assert sample.prompt == "the red circle on the left" and sample.label == "object"
+    assert np.array_equal(sample.mask, circle) and sample.load_image() == png
