@@ -15,6 +15,7 @@ from backend.json_provider import OrjsonProvider, loads as json_loads
 from backend.labelstudio.config import UnsupportedConfigError
 from backend.metrics import CONTENT_TYPE
 from backend.labelstudio.protocol import BadRequest, parse_predict_request, project_id
+from backend.predict_budget import PredictBudget
 from backend.runtime import BackendRuntime
 from backend.serving_model import ModelNotReady
 from backend.settings import Settings
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
     app.extensions["clipseg_runtime"] = runtime
 
     auth_user, auth_pass = settings.basic_auth_user.encode(), settings.basic_auth_pass.encode()
+    budget = app.extensions["clipseg_predict_budget"] = PredictBudget(settings.predict_budget)
 
     @app.before_request
     def _auth_and_reload():
@@ -147,12 +149,33 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
             segmenter = runtime.model.segmenter
         except ModelNotReady as exc:
             return _error(str(exc), 503)
+        if not budget.fits(len(tasks)) and settings.redis_url and project:
+            return _over_budget(tasks, project)
         answers = runtime.predict_service.answer(segmenter, config, tasks, context, project)
         version = segmenter.version
+        budget.observe(len(tasks), time.perf_counter() - started)
         runtime.metrics.predict_latency.observe(time.perf_counter() - started)
         log.info("predicted %d tasks (%d regions) with %s in %.2f s", len(tasks),
                  sum(len(a.result) for a in answers), version, time.perf_counter() - started)
         return jsonify({"results": [a.to_json(version) for a in answers], "model_version": version})
+
+    def _over_budget(tasks: list, project: str):
+        """Too many tasks to answer before Label Studio gives up: queue them as a pre-label run and say so at once."""
+        from backend.prelabel import queue_prelabel
+        from finetune.triggers import PRELABEL_QUEUE
+
+        ids = [t["id"] for t in tasks if isinstance(t.get("id"), int)]
+        run_id, created = queue_prelabel(runtime.redis, project, task_ids=ids, chunk_size=settings.prelabel_chunk,
+                                         reason="/predict over budget", job_timeout=settings.job_timeout)
+        message = (f"{len(tasks)} tasks would take about {budget.estimate(len(tasks)):.0f} s, more than this backend's "
+                   f"/predict budget of {settings.predict_budget:.0f} s (PREDICT_BUDGET; Label Studio waits 100 s): "
+                   f"{'queued' if created else 'already running as'} pre-label run {run_id} on the "
+                   f"'{PRELABEL_QUEUE}' queue. Predictions appear in Label Studio as `clipseg worker`s finish chunks; "
+                   f"watch with `clipseg prelabel --status {run_id}` or `clipseg jobs`.")
+        log.warning("%s", message)
+        runtime.metrics.errors.labels("over_budget").inc()
+        return jsonify({"status": "error", "error": message, "job_id": run_id, "tasks": len(ids),
+                        "queue": PRELABEL_QUEUE}), 503
 
     @app.post("/webhook")
     def webhook():

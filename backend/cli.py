@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("finetune.commands", "run an RQ worker for fine-tuning jobs"),
     "scheduler": ("finetune.commands", "run the periodic fine-tune scheduler"),
     "finetune": ("finetune.commands", "queue (or run) a fine-tune for a project"),
+    "prelabel": ("backend.prelabel_command", "pre-annotate a whole project in the background through Label Studio's API"),
     "jobs": ("finetune.commands", "list queued, running and failed jobs with progress"),
     "versions": ("finetune.commands", "list model versions with metrics"),
     "rollback": ("finetune.commands", "make an earlier model version active again"),

@@ -33,6 +33,7 @@ class BackendRuntime:
         self.predict_service = PredictService(self.fetcher, self.metrics,
                                               on_prediction=self._record_prediction if self.recorder else None)
         self.inbox = None
+        self.refresher = None
         if settings.redis_url:
             from backend.corrections_inbox import CorrectionsInbox
 
@@ -105,9 +106,15 @@ class BackendRuntime:
         self.model.start()
         if self.inbox is not None:
             self.inbox.start()
+        if self.settings.redis_url and self.settings.prelabel_on_promote:
+            from backend.prelabel import PromotionRefresher  # fresh suggestions after a promotion
+
+            self.refresher = PromotionRefresher(self.redis, self.settings).start()
 
     def stop(self) -> None:
         self.model.stop()
+        if self.refresher is not None:
+            self.refresher.stop()
         if self.inbox is not None:
             self.inbox.stop()
         if self.recorder is not None:

@@ -39,17 +39,20 @@ def configure_worker(parser: argparse.ArgumentParser, settings) -> None:
                         help="simple: jobs run in this process (never forks after CUDA is initialised); "
                              "spawn: a fresh process per job")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--queues", default=None,
+                        help="comma-separated queues in priority order (default: fine-tunes, then pre-label chunks)")
 
 
 def run_worker(args: argparse.Namespace, settings) -> int:
     from rq.worker import SimpleWorker, SpawnWorker
 
-    from finetune.triggers import QUEUE_NAME
+    from finetune.triggers import PRELABEL_QUEUE, QUEUE_NAME
 
     conn = _redis(settings)
     cls = SimpleWorker if args.worker_class == "simple" else SpawnWorker
     name = args.name or f"clipseg-{socket.gethostname()}-{__import__('os').getpid()}"
-    worker = cls([QUEUE_NAME], connection=conn, name=name)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else [QUEUE_NAME, PRELABEL_QUEUE]
+    worker = cls(queues, connection=conn, name=name)
     # with_scheduler: RQ's scheduler moves delayed retries (Retry intervals) back onto the queue.
     worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
     return 0
@@ -115,13 +118,14 @@ def job_rows(conn) -> list[dict]:
     from rq import Queue
     from rq.job import Job
 
-    from finetune.triggers import QUEUE_NAME
+    from finetune.triggers import PRELABEL_QUEUE, QUEUE_NAME
 
-    queue = Queue(QUEUE_NAME, connection=conn)
-    ids: list[tuple[str, str]] = [(i, "queued") for i in queue.get_job_ids()]
-    for name, registry in (("scheduled", queue.scheduled_job_registry), ("running", queue.started_job_registry),
-                           ("finished", queue.finished_job_registry), ("failed", queue.failed_job_registry)):
-        ids += [(i, name) for i in registry.get_job_ids()]
+    ids: list[tuple[str, str]] = []
+    for queue in (Queue(QUEUE_NAME, connection=conn), Queue(PRELABEL_QUEUE, connection=conn)):
+        ids += [(i, "queued") for i in queue.get_job_ids()]
+        for name, registry in (("scheduled", queue.scheduled_job_registry), ("running", queue.started_job_registry),
+                               ("finished", queue.finished_job_registry), ("failed", queue.failed_job_registry)):
+            ids += [(i, name) for i in registry.get_job_ids()]
     rows = []
     for job_id, where in ids:
         try:
@@ -136,7 +140,10 @@ def job_rows(conn) -> list[dict]:
         rows.append({"id": job_id, "state": where, "project": meta.get("project"), "stage": meta.get("stage"),
                      "progress": meta.get("progress"), "step": meta.get("step"), "total_steps": meta.get("total_steps"),
                      "loss": meta.get("loss"), "message": meta.get("message"), "enqueued": job.enqueued_at,
-                     "error": failure, "description": job.description})
+                     "error": failure, "description": job.description,
+                     # pre-label work jobs (backend.prelabel): the chunk they work on and how far it is
+                     "run": meta.get("run"), "chunk": meta.get("chunk"), "chunks": meta.get("chunks"),
+                     "done": meta.get("done"), "total": meta.get("total")})
     return rows
 
 
@@ -146,9 +153,14 @@ def run_jobs(args: argparse.Namespace, settings) -> int:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     if not rows:
-        print("no fine-tune jobs")
+        print("no jobs")
     for r in rows:
         progress = f"{r['progress']:.0%}" if isinstance(r["progress"], (int, float)) else "-"
+        if r["run"]:
+            chunk = f"chunk {r['chunk']}/{r['chunks']} {r['done']}/{r['total']} tasks" if r["chunk"] is not None else ""
+            print(f"{r['id']:<34} {r['state']:<9} project {r['project']!s:<5} pre-label {r['stage'] or '-':<10} "
+                  f"{progress:>5} {chunk} {r['error']}".rstrip())
+            continue
         print(f"{r['id']:<34} {r['state']:<9} project {r['project']!s:<5} {r['stage'] or '-':<10} {progress:>5} "
               f"step {r['step'] or 0}/{r['total_steps'] or '-'} {r['message'] or ''} {r['error']}".rstrip())
     return 0

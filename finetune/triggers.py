@@ -49,6 +49,9 @@ from finetune.corrections import CorrectionStore
 logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "clipseg"
+# Pre-label chunks (backend.prelabel) have a queue of their own: `clipseg worker` serves QUEUE_NAME first, so a
+# fine-tune waits at most for one chunk, and a big pre-label run never sits behind (or starves) fine-tunes.
+PRELABEL_QUEUE = "clipseg-prelabel"
 DEFAULT_JOB = "finetune.jobs.finetune_project"
 REASONS = ("correction", "start_training", "manual", "periodic")
 ACTIVE_STATUSES = frozenset({

@@ -1,0 +1,77 @@
+"""`clipseg prelabel --project P [--unlabeled-only] [--wait] [--chunk N]`: queue a pre-label run (backend.prelabel)
+that any number of `clipseg worker`s share; `--status RUN` shows a run chunk by chunk."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from clipseg_model.errors import ClipsegError
+
+
+def configure(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--project", help="Label Studio project id")
+    parser.add_argument("--unlabeled-only", action="store_true", help="only tasks without an annotation")
+    parser.add_argument("--chunk", type=int, default=settings.prelabel_chunk,
+                        help=f"tasks per chunk, the unit workers share (default PRELABEL_CHUNK={settings.prelabel_chunk})")
+    parser.add_argument("--wait", action="store_true", help="show a progress bar until the run is done")
+    parser.add_argument("--status", metavar="RUN", help="show a run (chunk by chunk) instead of queueing one")
+    parser.add_argument("--json", action="store_true", help="with --status or --wait: the summary as JSON")
+
+
+def _bar(summary: dict, width: int = 30) -> str:
+    total = max(1, summary["tasks"])
+    done = sum(c.get("done") or 0 for c in summary["chunk_progress"].values())
+    filled = int(width * done / total)
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{summary['tasks']} tasks, "
+            f"{summary['chunks_done']}/{summary['chunks']} chunks, {summary['written']} written, "
+            f"{summary['failed']} failed ({summary['state']})")
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    print(f"run {summary['run']}: project {summary['project']}, {summary['state']}, version {summary['version'] or '-'}"
+          f" ({summary['reason']})")
+    if summary["error"]:
+        print(f"  error: {summary['error']}")
+    for i, c in summary["chunk_progress"].items():
+        print(f"  chunk {i:>4} {c['state']:<8} {c.get('done') or 0}/{c.get('total') or '-'} "
+              f"worker {c.get('worker') or '-'} attempts {c.get('attempts') or 0}")
+    print(f"  {_bar(summary)}; {summary['skipped']} skipped, {summary['replaced']} older predictions removed")
+    for f in summary["failed_tasks"]:
+        print(f"  task {f['task']}: no prediction: {f['error']}")
+
+
+def run(args: argparse.Namespace, settings) -> int:
+    from backend.prelabel import PrelabelRuns, queue_prelabel
+    from finetune.commands import _redis
+
+    conn = _redis(settings)
+    runs = PrelabelRuns(conn)
+    if args.status:
+        try:
+            _print_summary(runs.summary(args.status), args.json)
+        except KeyError:
+            raise ClipsegError(f"no pre-label run {args.status} (recent: {', '.join(runs.runs(5)) or 'none'})") from None
+        return 0
+    if not args.project:
+        raise ClipsegError("--project is required (or --status RUN)")
+    run_id, created = queue_prelabel(conn, args.project, unlabeled_only=args.unlabeled_only, chunk_size=args.chunk,
+                                     reason="clipseg prelabel", job_timeout=settings.job_timeout)
+    print(f"{'queued' if created else 'already running:'} pre-label run {run_id} for project {args.project}; "
+          f"`clipseg worker`s on any machine with REDIS_URL, LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY share it")
+    if not args.wait:
+        return 0
+    while True:
+        info = runs.info(run_id)
+        summary = runs.summary(run_id) if info.state != "planning" or info.error else None
+        if summary is not None:
+            print(f"\r{_bar(summary)}", end="", file=sys.stderr, flush=True)
+            if summary["state"] in ("done", "failed"):
+                print(file=sys.stderr)
+                _print_summary(summary, args.json)
+                return 0 if summary["state"] == "done" else 1
+        time.sleep(1.0)

@@ -1,0 +1,125 @@
+"""Pre-label runs without Label Studio: chunk leases in real Redis, the /predict budget, the promotion hook, and the
+job's errors when Label Studio cannot be used (e2e with a real Label Studio: tests/e2e/test_prelabel_e2e.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from rq import Queue
+from rq.worker import SimpleWorker
+
+from backend import prelabel
+from backend.predict_budget import PredictBudget
+from backend.prelabel import PrelabelRuns, PromotionRefresher, queue_prelabel
+from backend.settings import Settings
+from finetune.triggers import PRELABEL_QUEUE
+from finetune.versions import VersionRecord, VersionRegistry
+
+
+def test_budget_estimates_from_measured_time_and_always_runs_one_task():
+    budget = PredictBudget(80.0, prior_s_per_task=1.0)
+    assert budget.fits(1) and budget.fits(53) and not budget.fits(54)  # 1.5 x 1 s prior per task
+    budget.observe(10, 1.0)  # 0.1 s per task measured
+    assert budget.seconds_per_task == pytest.approx(0.1)
+    assert budget.fits(500) and not budget.fits(600)
+    budget.observe(10, 11.0)  # slower now: the mean moves towards it
+    assert 0.1 < budget.seconds_per_task < 1.1
+    assert PredictBudget(0.001).fits(1)
+
+
+def test_one_run_per_project_and_chunks_are_claimed_once(redis_conn):
+    runs = PrelabelRuns(redis_conn)
+    run, created = runs.create("5", task_ids=None, unlabeled_only=False, chunk_size=2, version=None, reason="t")
+    again, created2 = runs.create("5", task_ids=None, unlabeled_only=False, chunk_size=2, version=None, reason="t")
+    assert created and not created2 and again == run
+    runs.plan(run, [[1, 2], [3, 4], [5]])
+    a, b, c = runs.claim(run, "A", 3), runs.claim(run, "B", 3), runs.claim(run, "A", 3)
+    assert (a, b, c) == (0, 1, 2) and runs.claim(run, "C", 3) is None
+    assert runs.finish(run, 0, "A") and not runs.finish(run, 1, "A")  # B holds chunk 1
+    assert not runs.settle(run)
+    # B dies: its lease runs out, the chunk goes to whoever claims next
+    redis_conn.delete(runs.key(run, "lease:1"))
+    assert runs.claim(run, "C", 3) == 1 and not runs.renew(run, 1, "B") and runs.renew(run, 1, "C")
+    assert runs.finish(run, 1, "C") and runs.finish(run, 2, "A") and runs.settle(run)
+    assert runs.info(run).state == "done"
+    # the project is free again
+    assert runs.create("5", task_ids=[9], unlabeled_only=True, chunk_size=2, version=None, reason="t")[1]
+
+
+def test_queue_prelabel_enqueues_the_plan_job_on_its_own_queue(redis_conn):
+    run, created = queue_prelabel(redis_conn, 3, task_ids=[7, 8], chunk_size=1)
+    assert created
+    (job,) = Queue(PRELABEL_QUEUE, connection=redis_conn).get_jobs()
+    assert job.func_name == "backend.prelabel.plan_job" and job.args == (run,) and job.meta["run"] == run
+    assert PrelabelRuns(redis_conn).info(run).task_ids == [7, 8]
+    assert queue_prelabel(redis_conn, 3) == (run, False)
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": "k"}, "LABEL_STUDIO_URL is not set"),
+    ({"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": ""}, "LABEL_STUDIO_API_KEY is not set"),
+    ({"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k" * 40},
+     "cannot reach Label Studio at LABEL_STUDIO_URL=http://127.0.0.1:9"),
+])
+def test_plan_job_fails_naming_the_setting_and_writes_nothing(redis_conn, monkeypatch, env, fragment):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    run, _ = queue_prelabel(redis_conn, 4, chunk_size=10)
+    queue = Queue(PRELABEL_QUEUE, connection=redis_conn)
+    SimpleWorker([queue], connection=redis_conn).work(burst=True)
+    info = PrelabelRuns(redis_conn).info(run)
+    assert info.state == "failed" and fragment in info.error, info.error
+    assert redis_conn.hlen(PrelabelRuns(redis_conn).key(run, "chunks")) == 0  # no chunk, no work job
+    assert not [j for j in queue.get_jobs() if j.func_name.endswith("work_job")]
+    assert redis_conn.get(PrelabelRuns(redis_conn).active_key("4")) is None
+
+
+def test_promotion_queues_one_refresh_of_unannotated_tasks(redis_conn, tmp_path):
+    registry = VersionRegistry(redis_conn)
+    registry.record(VersionRecord("p6-v2", str(tmp_path), "base", status="candidate", project="6"))
+    refresher = PromotionRefresher(redis_conn, Settings(redis_url="x", prelabel_chunk=50))
+    event = {"event": "activated", "version": "p6-v2", "path": str(tmp_path)}
+    run = refresher.handle(event)
+    info = PrelabelRuns(redis_conn).info(run)
+    assert info.project == "6" and info.unlabeled_only and info.version == "p6-v2" and info.chunk_size == 50
+    assert refresher.handle(event) is None  # a second server hearing the same event queues nothing
+    registry.record(VersionRecord("base-v", "MODEL", None, status="base"))
+    assert refresher.handle({"event": "activated", "version": "base-v", "path": "MODEL"}) is None
+
+
+def test_over_budget_predict_queues_a_run_and_answers_at_once(tiny_model_factory, tmp_path, redis_url, redis_conn):
+    from backend.app import create_app
+
+    settings = Settings(model=str(tiny_model_factory("tiny-clipseg")), data_dir=tmp_path, redis_url=redis_url,
+                        predict_budget=0.5, prelabel_chunk=4)
+    app = create_app(settings)
+    runtime = app.extensions["clipseg_runtime"]
+    try:
+        assert runtime.model.wait_ready(60)
+        config = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                  '<Label value="circle"/></BrushLabels></View>')
+        tasks = [{"id": i, "data": {"image": "/data/upload/1/x.png"}} for i in range(1, 11)]
+        client = app.test_client()
+        resp = client.post("/predict", json={"tasks": tasks, "project": "9.123", "label_config": config})
+        assert resp.status_code == 503
+        body = resp.get_json()
+        assert body["tasks"] == 10 and "PREDICT_BUDGET" in body["error"] and body["job_id"] in body["error"]
+        assert PrelabelRuns(redis_conn).info(body["job_id"]).task_ids == list(range(1, 11))
+        # one task always runs (here its image cannot be fetched: an empty result, as before)
+        one = client.post("/predict", json={"tasks": tasks[:1], "project": "9.123", "label_config": config})
+        assert one.status_code == 200 and len(one.get_json()["results"]) == 1
+    finally:
+        runtime.stop()
+
+
+def test_jobs_listing_shows_prelabel_chunk_progress(redis_conn):
+    from finetune.commands import job_rows
+
+    queue_prelabel(redis_conn, 2, task_ids=[1])
+    job = Queue(PRELABEL_QUEUE, connection=redis_conn).get_jobs()[0]
+    job.meta.update({"chunk": 0, "chunks": 3, "done": 5, "total": 10})
+    job.save_meta()
+    (row,) = job_rows(redis_conn)
+    assert (row["run"], row["chunk"], row["chunks"], row["done"], row["total"]) == (job.meta["run"], 0, 3, 5, 10)
+    assert json.dumps(row, default=str)
+    assert prelabel.LEASE_S > prelabel.RENEW_S * 2
