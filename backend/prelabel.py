@@ -375,6 +375,7 @@ class ChunkPredictor:
         self.our_versions = set(our_versions)
         self.unlabeled_only, self.replace_older, self.batch = unlabeled_only, replace_older, batch
         self.still_mine, self.on_progress = still_mine, on_progress
+        self.timings = {"read": 0.0, "wait_downloads": 0.0, "predict": 0.0, "write": 0.0, "wait_writes": 0.0}
         self._prefetch = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prelabel-fetch")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="prelabel-write")
 
@@ -400,6 +401,7 @@ class ChunkPredictor:
             return
         if not self.still_mine():
             raise PrelabelError("lost the chunk's lease to another worker; stopping without writing")
+        started = time.perf_counter()
         self.client.projects.import_predictions(id=int(self.project), request=[
             {"task": task["id"], "result": answer["result"], "score": answer["score"],
              "model_version": answer["model_version"]} for task, answer in rows])
@@ -412,11 +414,14 @@ class ChunkPredictor:
                     if pid is not None and version != answer["model_version"] and version in self.our_versions:
                         self.client.predictions.delete(id=pid)
                         result.replaced += 1
+        self.timings["write"] += time.perf_counter() - started
 
     def run(self, task_ids: Sequence[int]) -> ChunkResult:
         version = self.segmenter.version
         result = ChunkResult(total=len(task_ids))
+        t0 = time.perf_counter()
         tasks = read_tasks(self.client, self.project, task_ids)
+        self.timings["read"] += time.perf_counter() - t0
         found = {t["id"] for t in tasks}
         for missing in sorted(set(task_ids) - found):  # deleted from Label Studio since the plan
             result.skipped += 1
@@ -431,6 +436,7 @@ class ChunkPredictor:
         writes: list[Future] = []
         for start in range(0, len(todo), self.batch):
             batch, ok = todo[start:start + self.batch], []
+            t0 = time.perf_counter()
             for task, fut in zip(batch, downloads[start:start + self.batch]):
                 error = fut.result()
                 if error is not None:
@@ -438,20 +444,26 @@ class ChunkPredictor:
                     log.warning("task %s: no prediction: %s", task["id"], error)
                 else:
                     ok.append(task)
+            t1 = time.perf_counter()
+            self.timings["wait_downloads"] += t1 - t0
             rows = []
             for task, answer in zip(ok, self.service.answer(self.segmenter, self.config, ok, None, self.project)):
                 if answer.error:  # the bytes did not decode
                     result.failed_tasks.append({"task": task["id"], "error": answer.error})
                 else:
                     rows.append((task, answer.to_json(version)))
+            self.timings["predict"] += time.perf_counter() - t1
             writes.append(self._writer.submit(self._write, rows, result))
             for w in [w for w in writes if w.done()]:
                 w.result()  # surface a failed write at once
             result.done += len(batch)
             self.on_progress(result)
+        t0 = time.perf_counter()
         for w in writes:
             w.result()
+        self.timings["wait_writes"] += time.perf_counter() - t0
         result.done = result.total
+        log.info("chunk of %d tasks: %s", len(task_ids), {k: round(v, 2) for k, v in self.timings.items()})
         return result
 
 
@@ -541,7 +553,10 @@ def work_job(run_id: str, namespace: str = "clipseg") -> dict[str, Any]:
     segmenter = serving_segmenter(settings, conn, info.version)
     config = LabelConfig.from_settings(label_config, settings)
     service = PredictService(ImageFetcher.from_settings(settings), BackendMetrics())
-    ours = {r.version for r in VersionRegistry(conn).list()}
+    # Versions this backend made or started from (a record's parent is the version it replaced, e.g. the base model):
+    # only their predictions are ever replaced; predictions imported from elsewhere stay.
+    records = VersionRegistry(conn).list()
+    ours = {r.version for r in records} | {r.parent for r in records if r.parent}
     batch = BATCH_CUDA if str(segmenter.model.device).startswith("cuda") else BATCH_CPU
     token = f"{job.worker_name or 'inline'}:{job.id}:{uuid.uuid4().hex[:8]}"
     worked: list[dict[str, Any]] = []

@@ -123,3 +123,22 @@ def test_jobs_listing_shows_prelabel_chunk_progress(redis_conn):
     assert (row["run"], row["chunk"], row["chunks"], row["done"], row["total"]) == (job.meta["run"], 0, 3, 5, 10)
     assert json.dumps(row, default=str)
     assert prelabel.LEASE_S > prelabel.RENEW_S * 2
+
+
+def test_prelabel_command_queues_and_shows_a_run_chunk_by_chunk(redis_url, redis_conn, monkeypatch, capsys):
+    from backend.cli import main
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    assert main(["prelabel", "--project", "12", "--unlabeled-only", "--chunk", "2"]) == 0
+    run = PrelabelRuns(redis_conn).runs()[0]
+    assert f"queued pre-label run {run} for project 12" in capsys.readouterr().out
+    info = PrelabelRuns(redis_conn).info(run)
+    assert info.unlabeled_only and info.chunk_size == 2
+    runs = PrelabelRuns(redis_conn)
+    runs.plan(run, [[1, 2], [3]])
+    runs.set_progress(run, 0, {"done": 1, "total": 2, "worker": "w1", "attempts": 1,
+                               "failed_tasks": [{"task": 2, "error": "HTTP 404"}]})
+    assert main(["prelabel", "--status", run]) == 0
+    out = capsys.readouterr().out
+    assert "chunk    0 pending  1/2 worker w1" in out and "task 2: no prediction: HTTP 404" in out
+    assert main(["prelabel", "--status", "nope"]) == 1

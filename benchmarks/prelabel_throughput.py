@@ -1,0 +1,150 @@
+"""Pre-label throughput through a real Label Studio vs the predictor alone, on the same images.
+
+    .venv/bin/python benchmarks/prelabel_throughput.py               # full-size CLIPSeg (random weights), 48 images
+    .venv/bin/python benchmarks/prelabel_throughput.py --tiny -n 300 # the e2e tests' tiny model
+
+1. The predictor alone: `Segmenter.predict_batch` on the images already decoded in memory, batches of 8 (32 on CUDA),
+   the project's two labels as prompts.
+2. The pre-label run: a real Label Studio 1.23 (tests/e2e/ls_harness.py; its venv is built on first use), a project
+   whose tasks are the same images in a local-files storage, `queue_prelabel` and the real RQ jobs run in this
+   process by a SimpleWorker (the model is loaded before timing, as a worker keeps it between jobs): task listing,
+   image downloads (prefetch threads), inference, RLE, and the predictions imported through the API.
+
+Prints images/s of both and their ratio (target >= 0.8 on CPU) and the machine's load average.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from clipseg_model.numerics import flush_denormals  # noqa: E402
+
+LABEL_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                '<Label value="circle"/><Label value="square"/></BrushLabels></View>')
+
+
+def write_images(folder: Path, n: int, size: tuple[int, int]) -> list[bytes]:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    w, h = size
+    for i in range(n):
+        image = Image.new("RGB", (w, h), (235, 235, 235))
+        draw = ImageDraw.Draw(image)
+        x = (i * 7) % (w // 2)
+        draw.ellipse((x, 2, x + w // 3, 2 + h // 3), fill=(220, 20, 20))
+        draw.rectangle((w // 2, h // 2, w // 2 + w // 4, h // 2 + h // 4), fill=(20, 20, 220))
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        (folder / f"img{i:05d}.png").write_bytes(buf.getvalue())
+        out.append(buf.getvalue())
+    return out
+
+
+def predictor_alone(model_dir: Path, images: list[bytes], device: str, repeats: int = 1) -> float:
+    """Images/s of Segmenter.predict_batch on pre-decoded images (best of `repeats`)."""
+    from PIL import Image
+
+    from clipseg_model.loading import load_model
+    from clipseg_model.predictor import Segmenter
+
+    seg = Segmenter(load_model(str(model_dir), device), threshold=0.5)
+    decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    batch = 32 if device.startswith("cuda") else 8
+    seg.predict_batch(decoded[:2], [["circle", "square"]] * 2)  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        seg.clear_caches() if hasattr(seg, "clear_caches") else None
+        t0 = time.perf_counter()
+        for i in range(0, len(decoded), batch):
+            part = decoded[i:i + batch]
+            seg.predict_batch(part, [["circle", "square"]] * len(part))
+        best = max(best, len(decoded) / (time.perf_counter() - t0))
+    return best
+
+
+def prelabel_through_label_studio(model_dir: Path, folder: Path, n: int, redis_url: str, device: str,
+                                  chunk: int) -> tuple[float, dict]:
+    import redis
+    from rq import Queue
+    from rq.worker import SimpleWorker
+
+    from backend.prelabel import PrelabelRuns, queue_prelabel, serving_segmenter
+    from backend.settings import Settings
+    from finetune.triggers import PRELABEL_QUEUE
+    from tests.e2e.ls_harness import LabelStudioServer
+
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    with LabelStudioServer("legacy", local_files_root=folder.parent) as ls:
+        project = ls.client.create_project("prelabel bench", LABEL_CONFIG)
+        ls.client.add_local_files_storage(project, folder, regex_filter=r".*\.png")
+        os.environ.update({"MODEL": str(model_dir), "DEVICE": device, "REDIS_URL": redis_url,
+                           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token,
+                           "DATA_DIR": str(folder.parent / "data")})
+        settings = Settings.from_env()
+        serving_segmenter(settings, conn)  # a worker keeps its model between jobs: load it before timing
+        t0 = time.perf_counter()
+        run_id, _ = queue_prelabel(conn, project, chunk_size=chunk)
+        SimpleWorker([Queue(PRELABEL_QUEUE, connection=conn)], connection=conn).work(burst=True)
+        elapsed = time.perf_counter() - t0
+        summary = PrelabelRuns(conn, "clipseg").summary(run_id)
+        stored = ls.client.predictions(project)
+        assert summary["state"] == "done" and summary["written"] == n == len(stored), (summary, len(stored))
+    conn.flushdb()
+    return n / elapsed, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--images", type=int, default=48)
+    parser.add_argument("--size", default="320x240", help="image size WxH")
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny-clipseg instead of full-size CLIPSeg")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"),
+                        help="a scratch Redis database (flushed)")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "clipseg-bench")
+    args = parser.parse_args(argv)
+    flush_denormals()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("backend.prelabel").setLevel(logging.INFO)  # the per-chunk time split
+    from backend.bench_command import build_or_reuse
+
+    preset = "tiny-clipseg" if args.tiny else "clipseg-rd64"
+    model_dir = build_or_reuse(preset, args.work_dir, 0, None)
+    w, h = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory(prefix="prelabel-bench-") as tmp:
+        folder = Path(tmp) / "files" / "images"
+        images = write_images(folder, args.images, (w, h))
+        alone = predictor_alone(model_dir, images, args.device)
+        load_before = os.getloadavg()
+        through, summary = prelabel_through_label_studio(model_dir, folder, args.images, args.redis_url,
+                                                         args.device, args.chunk)
+    load_after = os.getloadavg()
+    report = {"preset": preset, "images": args.images, "size": args.size, "device": args.device,
+              "predictor_images_per_s": round(alone, 2), "prelabel_images_per_s": round(through, 2),
+              "ratio": round(through / alone, 3), "target": 0.8, "cpus": os.cpu_count(),
+              "load_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+              "written": summary["written"], "chunks": summary["chunks"]}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Pre-labelling a 300-task project against a real Label Studio 1.23, with real `clipseg serve` and `clipseg worker`s.
+
+One Label Studio (legacy tokens AND personal access tokens enabled) and one backend for the module. The backend has
+PREDICT_BUDGET=2 s, so "Retrieve predictions" on all tasks cannot be answered in time: /predict queues a pre-label run
+and answers at once. Two workers share its chunks — one authenticates with the legacy token, the other with a
+personal access token; the first is SIGKILLed in the middle of a chunk and started again. Read back from Label Studio:
+every task has exactly one prediction of the version /setup reported; the task whose image is missing has none and is
+listed in the run's result. Then a project version is promoted: the backend's promotion hook queues a pre-label of
+the unannotated tasks, which end with exactly one prediction, of the new version; annotated tasks keep theirs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.conftest import REDIS_TEST_URL
+from tests.e2e.ls_harness import LabelStudioServer, ManagedProcess, free_port
+from tests.e2e.test_backend_e2e import clipseg_command, wait_backend_ready, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+LABEL_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                '<Label value="circle"/><Label value="square"/></BrushLabels></View>')
+N_TASKS = 300
+CHUNK = 25
+MISSING_IMAGE = "/data/upload/999/missing.png"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_images(folder: Path, n: int) -> None:
+    """n small PNGs (64x48), each a circle and a square at a different place."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        image = Image.new("RGB", (64, 48), (235, 235, 235))
+        draw = ImageDraw.Draw(image)
+        x = i % 30
+        draw.ellipse((x, 2, x + 20, 22), fill=(220, 20, 20))
+        draw.rectangle((40 - x // 2, 26, 60 - x // 2, 44), fill=(20, 20, 220))
+        image.save(folder / f"img{i:04d}.png")
+
+
+class World:
+    def __init__(self, ls, backend, project, version, tmp, conn):
+        self.ls, self.backend, self.project, self.version, self.tmp, self.conn = ls, backend, project, version, tmp, conn
+        self.workers: dict[str, ManagedProcess] = {}
+
+    def worker(self, name: str, key: str) -> ManagedProcess:
+        proc = ManagedProcess(
+            [*clipseg_command(), "worker", "--name", name],
+            env={"MODEL": self.backend.env["MODEL"], "DATA_DIR": str(self.tmp / f"data-{name}"),
+                 "REDIS_URL": REDIS_TEST_URL, "LABEL_STUDIO_URL": self.ls.url, "LABEL_STUDIO_API_KEY": key,
+                 "LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)},
+            cwd=ROOT, log_path=self.tmp / f"worker-{name}.log", name=name)
+        self.workers[name] = proc
+        return proc.start()
+
+    def predictions_by_task(self) -> dict[int, list[dict]]:
+        out: dict[int, list[dict]] = {}
+        for p in self.ls.client.predictions(self.project):
+            out.setdefault(p["task"], []).append(p)
+        return out
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{w.log_tail(30)}" for n, w in self.workers.items()) + f"\n--- backend\n{self.backend.log_tail(30)}"
+
+
+@pytest.fixture(scope="module")
+def world(tiny_model_factory, tmp_path_factory):
+    import redis
+
+    model_dir = tiny_model_factory("tiny-clipseg")
+    conn = redis.Redis.from_url(REDIS_TEST_URL)
+    conn.flushdb()
+    tmp = tmp_path_factory.mktemp("prelabel-e2e")
+    port = free_port()
+    with contextlib.ExitStack() as resources:
+        ls = resources.enter_context(LabelStudioServer("both"))
+        backend = ManagedProcess(
+            [*clipseg_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker", "--no-scheduler"],
+            env={"MODEL": str(model_dir), "DATA_DIR": str(tmp / "data"), "REDIS_URL": REDIS_TEST_URL,
+                 "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token, "PREDICT_BUDGET": "2",
+                 "PRELABEL_CHUNK": str(CHUNK), "PRELABEL_ON_PROMOTE": "true", "LOG_LEVEL": "INFO"},
+            cwd=ROOT, log_path=tmp / "backend.log", name="backend")
+        resources.callback(backend.stop)
+        backend.start()
+        backend.health_url = f"http://127.0.0.1:{port}/health"
+        wait_backend_ready(backend)
+        c = ls.client
+        project = c.create_project("pre-label e2e", LABEL_CONFIG)
+        folder = ls.local_files_root / f"p{project}"
+        write_images(folder, N_TASKS)
+        c.add_local_files_storage(project, folder, regex_filter=r".*\.png")
+        c.import_tasks(project, [{"image": MISSING_IMAGE}])
+        c.add_ml_backend(project, backend.base_url, "clipseg", is_interactive=False)
+        (ml,) = c.ml_backends(project)
+        w = World(ls, backend, project, ml["model_version"], tmp, conn)
+        resources.callback(lambda: [p.stop() for p in w.workers.values()])
+        yield w
+    conn.flushdb()
+    conn.close()
+
+
+def wait_run(world: World, run_id: str, timeout: float) -> dict:
+    from backend.prelabel import PrelabelRuns
+
+    runs = PrelabelRuns(world.conn)
+    wait_for(lambda: runs.info(run_id).state in ("done", "failed"), timeout, f"pre-label run {run_id}\n{world.logs()}",
+             interval=0.5)
+    return runs.summary(run_id)
+
+
+def test_retrieve_predictions_over_budget_then_shared_killed_and_restarted_workers(world: World):
+    from backend.prelabel import PrelabelRuns
+
+    c, runs = world.ls.client, PrelabelRuns(world.conn)
+    tasks = c.tasks(world.project)
+    assert len(tasks) == N_TASKS + 1
+    missing = next(t["id"] for t in tasks if t["data"]["image"] == MISSING_IMAGE)
+    t0 = time.monotonic()
+    c.retrieve_predictions(world.project, [t["id"] for t in tasks])
+    answered_s = time.monotonic() - t0
+    assert c.predictions(world.project) == []  # nothing stored from /predict: it queued a run instead
+    (run_id,) = runs.runs()
+    info = runs.info(run_id)
+    assert info.project == str(world.project) and sorted(info.task_ids) == sorted(t["id"] for t in tasks)
+    assert f"pre-label run {run_id}" in world.backend.log_tail(200) and answered_s < 60
+
+    world.worker("legacy-1", world.ls.legacy_token)
+    world.worker("pat", world.ls.pat)
+
+    def legacy_mid_chunk():
+        prog = runs.progress(run_id)
+        return [i for i, p in prog.items() if p["state"] == "running" and p.get("worker") == "legacy-1"
+                and 0 < (p.get("done") or 0) < p.get("total", 0)]
+
+    killed = wait_for(legacy_mid_chunk, 240, f"worker legacy-1 in the middle of a chunk\n{world.logs()}", interval=0.02)
+    proc = world.workers["legacy-1"]
+    os.killpg(proc.proc.pid, signal.SIGKILL)  # no clean-up at all: its lease just stops being renewed
+    proc.proc.wait()
+    world.worker("legacy-2", world.ls.legacy_token)
+
+    summary = wait_run(world, run_id, 300)
+    assert summary["state"] == "done", summary
+    stored = world.predictions_by_task()
+    for t in tasks:
+        if t["id"] == missing:
+            assert t["id"] not in stored
+            continue
+        preds = stored.get(t["id"], [])
+        assert len(preds) == 1, (t["id"], preds)
+        assert preds[0]["model_version"] == world.version and preds[0]["result"], preds[0]
+        assert {r["type"] for r in preds[0]["result"]} == {"brushlabels"}
+    assert [f["task"] for f in summary["failed_tasks"]] == [missing]
+    assert "missing.png" in summary["failed_tasks"][0]["error"], summary["failed_tasks"]
+    by_worker = {c["worker"] for c in summary["chunk_progress"].values()}
+    assert "pat" in by_worker and by_worker & {"legacy-1", "legacy-2"}  # both tokens wrote, chunks were shared
+    assert summary["chunk_progress"][killed[0]]["attempts"] >= 2  # the killed chunk was taken over
+    print(f"\n[prelabel e2e] /predict answered in {answered_s:.1f} s; {N_TASKS} tasks; chunks by worker: "
+          f"{ {i: c['worker'] for i, c in summary['chunk_progress'].items()} }")
+
+
+def test_promotion_refreshes_unannotated_tasks_only(world: World):
+    from backend.prelabel import PrelabelRuns
+    from finetune.versions import VersionRecord, VersionRegistry
+
+    c, runs = world.ls.client, PrelabelRuns(world.conn)
+    tasks = [t for t in c.tasks(world.project) if t["data"]["image"] != MISSING_IMAGE]
+    annotated = [t["id"] for t in tasks[:3]]
+    for task_id in annotated:
+        c.create_annotation(task_id, [])
+    before = world.predictions_by_task()
+    assert all(len(before[t["id"]]) == 1 for t in tasks), "run the first test first"
+
+    version = f"p{world.project}-e2e-v2"
+    path = world.tmp / version
+    shutil.copytree(world.backend.env["MODEL"], path)
+    registry = VersionRegistry(world.conn)
+    registry.record(VersionRecord(version, str(path), world.version, status="candidate", project=str(world.project)))
+    registry.activate(version, "promoted", "e2e")
+
+    def refresh_run():
+        return next((r for r in runs.runs() if runs.info(r).version == version), None)
+
+    run_id = wait_for(refresh_run, 30, f"the refresh run\n{world.logs()}")
+    info = runs.info(run_id)
+    assert info.unlabeled_only and info.reason == f"promoted {version}"
+    summary = wait_run(world, run_id, 300)
+    assert summary["state"] == "done", summary
+    after = world.predictions_by_task()
+    for t in tasks:
+        preds = after[t["id"]]
+        if t["id"] in annotated:
+            assert [p["model_version"] for p in preds] == [world.version]  # left alone
+        else:
+            assert [p["model_version"] for p in preds] == [version], (t["id"], preds)
+    assert summary["replaced"] == len(tasks) - len(annotated)
+    assert len(summary["failed_tasks"]) == 1  # the missing image, again
+
+
+def test_wrong_key_fails_naming_the_setting_and_writes_nothing(world: World, monkeypatch):
+    from rq import Queue
+    from rq.worker import SimpleWorker
+
+    from backend.prelabel import PrelabelRuns, queue_prelabel
+    from finetune.triggers import PRELABEL_QUEUE
+
+    before = len(world.ls.client.predictions(world.project))
+    monkeypatch.setenv("LABEL_STUDIO_URL", world.ls.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0" * 40)
+    for w in world.workers.values():  # this test runs the job in-process
+        w.stop()
+    run_id, created = queue_prelabel(world.conn, world.project, chunk_size=CHUNK)
+    assert created
+    SimpleWorker([Queue(PRELABEL_QUEUE, connection=world.conn)], connection=world.conn).work(burst=True)
+    info = PrelabelRuns(world.conn).info(run_id)
+    assert info.state == "failed" and "refused LABEL_STUDIO_API_KEY (HTTP 401)" in info.error, info.error
+    assert len(world.ls.client.predictions(world.project)) == before
