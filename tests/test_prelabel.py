@@ -77,8 +77,11 @@ def test_plan_job_fails_naming_the_setting_and_writes_nothing(redis_conn, monkey
 def test_promotion_queues_one_refresh_of_unannotated_tasks(redis_conn, tmp_path):
     registry = VersionRegistry(redis_conn)
     registry.record(VersionRecord("p6-v2", str(tmp_path), "base", status="candidate", project="6"))
-    refresher = PromotionRefresher(redis_conn, Settings(redis_url="x", prelabel_chunk=50))
     event = {"event": "activated", "version": "p6-v2", "path": str(tmp_path)}
+    # without Label Studio settings the run could only fail: nothing is queued
+    assert PromotionRefresher(redis_conn, Settings(redis_url="x")).handle(event) is None
+    refresher = PromotionRefresher(redis_conn, Settings(redis_url="x", prelabel_chunk=50, label_studio_url="http://ls",
+                                                        label_studio_api_key="k"))
     run = refresher.handle(event)
     info = PrelabelRuns(redis_conn).info(run)
     assert info.project == "6" and info.unlabeled_only and info.version == "p6-v2" and info.chunk_size == 50
