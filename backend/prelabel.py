@@ -311,18 +311,18 @@ def read_tasks(client, project: str, task_ids: Sequence[int]) -> list[dict[str, 
     return sorted((t for t in tasks if t.get("id") in wanted), key=lambda t: t["id"])
 
 
-def import_predictions(client, project: str, predictions: list[dict[str, Any]]) -> None:
-    """POST /api/projects/{id}/import/predictions, the body serialised with orjson.
+def post_json(client, path: str, body: Any, params: Mapping[str, Any] | None = None) -> None:
+    """POST `body` (serialised with orjson) to Label Studio's `path` with the SDK client's auth and retries.
 
-    The SDK's `projects.import_predictions` runs its generic JSON encoder over every integer of the brush RLE (~7 us
-    each, holding the GIL): ~0.1 s per 8 small masks and seconds for big noisy ones, stealing the CPU from inference.
-    Its HTTP client is still used, so auth (legacy token, or a PAT refreshed into access tokens) and retries are the SDK's.
+    The SDK's own methods (e.g. `projects.import_predictions`) run its generic JSON encoder over every integer of the
+    brush RLE (~7 us each, holding the GIL): ~0.1 s per 8 small masks and seconds for big noisy ones, taken from
+    inference. Its HTTP client is still used, so auth (legacy token, or a PAT refreshed into access tokens) is the SDK's.
     """
     import orjson
     from label_studio_sdk.core.api_error import ApiError
 
     response = client._client_wrapper.httpx_client.request(
-        f"api/projects/{int(project)}/import/predictions", method="POST", content=orjson.dumps(predictions),
+        path, method="POST", params=dict(params or {}), content=orjson.dumps(body),
         headers={"content-type": "application/json"})
     if not 200 <= response.status_code < 300:
         raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=response.text[:500])
@@ -414,24 +414,35 @@ class ChunkPredictor:
             return exc
         return None
 
+    def _older_ours(self, task: Mapping[str, Any], version: str) -> list[int]:
+        """Ids of the task's predictions this run replaces: older versions of ours, on unannotated tasks only."""
+        if not self.replace_older or _annotated(task):
+            return []
+        return [pid for pid, v in _versions(task) if pid is not None and v != version and v in self.our_versions]
+
     def _write(self, rows: list[tuple[dict[str, Any], dict[str, Any]]], result: ChunkResult) -> None:
         if not rows:
             return
         if not self.still_mine():
             raise PrelabelError("lost the chunk's lease to another worker; stopping without writing")
         started = time.perf_counter()
-        import_predictions(self.client, self.project, [
+        version = rows[0][1]["model_version"]
+        old = {task["id"]: self._older_ours(task, version) for task, _ in rows}
+        # Tasks whose every prediction is an older one of ours: one bulk delete before the import (the action deletes
+        # all of a task's predictions). Tasks that also hold others' predictions: one DELETE per old one, after.
+        whole = [t["id"] for t, _ in rows if old[t["id"]] and len(old[t["id"]]) == len(_versions(t))]
+        if whole:
+            post_json(self.client, "api/dm/actions", {"selectedItems": {"all": False, "included": whole}},
+                      params={"id": "delete_tasks_predictions", "project": int(self.project)})
+        post_json(self.client, f"api/projects/{int(self.project)}/import/predictions", [
             {"task": task["id"], "result": answer["result"], "score": answer["score"],
              "model_version": answer["model_version"]} for task, answer in rows])
         result.written += len(rows)
-        if self.replace_older:  # one suggestion per unannotated task: older versions of ours go once the new is in
-            for task, answer in rows:
-                if _annotated(task):
-                    continue
-                for pid, version in _versions(task):
-                    if pid is not None and version != answer["model_version"] and version in self.our_versions:
-                        self.client.predictions.delete(id=pid)
-                        result.replaced += 1
+        for task, _ in rows:
+            if task["id"] not in whole:
+                for pid in old[task["id"]]:
+                    self.client.predictions.delete(id=pid)
+            result.replaced += len(old[task["id"]])
         self.timings["write"] += time.perf_counter() - started
 
     def run(self, task_ids: Sequence[int]) -> ChunkResult:

@@ -16,6 +16,7 @@ and the ratio uses the mean, since the load of a shared machine moves) and the m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny-clipseg instead of full-size CLIPSeg")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunk", type=int, default=100)
-    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"),
-                        help="a scratch Redis database (flushed)")
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", ""),
+                        help="a scratch Redis database (flushed); default: a private embedded Redis")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "clipseg-bench")
     args = parser.parse_args(argv)
     flush_denormals()
@@ -130,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     preset = "tiny-clipseg" if args.tiny else "clipseg-rd64"
     model_dir = build_or_reuse(preset, args.work_dir, 0, None)
     w, h = (int(v) for v in args.size.split("x"))
-    with tempfile.TemporaryDirectory(prefix="prelabel-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="prelabel-bench-") as tmp, contextlib.ExitStack() as stack:
+        if not args.redis_url:
+            from backend.embedded_redis import EmbeddedRedis
+
+            args.redis_url = stack.enter_context(EmbeddedRedis(Path(tmp) / "redis")).url
         folder = Path(tmp) / "files" / "images"
         images = write_images(folder, args.images, (w, h))
         # The predictor alone before and after the run: on a shared machine the load moves; the ratio uses the mean.

@@ -24,7 +24,7 @@ from tests.conftest import REDIS_TEST_URL
 from tests.e2e.ls_harness import LabelStudioServer, ManagedProcess, free_port
 from tests.e2e.test_backend_e2e import clipseg_command, wait_backend_ready, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 LABEL_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
                 '<Label value="circle"/><Label value="square"/></BrushLabels></View>')
@@ -177,6 +177,9 @@ def test_promotion_refreshes_unannotated_tasks_only(world: World):
         c.create_annotation(task_id, [])
     before = world.predictions_by_task()
     assert all(len(before[t["id"]]) == 1 for t in tasks), "run the first test first"
+    foreign = tasks[3]["id"]  # a prediction another tool imported: never ours to delete
+    c.post(f"/api/projects/{world.project}/import/predictions",
+           [{"task": foreign, "result": [], "score": 0.3, "model_version": "other-tool"}])
 
     version = f"p{world.project}-e2e-v2"
     path = world.tmp / version
@@ -198,6 +201,8 @@ def test_promotion_refreshes_unannotated_tasks_only(world: World):
         preds = after[t["id"]]
         if t["id"] in annotated:
             assert [p["model_version"] for p in preds] == [world.version]  # left alone
+        elif t["id"] == foreign:
+            assert sorted(p["model_version"] for p in preds) == sorted(["other-tool", version]), preds
         else:
             assert [p["model_version"] for p in preds] == [version], (t["id"], preds)
     assert summary["replaced"] == len(tasks) - len(annotated)
