@@ -404,8 +404,9 @@ class ChunkPredictor:
     def _download(self, task: Mapping[str, Any]) -> Exception | None:
         """Fetch the image into the fetcher's cache; predict_service.answer decodes it from there."""
         from backend.images import ImageFetchError
+        from backend.labelstudio.image_refs import task_image_ref
 
-        ref = self.config.image_ref(task)
+        ref = task_image_ref(task, self.config)
         if ref is None:
             return ImageFetchError(f"task has no '{self.config.image_key}' field", 400)
         try:
