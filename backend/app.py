@@ -23,7 +23,7 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 SETUP_WAIT = 1.5  # /setup must answer within Label Studio's 3 s, on a busy 2-core machine too
-PREDICT_WAIT = 60.0  # Label Studio waits 100 s for /predict
+PREDICT_WAIT = 60.0  # Label Studio waits 100 s for /predict; a failed load answers 503 at once
 
 
 def _error(message: str, status: int) -> tuple[Response, int]:
@@ -107,7 +107,8 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
             "model_version": model.version,
             "ready": model.ready,
             "loading": model.loading,
-            "error": model.error,
+            "error": model.problem(),
+            **model.status(),  # per project: the version served, fallbacks from broken versions
         })
 
     @app.post("/setup")
@@ -118,20 +119,17 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
         schema = body.get("schema") or body.get("label_config")
         if not isinstance(schema, str) or not schema.strip():
             raise BadRequest("'schema' (the labeling config) is required")
+        project = project_id(body.get("project"))
         try:
-            runtime.setup(schema, project_id(body.get("project")), str(body.get("hostname") or ""),
-                          str(body.get("access_token") or ""))
+            runtime.setup(schema, project, str(body.get("hostname") or ""), str(body.get("access_token") or ""))
         except UnsupportedConfigError as exc:
             return _error(str(exc), 400)
-        # One budget for both waits: Label Studio gives /setup 3 s in all, and a refusal it can read (503 with a
-        # message) beats a read timeout.
-        deadline = time.monotonic() + SETUP_WAIT
-        if runtime.model.wait_ready(SETUP_WAIT):
-            runtime.model.check_for_update(force=True, wait=max(0.0, deadline - time.monotonic()))
-        if not runtime.model.ready:
+        # Label Studio gives /setup 3 s in all: a refusal it can read (503 with a message) beats a read timeout.
+        if not runtime.model.wait_ready(SETUP_WAIT):
             return _error(runtime.model.error or "the model is still loading; retry in a few seconds", 503)
+        version = runtime.project_model(project, refresh=True).version  # this project's own version
         runtime.metrics.set_model(settings.model, runtime.model.version)
-        return jsonify({"model_version": runtime.model.version})
+        return jsonify({"model_version": version})
 
     @app.post("/predict")
     def predict():
@@ -146,7 +144,7 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
         if not runtime.model.wait_ready(PREDICT_WAIT):
             return _error(runtime.model.error or "the model is still loading", 503)
         try:
-            segmenter = runtime.model.segmenter
+            segmenter = runtime.project_model(project)
         except ModelNotReady as exc:
             return _error(str(exc), 503)
         if not budget.fits(len(tasks)) and settings.redis_url and project:

@@ -101,6 +101,14 @@ class BackendRuntime:
             self.configs.remember(project, config)
         return config
 
+    # ---- per-project models ----------------------------------------------------------------------------
+    def project_model(self, project: str | None, refresh: bool = False):
+        """The segmenter (a `StateSegmenter`) that serves `project` now: its own version, else the default, else
+        the base model; `refresh` re-reads the pointers first (/setup). Raises ModelNotReady."""
+        if refresh:
+            self.model.check_for_update(force=True)
+        return self.model.for_project(project)
+
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self.model.start()
@@ -133,11 +141,17 @@ class BackendRuntime:
         store = self.store()
         for project in store.projects():
             families.append(gauge("clipseg_corrections", "Corrections stored", store.count(project), {"project": project}))
-        for version, stats in store.review_stats().items():
-            families.append(gauge("clipseg_review_iou", "Mean IoU of our prediction vs the annotator's final mask",
-                                  stats.get("mean_iou", 0.0), {"version": version}))
-            families.append(gauge("clipseg_review_count", "Corrections with a review IoU", stats.get("n", 0), {"version": version}))
-        active = self.registry().active()
-        families.append(gauge("clipseg_active_version", "Active model version (label)", 1.0,
-                              {"version": active[0] if active else f"base:{self.settings.model}"}))
+        registry = self.registry()
+        default, pointers = registry.pointers()
+        for project in sorted(set(store.projects()) | set(pointers) | set(registry.projects())):
+            for version, stats in store.review_stats(project).items():
+                labels = {"project": project, "version": version}
+                families.append(gauge("clipseg_review_iou", "Mean IoU of our prediction vs the annotator's final mask",
+                                      stats.get("mean_iou", 0.0), labels))
+                families.append(gauge("clipseg_review_count", "Corrections with a review IoU", stats.get("n", 0), labels))
+            active = pointers.get(project, default)
+            families.append(gauge("clipseg_active_version", "Active model version of a project (label)", 1.0,
+                                  {"project": project, "version": active[0] if active else f"base:{self.settings.model}"}))
+        families.append(gauge("clipseg_active_version", "Active model version of a project (label)", 1.0,
+                              {"project": "", "version": default[0] if default else f"base:{self.settings.model}"}))
         return families

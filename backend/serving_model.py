@@ -1,8 +1,18 @@
-"""The model a server process serves: loaded in the background at start, swapped when a new version is promoted.
+"""The models a server process serves: one backbone, and a trainable state (decoder) per Label Studio project.
 
-Weights are never loaded inside a request: `start()` loads in a thread and requests answer 503 until it is ready.
-A promoted version (Redis key + pub/sub, see finetune.versions) is loaded in a thread too and swapped in between
-requests; /setup waits briefly for a swap already under way so Label Studio sees the new version at once.
+The backbone (MODEL) is loaded in the background at start; requests answer 503 until it is ready, at once when its
+load has failed (nothing is coming). Each project's version (finetune.versions: its own pointer, else the default,
+else the base model) is resolved on first use: its trainable state — a few MB — is read from the checkpoint
+(materialised from Redis when trained elsewhere), checked against the checksum recorded with the version, and kept
+in a byte-bounded LRU shared by all projects. A prediction copies the project's state into the backbone between
+passes (`Segmenter.for_state`); the image-feature cache is keyed by image and shared by every project.
+
+A promotion or rollback in project P (pub/sub, polling as a backup) changes P's state on every server between
+requests and nothing else. A version that cannot be loaded (damaged, missing, not trained over this backbone) is
+marked broken and P falls back to its parent, then the base model; /health and the log say so.
+
+A version trained over another backbone (e.g. a preset that unfreezes vision layers, so its trainable part holds
+those layers and its config differs) gets a full model of its own, shared by every project on that version.
 """
 from __future__ import annotations
 
@@ -12,10 +22,15 @@ import threading
 import time
 from typing import Callable
 
+from clipseg_model.caches import LRUCache
+from clipseg_model.checkpoint import is_checkpoint, read_checkpoint_config, read_trainable_state, verify_checksum
 from clipseg_model.loading import load_model
-from clipseg_model.predictor import Segmenter
+from clipseg_model.predictor import Segmenter, StateSegmenter
+from clipseg_model.segmenter_base import TrainableState
 
 log = logging.getLogger(__name__)
+
+Pointer = tuple[str, str]
 
 
 class ModelNotReady(RuntimeError):
@@ -23,11 +38,11 @@ class ModelNotReady(RuntimeError):
 
 
 class ServingModel:
-    """Holds the `Segmenter`; knows which version is wanted (`registry.active()`) and follows it."""
+    """Holds the backbone's `Segmenter` and the projects' trainable states; follows every project's pointer."""
 
     def __init__(self, base_model: str, device: str = "auto", threshold: float = 0.5, bf16: bool = False,
                  registry_factory: Callable[[], object] | None = None, check_interval: float = 1.0,
-                 models_dir: str = "data/models"):
+                 models_dir: str = "data/models", state_cache_bytes: int = 512 * 1024 * 1024):
         self.base_model = base_model
         self.models_dir = models_dir
         self.device = device
@@ -36,14 +51,17 @@ class ServingModel:
         self.registry_factory = registry_factory
         self.check_interval = check_interval
         self._segmenter: Segmenter | None = None
-        self._loaded_path: str | None = None
         self._loading: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # resolving and loading project states
         self._last_check = 0.0
-        self.error: str | None = None
-        # A version whose load failed: polling does not retry it (a pub/sub announcement does), else a corrupt
-        # checkpoint would be reloaded on every request.
-        self._failed_version: str | None = None
+        self.error: str | None = None  # the backbone's load error
+        self._pointers: tuple[Pointer | None, dict[str, Pointer]] = (None, {})
+        self._states: LRUCache[TrainableState] = LRUCache(state_cache_bytes, lambda s: s.nbytes)
+        self._others: dict[str, Segmenter] = {}  # version -> a full model (trained over another backbone)
+        self._resolved: dict[str | None, tuple[str | None, str | None]] = {}  # project -> (wanted, served version)
+        # version -> why it cannot be loaded here; not retried until it is activated again (pub/sub), else a damaged
+        # checkpoint would be read on every request
+        self.broken: dict[str, str] = {}
         self._stop = threading.Event()
 
     # ---- state ---------------------------------------------------------------------------------------
@@ -53,94 +71,199 @@ class ServingModel:
 
     @property
     def segmenter(self) -> Segmenter:
+        """The backbone's segmenter (the base model's own trainable part unless a state is named per call)."""
         if self._segmenter is None:
             raise ModelNotReady(self.error or "model is still loading")
         return self._segmenter
 
     @property
     def version(self) -> str | None:
-        return self._segmenter.version if self._segmenter else None
+        """The version served to projects without their own (the default, else the base model)."""
+        if self._segmenter is None:
+            return None
+        try:
+            return self.for_project(None).version
+        except ModelNotReady:
+            return None
 
     @property
     def loading(self) -> bool:
         return self._loading is not None and self._loading.is_alive()
 
-    # ---- loading -------------------------------------------------------------------------------------
-    def _wanted(self) -> tuple[str | None, str]:
-        """(version, path) to serve: the registry's active version, else the configured base model."""
-        if self.registry_factory is not None:
-            try:
-                active = self.registry_factory().active()
-                if active:
-                    return active
-            except Exception as exc:  # noqa: BLE001 - Redis down: keep serving what we have
-                log.warning("cannot read the active model version (%s); keeping the current one", exc)
-                if self._loaded_path:
-                    return None, self._loaded_path
-        return None, self.base_model
+    def status(self) -> dict:
+        """For /health: each project's served version, and what is served instead of what (fallbacks)."""
+        with self._lock:
+            resolved = dict(self._resolved)
+        projects = {p: served for p, (_, served) in resolved.items() if p is not None}
+        fallbacks = {str(p): {"wanted": w, "serving": s or self._base_version()}
+                     for p, (w, s) in resolved.items() if w is not None and w != s}
+        return {"projects": projects, "fallbacks": fallbacks, "broken": dict(self.broken)}
 
-    def _load(self, path: str, version: str | None) -> None:
+    def problem(self) -> str | None:
+        """One line for /health's `error`: the backbone's load error, else the wanted versions not served."""
+        if self.error:
+            return self.error
+        fallbacks = self.status()["fallbacks"]
+        if not fallbacks:
+            return None
+        return "; ".join(f"{'default' if p == 'None' else 'project ' + p}: version {f['wanted']} cannot be loaded "
+                         f"({self.broken.get(f['wanted'], 'see the log')}), serving {f['serving']}"
+                         for p, f in sorted(fallbacks.items()))
+
+    def _base_version(self) -> str | None:
+        return self._segmenter.model.version if self._segmenter is not None else None
+
+    # ---- the backbone --------------------------------------------------------------------------------
+    def _load_backbone(self) -> None:
         started = time.perf_counter()
         try:
-            if version is not None and self.registry_factory is not None:
-                # a version trained on another machine: its checkpoint comes from Redis
-                path = self.registry_factory().materialize(version, self.models_dir)
-            model = load_model(path, self.device)
-            if version:
-                model.version = version
-        except Exception as exc:  # noqa: BLE001 - report, keep the old model serving
-            self.error = f"cannot load model {path}: {exc}"
-            self._failed_version = version
+            model = load_model(self.base_model, self.device)
+        except Exception as exc:  # noqa: BLE001 - reported by /health, /setup and /predict (503 at once)
+            self.error = f"cannot load model {self.base_model}: {exc}"
             log.error("%s", self.error)
             return
-        with self._lock:
-            if self._segmenter is None:
-                self._segmenter = Segmenter(model, threshold=self.threshold, bf16=self.bf16)
-            else:
-                self._segmenter.swap_model(model)
-            self._loaded_path = path
-            self.error = None
-            self._failed_version = None
-        log.info("serving %s (version %s), loaded in %.1f s", path, model.version, time.perf_counter() - started)
-
-    def _load_async(self, path: str, version: str | None) -> None:
-        with self._lock:
-            if self.loading:
-                return
-            self._loading = threading.Thread(target=self._load, args=(path, version), name="model-load", daemon=True)
-            self._loading.start()
+        self._segmenter = Segmenter(model, threshold=self.threshold, bf16=self.bf16)
+        self.error = None
+        self.check_for_update(force=True)
+        log.info("backbone %s (version %s) loaded in %.1f s", self.base_model, model.version, time.perf_counter() - started)
 
     def start(self) -> None:
-        """Begin loading the wanted model in the background and listen for promotions."""
-        version, path = self._wanted()
-        self._load_async(path, version)
+        """Begin loading the backbone in the background and listen for promotions."""
+        self._loading = threading.Thread(target=self._load_backbone, name="model-load", daemon=True)
+        self._loading.start()
         if self.registry_factory is not None:
             threading.Thread(target=self._listen, name="version-listener", daemon=True).start()
 
     def wait_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the backbone; returns at once when its load has failed (nothing is coming)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.ready and not self.loading:
+            if self.ready:
                 return True
+            if self._loading is not None and not self.loading:
+                return self.ready  # the load thread ended without a model
             time.sleep(0.02)
         return self.ready
 
+    # ---- projects ------------------------------------------------------------------------------------
     def check_for_update(self, force: bool = False, wait: float = 0.0) -> None:
-        """Between requests: start loading a newly activated version; with `wait`, give it that long to finish."""
+        """Between requests: re-read every project's pointer (at most once per `check_interval` unless `force`).
+        `wait` is accepted for callers of the single-model API; states load on first use, so nothing waits."""
         now = time.monotonic()
-        if force or now - self._last_check >= self.check_interval:
-            self._last_check = now
-            version, path = self._wanted()
-            if self._failed_version is not None and version != self._failed_version and not self.loading:
-                self._failed_version = self.error = None  # the broken version is no longer wanted (rollback)
-            if version is not None and version not in (self.version, self._failed_version) and not self.loading:
-                log.info("model version %s is active; loading it", version)
-                self._load_async(path, version)
-        if wait and self.loading:
-            self._loading.join(wait)  # type: ignore[union-attr]
+        if self.registry_factory is None or not (force or now - self._last_check >= self.check_interval):
+            return
+        self._last_check = now
+        try:
+            pointers = self.registry_factory().pointers()  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - Redis down: keep serving what we have
+            log.warning("cannot read the active model versions (%s); keeping the current ones", exc)
+            return
+        with self._lock:
+            self._pointers = pointers
+
+    def _wanted(self, project: str | None) -> Pointer | None:
+        default, projects = self._pointers
+        return projects.get(project, default) if project is not None else default
+
+    def for_project(self, project: str | None) -> StateSegmenter:
+        """What `project` (None: projects without their own version) is served now; raises ModelNotReady."""
+        segmenter = self.segmenter
+        wanted = self._wanted(project)
+        wanted_version = wanted[0] if wanted else None
+        with self._lock:
+            known = self._resolved.get(project)
+            if known is not None and known[0] == wanted_version:
+                served = known[1]
+                view = self._view(served) if served is not None else segmenter.for_state(None)
+                if view is not None:
+                    return view
+            view, served = self._resolve(wanted_version)
+            if known is None or known != (wanted_version, served):
+                where = f"project {project}" if project is not None else "projects without their own version"
+                log.info("%s: serving version %s", where, view.version)
+            self._resolved[project] = (wanted_version, served)
+            return view
+
+    def _resolve(self, version: str | None) -> tuple[StateSegmenter, str | None]:
+        """The first loadable version of `version`, its parent, its parent's parent ..., else the base model."""
+        tried: list[str] = []
+        for candidate in self._lineage(version):
+            view = self._view(candidate)
+            if view is not None:
+                if tried:
+                    log.warning("version %s cannot be served; falling back to %s", tried[0], candidate)
+                return view, candidate
+            tried.append(candidate)
+        if tried:
+            log.warning("version %s cannot be served; falling back to the base model %s", tried[0], self._base_version())
+        return self.segmenter.for_state(None), None
+
+    def _lineage(self, version: str | None) -> list[str]:
+        if version is None:
+            return []
+        try:
+            return [r.version for r in self.registry_factory().lineage(version)] or [version]  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - Redis down: try the version alone
+            log.warning("cannot read the lineage of %s (%s)", version, exc)
+            return [version]
+
+    def _view(self, version: str) -> StateSegmenter | None:
+        """A segmenter serving `version`, loading its state on a miss; None when it cannot be loaded (broken)."""
+        if version in self.broken:
+            return None
+        if version == self._base_version():
+            return self.segmenter.for_state(None)
+        if version in self._others:
+            return self._others[version].for_state(None)
+        state = self._states.get(version)
+        if state is not None:
+            return self.segmenter.for_state(state)
+        started = time.perf_counter()
+        try:
+            view = self._load_version(version)
+        except Exception as exc:  # noqa: BLE001 - any failure: this version is broken here
+            reason = f"{type(exc).__name__}: {exc}"
+            self.broken[version] = reason
+            log.error("cannot load model version %s: %s", version, reason)
+            try:
+                self.registry_factory().mark_broken(version, reason)  # type: ignore[union-attr]
+            except Exception:  # noqa: BLE001 - best effort: the local mark is what matters here
+                pass
+            return None
+        log.info("version %s loaded in %.0f ms", version, (time.perf_counter() - started) * 1000)
+        return view
+
+    def _load_version(self, version: str) -> StateSegmenter:
+        registry = self.registry_factory()  # type: ignore[misc]
+        record = registry.get(version)
+        if record.status == "base" and record.path == self.base_model:
+            return self.segmenter.for_state(None)
+        path = registry.materialize(version, self.models_dir)
+        backbone = self.segmenter.model
+        if is_checkpoint(path) and read_checkpoint_config(path)[0].to_dict() == backbone.config.to_dict():
+            state = read_trainable_state(backbone, path, record.checksum or None)
+            state.version = version
+            self._states.put(version, state)
+            return self.segmenter.for_state(state)
+        # trained over another backbone: a full model of its own (its memory cost is a whole model)
+        if is_checkpoint(path):
+            verify_checksum(path, record.checksum or None)
+        model = load_model(path, self.device)
+        model.version = version
+        log.warning("version %s was not trained over the backbone %s: loaded as a full model of its own", version,
+                    self.base_model)
+        self._others[version] = Segmenter(model, threshold=self.threshold, bf16=self.bf16)
+        return self._others[version].for_state(None)
+
+    def forget_broken(self, version: str) -> None:
+        """Try `version` again on its next use (it was activated anew: an operator may have repaired it)."""
+        with self._lock:
+            if self.broken.pop(version, None) is not None:
+                self._resolved = {p: r for p, r in self._resolved.items() if r[0] != version}
 
     def _listen(self) -> None:
-        """Pub/sub: load a promoted version as soon as it is announced (polling in check_for_update backs this up)."""
+        """Pub/sub: re-read the pointers as soon as one changes (polling in check_for_update backs this up) and
+        load the new state here, so the next request of that project finds it ready."""
         while not self._stop.is_set():
             try:
                 registry = self.registry_factory()  # type: ignore[misc]
@@ -148,11 +271,17 @@ class ServingModel:
                 pubsub.subscribe(registry.channel)
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
-                        data = json.loads(message["data"])
-                        if data.get("event") == "activated" and data.get("version") != self.version:
-                            log.info("version %s announced; loading it", data.get("version"))
-                            self._load_async(data["path"], data["version"])
+                    if not (message and message.get("type") == "message"):
+                        continue
+                    data = json.loads(message["data"])
+                    if data.get("event") != "activated":
+                        continue
+                    log.info("version %s announced for %s", data.get("version"),
+                             f"project {data['project']}" if data.get("project") else "the default")
+                    self.forget_broken(str(data.get("version")))
+                    self.check_for_update(force=True)
+                    if self.ready:
+                        self.for_project(data.get("project"))
             except Exception as exc:  # noqa: BLE001 - Redis restarts: resubscribe
                 log.debug("version listener: %s; retrying", exc)
                 self._stop.wait(2.0)

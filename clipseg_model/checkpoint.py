@@ -3,12 +3,18 @@ version metadata. Never pickle. Directories are written atomically (temp dir + r
 
 Layout of a checkpoint directory:
 
-    clipseg_config.json   {"format": 1, "config": ModelConfig, "metadata": {"version": ..., "parent": ..., ...}}
+    clipseg_config.json   {"format": 1, "config": ModelConfig, "metadata": {"version": ..., "parent": ...,
+                          "weights_sha256": ..., ...}}
     trainable.safetensors the decoder (and any unfrozen CLIP layers)
+
+`weights_sha256` is the SHA-256 of trainable.safetensors as written; loading recomputes it, so a file damaged
+later (truncated, or bytes overwritten with the header intact, which safetensors itself cannot notice) is refused
+instead of serving garbage. Checkpoints written before the checksum existed load unchecked.
     base/                 optional: the pretrained backbone, when it is not a hub id (e.g. `clipseg model init`)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,11 +29,33 @@ from safetensors.torch import load_file, save_file
 from clipseg_model.atomic import atomic_directory
 from clipseg_model.config import ModelConfig
 from clipseg_model.errors import CheckpointMismatchError
-from clipseg_model.segmenter_base import SegmentationModel
+from clipseg_model.segmenter_base import SegmentationModel, TrainableState
 
 CONFIG_FILE = "clipseg_config.json"
 WEIGHTS_FILE = "trainable.safetensors"
 FORMAT = 1
+CHECKSUM_KEY = "weights_sha256"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_version(config: ModelConfig, metadata: dict[str, Any]) -> str:
+    """The version name a checkpoint carries: its metadata's `version` (with `-stepN` for a training run's
+    intermediate checkpoints, so `best/` and `last/` of one run differ), else the architecture and the weights'
+    checksum. Never the folder's name: `runs/x/last` is not a name."""
+    name = metadata.get("version")
+    if not name:
+        digest = str(metadata.get(CHECKSUM_KEY) or "")[:10] or "unversioned"
+        return f"{config.architecture}-{digest}"
+    step = metadata.get("step")
+    return f"{name}-step{step}" if step is not None else str(name)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -66,15 +94,38 @@ def save_checkpoint(model: SegmentationModel, out_dir: str | os.PathLike, metada
         meta = {"created": time.time(), **(metadata or {})}
         state = model.trainable_state_dict()
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"architecture": config.architecture})
+        meta[CHECKSUM_KEY] = file_sha256(tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "config": config.to_dict(), "metadata": meta}, indent=2))
     return out_dir
 
 
-def load_trainable_weights(model: SegmentationModel, checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+def verify_checksum(checkpoint_dir: str | os.PathLike, expected: str | None = None) -> str | None:
+    """Check trainable.safetensors against the checksum in the checkpoint's config (and `expected`, e.g. the one
+    recorded with the version, when given). Returns the checksum, None for an old checkpoint without one.
+
+    Raises CheckpointMismatchError for a missing file or a mismatch."""
+    checkpoint_dir = Path(checkpoint_dir)
+    _, metadata = read_checkpoint_config(checkpoint_dir)
+    recorded = {c for c in (metadata.get(CHECKSUM_KEY), expected) if c}
+    if not recorded:
+        return None
+    try:
+        actual = file_sha256(checkpoint_dir / WEIGHTS_FILE)
+    except OSError as exc:
+        raise CheckpointMismatchError(f"{checkpoint_dir / WEIGHTS_FILE} is unreadable ({exc})") from exc
+    if recorded != {actual}:
+        raise CheckpointMismatchError(
+            f"{checkpoint_dir / WEIGHTS_FILE} is damaged (truncated, unreadable or altered): its SHA-256 is "
+            f"{actual[:12]}..., the checkpoint recorded {', '.join(sorted(c[:12] + '...' for c in recorded))}")
+    return actual
+
+
+def load_trainable_weights(model: SegmentationModel, checkpoint_dir: str | os.PathLike,
+                           expected_sha256: str | None = None) -> dict[str, Any]:
     """Load a checkpoint's trainable weights into `model` after checking they belong to it. Returns the metadata.
 
     Raises CheckpointMismatchError naming the mismatch (architecture, missing/unexpected tensors, shapes), and for a
-    corrupt or truncated weights file.
+    corrupt, truncated or altered weights file (checksum, see `verify_checksum`).
     """
     checkpoint_dir = Path(checkpoint_dir)
     config, metadata = read_checkpoint_config(checkpoint_dir)
@@ -83,6 +134,17 @@ def load_trainable_weights(model: SegmentationModel, checkpoint_dir: str | os.Pa
             f"checkpoint {checkpoint_dir} is a {config.architecture!r} model; it cannot be loaded into a "
             f"{model.config.architecture!r} model"
         )
+    state = _checked_state(model, checkpoint_dir, config, expected_sha256)
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    model.version = checkpoint_version(config, metadata)
+    return metadata
+
+
+def _checked_state(model: SegmentationModel, checkpoint_dir: Path, config: ModelConfig,
+                   expected_sha256: str | None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors after checking checksum, names and shapes against `model`."""
+    verify_checksum(checkpoint_dir, expected_sha256)
     try:
         state = load_file(str(checkpoint_dir / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -100,7 +162,24 @@ def load_trainable_weights(model: SegmentationModel, checkpoint_dir: str | os.Pa
     missing = sorted(k for k, p in model.named_parameters() if p.requires_grad and k not in state)
     if missing:
         raise CheckpointMismatchError(f"checkpoint {checkpoint_dir} lacks trainable tensors {missing[:5]}")
-    with torch.no_grad():
-        model.load_state_dict(state, strict=False)
-    model.version = str(metadata.get("version", checkpoint_dir.name))
-    return metadata
+    return state
+
+
+def read_trainable_state(model: SegmentationModel, checkpoint_dir: str | os.PathLike,
+                         expected_sha256: str | None = None) -> TrainableState:
+    """A checkpoint's trainable part as a `TrainableState` for `model`'s backbone, without touching `model`.
+
+    The checkpoint must have been trained over the same backbone: the same config (architecture, base model,
+    sizes, which layers train); raises CheckpointMismatchError otherwise, and for damaged weights."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config, metadata = read_checkpoint_config(checkpoint_dir)
+    if config.to_dict() != model.config.to_dict():
+        raise CheckpointMismatchError(f"checkpoint {checkpoint_dir} was not trained over this backbone (config differs)")
+    state = _checked_state(model, checkpoint_dir, config, expected_sha256)
+    own = model.trainable_tensors()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CheckpointMismatchError(f"checkpoint {checkpoint_dir} lacks trainable tensors {missing[:5]}")
+    device = model.device
+    tensors = {k: state[k].to(device=device, dtype=own[k].dtype) for k in own}
+    return TrainableState(checkpoint_version(config, metadata), tensors)

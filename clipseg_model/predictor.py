@@ -18,7 +18,7 @@ from PIL import Image
 
 from clipseg_model.caches import LRUCache
 from clipseg_model.image_io import image_digest, to_display_rgb
-from clipseg_model.segmenter_base import ImageFeatures, SegmentationModel
+from clipseg_model.segmenter_base import ImageFeatures, SegmentationModel, TrainableState
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,19 @@ class _Request:
 
     images: list[Image.Image]
     prompts: list[list[str]]
+    state: TrainableState | None = None
     result: list[torch.Tensor] | None = None
     error: BaseException | None = None
     done: bool = False
 
 
 class Segmenter:
-    """Thread-safe predictor around a `SegmentationModel`; `swap_model` replaces it between requests."""
+    """Thread-safe predictor around a `SegmentationModel`; `swap_model` replaces it between requests.
+
+    One backbone, many versions: a call may name a `TrainableState` (a project's decoder); it is copied into the
+    model's trainable tensors before that call's decoder pass (a few MB: ~1 ms), under the same lock as the pass.
+    Image features are cached by image alone and shared by every state, unless the states change the vision tower.
+    """
 
     def __init__(
         self,
@@ -79,19 +85,44 @@ class Segmenter:
         self.feature_cache: LRUCache[ImageFeatures] = LRUCache(feature_cache_bytes, lambda f: f.nbytes)
         self._lock = threading.RLock()
         self.model = model
+        self._own_state: TrainableState | None = None  # the model's own trainable part, once another state is used
+        self.state_switches = 0
 
     # ---- model management ----------------------------------------------------------------------------
     @property
     def version(self) -> str:
-        return self.model.version
+        return self._own_state.version if self._own_state is not None else self.model.version
 
     def swap_model(self, model: SegmentationModel) -> None:
         """Serve `model` from the next call on; caches of the old model are dropped."""
         with self._lock:
             self.model = model.eval()
+            self._own_state = None
             self.text_cache.clear()
             self.feature_cache.clear()
         log.info("now serving model version %s", model.version)
+
+    def for_state(self, state: TrainableState | None) -> "StateSegmenter":
+        """A view that predicts with `state` (None: the model's own trainable part) over this backbone."""
+        return StateSegmenter(self, state)
+
+    def _use_state(self, state: TrainableState | None) -> None:
+        """Make `state` the model's trainable part (call with `_lock` held)."""
+        if state is None:
+            if self._own_state is None or self.model.version == self._own_state.version:
+                return
+            state = self._own_state
+        elif self._own_state is None:
+            if state.version == self.model.version:
+                return
+            self._own_state = self.model.trainable_state()  # kept, to return to the model's own weights
+        if self.model.version != state.version:
+            self.model.load_trainable_state(state)
+            self.state_switches += 1
+
+    def _cache_tag(self, depends: bool) -> str:
+        """Cache key part for what the model computes: the version when it depends on the trainable state."""
+        return self.model.version if depends else (self._own_state.version if self._own_state else self.model.version)
 
     def _autocast(self):
         device = self.model.device
@@ -104,7 +135,8 @@ class Segmenter:
     # ---- building blocks -----------------------------------------------------------------------------
     def _text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """(P, D) float32 embeddings, encoding only phrases not cached yet (in one batch)."""
-        key = lambda p: (self.model.version, self.bf16, p)  # noqa: E731
+        tag = self._cache_tag(self.model.text_depends_on_trainable())
+        key = lambda p: (tag, self.bf16, p)  # noqa: E731
         missing = sorted({p for p in prompts if self.text_cache.get(key(p)) is None})
         if missing:
             with self._autocast():
@@ -119,7 +151,8 @@ class Segmenter:
 
     def _image_features(self, images: Sequence[Image.Image]) -> ImageFeatures:
         """Features of every image: vision passes only over the ones not cached, `vision_batch` images at a time."""
-        keys = [(self.model.version, self.bf16, image_digest(im)) for im in images]
+        tag = self._cache_tag(self.model.features_depend_on_trainable())
+        keys = [(tag, self.bf16, image_digest(im)) for im in images]
         cached = {k: self.feature_cache.get(k) for k in set(keys)}
         todo = [k for k, v in cached.items() if v is None]
         first = {k: im for k, im in zip(keys, images)}
@@ -136,8 +169,12 @@ class Segmenter:
         return ImageFeatures.cat([cached[k] for k in keys])  # type: ignore[misc]
 
     # ---- public API ----------------------------------------------------------------------------------
-    def logits(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    def logits(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]],
+               state: TrainableState | None = None) -> list[torch.Tensor]:
         """Raw logits at model resolution: for image i, a (P_i, S, S) float32 tensor. Images must be RGB.
+
+        `state`: the trainable part to decode with (None: the model's own); calls with different states are never
+        merged into one pass.
 
         With `merge_concurrent` (default: on CUDA only), concurrent calls (several request threads) are merged:
         while the model is busy, arriving calls queue, and the next free thread runs all queued calls (up to
@@ -149,8 +186,8 @@ class Segmenter:
         if not merge:
             with self._queue_cv:
                 self.batches_run += 1
-            return self._logits_now(images, prompts)
-        request = _Request(list(images), [list(p) for p in prompts])
+            return self._logits_now(images, prompts, state)
+        request = _Request(list(images), [list(p) for p in prompts], state)
         with self._queue_cv:
             self._queue.append(request)
         while True:
@@ -161,13 +198,18 @@ class Segmenter:
                     break
                 self._model_busy = True
                 batch, taken = [], 0
-                while self._queue and (not batch or taken + len(self._queue[0].images) <= self.max_images_per_pass):
-                    batch.append(self._queue.pop(0))
-                    taken += len(batch[-1].images)
+                batch.append(self._queue.pop(self._queue.index(request)))  # own call first: nobody starves
+                taken = len(request.images)
+                for other in list(self._queue):
+                    if other.state is request.state and taken + len(other.images) <= self.max_images_per_pass:
+                        self._queue.remove(other)
+                        batch.append(other)
+                        taken += len(other.images)
                 self.batches_run += 1
             try:
                 try:
-                    merged = self._logits_now([im for r in batch for im in r.images], [p for r in batch for p in r.prompts])
+                    merged = self._logits_now([im for r in batch for im in r.images], [p for r in batch for p in r.prompts],
+                                              request.state)
                     for r in batch:
                         r.result, merged = merged[: len(r.images)], merged[len(r.images):]
                 except Exception:
@@ -175,7 +217,7 @@ class Segmenter:
                         raise
                     for r in batch:  # one caller's bad input must not fail the others: run them one by one
                         try:
-                            r.result = self._logits_now(r.images, r.prompts)
+                            r.result = self._logits_now(r.images, r.prompts, r.state)
                         except Exception as exc:  # noqa: BLE001 - handed to that caller
                             r.error = exc
             except BaseException as exc:
@@ -192,8 +234,10 @@ class Segmenter:
         return request.result  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _logits_now(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    def _logits_now(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]],
+                    state: TrainableState | None = None) -> list[torch.Tensor]:
         with self._lock:
+            self._use_state(state)
             flat = [p for group in prompts for p in group]
             if not flat:
                 return [torch.zeros(0, self.model.config.output_size, self.model.config.output_size) for _ in images]
@@ -209,18 +253,19 @@ class Segmenter:
             out = torch.cat(chunks)
         return list(out.split([len(g) for g in prompts]))
 
-    def predict_batch(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]]) -> list[list[MaskPrediction]]:
+    def predict_batch(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]],
+                      state: TrainableState | None = None) -> list[list[MaskPrediction]]:
         """For each image its list of `MaskPrediction`s, one per phrase, at the image's displayed size."""
         shown = [to_display_rgb(im) for im in images]
-        all_logits = self.logits(shown, prompts)
+        all_logits = self.logits(shown, prompts, state)
         results = []
         for image, group, logits in zip(shown, prompts, all_logits):
             results.append(self._postprocess(group, logits, image.size))
         return results
 
-    def predict(self, image: Image.Image, prompts: Sequence[str]) -> list[MaskPrediction]:
+    def predict(self, image: Image.Image, prompts: Sequence[str], state: TrainableState | None = None) -> list[MaskPrediction]:
         """One image, P phrases → P predictions (an empty list for no phrases)."""
-        return self.predict_batch([image], [list(prompts)])[0]
+        return self.predict_batch([image], [list(prompts)], state)[0]
 
     def _postprocess(self, prompts: Sequence[str], logits: torch.Tensor, size: tuple[int, int]) -> list[MaskPrediction]:
         width, height = size
@@ -235,3 +280,21 @@ class Segmenter:
             score = float(p[mask].mean()) if mask.any() else 0.0
             out.append(MaskPrediction(prompt, p, mask, score))
         return out
+
+
+class StateSegmenter:
+    """A `Segmenter` bound to one trainable state: what a request of one project predicts with."""
+
+    def __init__(self, segmenter: Segmenter, state: TrainableState | None):
+        self.segmenter = segmenter
+        self.state = state
+
+    @property
+    def version(self) -> str:
+        return self.state.version if self.state is not None else self.segmenter.version
+
+    def predict_batch(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]]) -> list[list[MaskPrediction]]:
+        return self.segmenter.predict_batch(images, prompts, self.state)
+
+    def predict(self, image: Image.Image, prompts: Sequence[str]) -> list[MaskPrediction]:
+        return self.segmenter.predict(image, prompts, self.state)

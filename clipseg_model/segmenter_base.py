@@ -75,6 +75,19 @@ def run_vision_layers(
     return [outputs[i] for i in wanted]
 
 
+@dataclass
+class TrainableState:
+    """The trainable part of one model version (decoder, plus any unfrozen CLIP layers): what differs between two
+    versions over the same backbone. `tensors` are the `trainable_state_dict()` entries, on the model's device."""
+
+    version: str
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
 class SegmentationModel(nn.Module):
     """Base class of the model family. Subclasses build `self.vision_layers` etc. and implement the hooks."""
 
@@ -171,6 +184,36 @@ class SegmentationModel(nn.Module):
 
     def decoder_named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter(())
+
+    # ---- one backbone, many trainable states (per-project models) ----------------------------------------
+    def trainable_state(self) -> TrainableState:
+        """A copy of the current trainable part, tagged with `self.version`."""
+        return TrainableState(self.version, {k: v.detach().clone() for k, v in self.trainable_tensors().items()})
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The live trainable tensors (parameters that train, decoder buffers) by state-dict name."""
+        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        names |= {name for name, _ in self.decoder_named_buffers()}
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if k in names}
+
+    def load_trainable_state(self, state: TrainableState) -> None:
+        """Copy `state` into the model's trainable tensors in place (shapes must match); sets `version`."""
+        own = self.trainable_tensors()
+        if set(own) != set(state.tensors):
+            raise ValueError(f"state {state.version} does not fit this model's trainable part")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(state.tensors[name])
+        self.version = state.version
+
+    def features_depend_on_trainable(self) -> bool:
+        """Whether image features change with the trainable state (unfrozen vision layers or embeddings); when
+        not, one feature cache serves every state."""
+        return self.config.unfreeze_last > 0 or self.config.train_embeddings
+
+    def text_depends_on_trainable(self) -> bool:
+        """Whether text embeddings change with the trainable state (a trained text tower)."""
+        return bool(self.config.train_text)
 
     @property
     def device(self) -> torch.device:

@@ -168,53 +168,88 @@ def run_jobs(args: argparse.Namespace, settings) -> int:
 
 # ---- versions / rollback -------------------------------------------------------------------------------------
 def configure_versions(parser: argparse.ArgumentParser, settings) -> None:
+    parser.add_argument("--project", default=None, help="only this project's lineage (its versions and the base)")
+    parser.add_argument("--set-default", metavar="VERSION", default=None,
+                        help="serve VERSION to every project that has no version of its own")
     parser.add_argument("--json", action="store_true")
+
+
+def _active_of(default, pointers, project: str | None) -> str | None:
+    pointer = pointers.get(project, default) if project is not None else default
+    return pointer[0] if pointer else None
 
 
 def run_versions(args: argparse.Namespace, settings) -> int:
     from dataclasses import asdict
 
     from finetune.corrections import CorrectionStore
-    from finetune.versions import VersionRegistry
+    from finetune.versions import UnknownVersionError, VersionRegistry
 
     conn = _redis(settings)
     registry = VersionRegistry(conn)
-    active = registry.active()
-    review = CorrectionStore(conn).review_stats()
-    records = registry.list()
+    if args.set_default:
+        try:
+            rec = registry.set_default(args.set_default)
+        except UnknownVersionError as exc:
+            raise ClipsegError(str(exc.args[0])) from exc
+        print(f"version {rec.version} is now served to projects without a version of their own")
+        return 0
+    project = None if args.project is None else str(args.project)
+    default, pointers = registry.pointers()
+    store = CorrectionStore(conn)
+    records = registry.list(project)
+    review: dict[str, dict] = {}
+    for p in ([project] if project is not None else store.projects()):
+        review.update(store.review_stats(p))
+    projects = [project] if project is not None else registry.projects()
+    base = "base model " + settings.model
     if args.json:
-        print(json.dumps({"active": active[0] if active else None,
+        print(json.dumps({"active": _active_of(default, pointers, project), "default": default[0] if default else None,
+                          "projects": {p: _active_of(default, pointers, p) for p in projects},
                           "versions": [{**asdict(r), "review": review.get(r.version)} for r in records]}, indent=2))
         return 0
-    print(f"active: {active[0] if active else 'base model ' + settings.model}")
+    print(f"default: {default[0] if default else base} (projects without a version of their own)")
+    for p in projects:
+        own = "" if p in pointers else " (the default)"
+        print(f"project {p}: active {_active_of(default, pointers, p) or base}{own}")
+    actives = {v for v, _ in pointers.values()} | ({default[0]} if default else set())
     nan = float("nan")
     for r in records:
         m = r.metrics
-        mark = "*" if active and active[0] == r.version else " "
-        line = (f"{mark} {r.version:<28} {r.status:<9} {_when(r.created)} parent {r.parent or '-':<24} "
+        mark = "*" if r.version in actives else " "
+        line = (f"{mark} {r.version:<28} {'project ' + r.project if r.project else 'base':<11} {r.status:<9} "
+                f"{_when(r.created)} parent {r.parent or '-':<24} "
                 f"corrections mIoU {m.get('corrections_miou', nan):.3f} (parent {m.get('parent_corrections_miou', nan):.3f}) "
                 f"base mIoU {m.get('base_miou', nan):.3f} (parent {m.get('parent_base_miou', nan):.3f}) "
                 f"samples {r.samples.get('corrections', 0)}+{r.samples.get('replay', 0)}")
         rv = review.get(r.version)
         if rv:
             line += f" review IoU {rv['mean_iou']:.3f} (n={int(rv['n'])})"
+        if r.broken:
+            line += f" BROKEN: {r.broken}"
         print(f"{line} {r.reason}".rstrip())
     return 0
 
 
 def configure_rollback(parser: argparse.ArgumentParser, settings) -> None:
-    parser.add_argument("version", help="a version from `clipseg versions`")
+    parser.add_argument("--project", default=None,
+                        help="the project to roll back (default: the project VERSION was trained on)")
+    parser.add_argument("version", help="a version from `clipseg versions --project P`")
 
 
 def run_rollback(args: argparse.Namespace, settings) -> int:
-    from finetune.versions import UnknownVersionError, VersionRegistry
+    from finetune.versions import UnknownVersionError, VersionRegistry, WrongProjectError
 
     registry = VersionRegistry(_redis(settings))
     try:
-        rec = registry.rollback(args.version)
+        rec = registry.rollback(args.version, project=args.project)
     except UnknownVersionError as exc:
         raise ClipsegError(str(exc.args[0])) from exc
-    print(f"version {rec.version} is active again ({rec.path}); servers reload it between requests")
+    except WrongProjectError as exc:
+        raise ClipsegError(str(exc)) from exc
+    project = args.project if args.project is not None else rec.project
+    whom = f"project {project}" if project is not None else "projects without a version of their own"
+    print(f"version {rec.version} is active again for {whom} ({rec.path}); servers reload it between requests")
     return 0
 
 
@@ -235,15 +270,19 @@ def run_status(args: argparse.Namespace, settings) -> int:
     workers = Worker.all(connection=conn)
     store = CorrectionStore(conn)
     registry = VersionRegistry(conn)
-    active = registry.active()
+    default, pointers = registry.pointers()
+    projects = sorted(set(store.projects()) | set(registry.projects()), key=lambda p: (len(p), p))
+    base = f"base:{settings.model}"
     status = {
         "redis": {"url": settings.redis_url, "version": conn.info("server").get("redis_version"),
                   "used_memory": conn.info("memory").get("used_memory_human")},
         "queue": {"queued": len(queue), "running": queue.started_job_registry.count,
                   "failed": queue.failed_job_registry.count, "scheduled": queue.scheduled_job_registry.count},
         "workers": [{"name": w.name, "state": str(w.get_state()), "job": w.get_current_job_id()} for w in workers],
-        "projects": {p: {"corrections": store.count(p), "new": store.new_since_last_finetune(p)} for p in store.projects()},
-        "active_version": active[0] if active else f"base:{settings.model}",
+        "projects": {p: {"corrections": store.count(p), "new": store.new_since_last_finetune(p),
+                         "active_version": _active_of(default, pointers, p) or base, "own_version": p in pointers}
+                     for p in projects},
+        "active_version": default[0] if default else base,
         "versions": len(registry.list()),
     }
     if args.json:
@@ -255,6 +294,7 @@ def run_status(args: argparse.Namespace, settings) -> int:
     print(f"queue     {q['queued']} queued, {q['running']} running, {q['scheduled']} scheduled, {q['failed']} failed")
     print(f"workers   {len(workers)}: " + (", ".join(f"{w['name']} ({w['state']})" for w in status["workers"]) or "none"))
     for p, c in status["projects"].items():
-        print(f"project   {p}: {c['corrections']} corrections, {c['new']} new since the last fine-tune")
-    print(f"model     {status['active_version']} ({status['versions']} versions recorded)")
+        print(f"project   {p}: model {c['active_version']}{'' if c['own_version'] else ' (the default)'}, "
+              f"{c['corrections']} corrections, {c['new']} new since the last fine-tune")
+    print(f"model     {status['active_version']} for projects without their own ({status['versions']} versions recorded)")
     return 0

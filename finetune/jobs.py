@@ -185,7 +185,7 @@ def finetune_project(project: str, redis_url: str | None = None, steps: int | No
     if not train or not held:
         raise ValueError(f"project {project}: {len(train) + len(held)} usable corrections; need at least 2")
     replay, base_val = base_data(settings, int(round(len(train) * settings.replay_ratio)), seed=seed + watermark)
-    active = registry.active()
+    active = registry.active(project)  # the project's own lineage (else the default): never another project's
     parent_version, parent_path = active if active else (None, settings.model)
     device = resolve_device(settings.device)
     parent = load_model(parent_path, device)
@@ -221,7 +221,7 @@ def finetune_project(project: str, redis_url: str | None = None, steps: int | No
                                   metrics=metrics, samples=samples, project=project))
     registry.store_artifact(version, path)
     if promote:
-        registry.activate(version, "promoted", reason)
+        registry.activate(version, "promoted", reason, project=project)
     else:
         registry.set_status(version, "rejected")
     store.mark_trained(project, watermark)

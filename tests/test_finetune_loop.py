@@ -84,14 +84,14 @@ class Server:
     def __exit__(self, *exc: Any) -> None:
         self.proc.stop()
 
-    def setup(self) -> str:
-        r = requests.post(f"{self.url}/setup", json={"project": "7.1764182400", "schema": LABEL_CONFIG,
+    def setup(self, project: int = 7) -> str:
+        r = requests.post(f"{self.url}/setup", json={"project": f"{project}.1764182400", "schema": LABEL_CONFIG,
                                                      "hostname": "http://localhost:8080", "access_token": "x"}, timeout=10)
         assert r.status_code == 200, r.text
         return r.json()["model_version"]
 
-    def predict(self, tasks: list[dict]) -> dict:
-        r = requests.post(f"{self.url}/predict", json={"tasks": tasks, "project": "7.1764182400",
+    def predict(self, tasks: list[dict], project: int = 7) -> dict:
+        r = requests.post(f"{self.url}/predict", json={"tasks": tasks, "project": f"{project}.1764182400",
                                                        "label_config": LABEL_CONFIG, "params": {"context": None}},
                           timeout=120)
         assert r.status_code == 200, r.text
@@ -127,14 +127,26 @@ def correction(task_id: int, mask: np.ndarray, image: str, *, annotation_id: int
 def test_corrections_train_promote_hot_reload_review_and_rollback(redis_conn, redis_url, tiny_model_factory, tmp_path):
     """Issue 4, must show: N webhooks → one job (real trigger) → `clipseg worker --burst` trains and promotes →
     the running server serves the new version without a restart; review signal; Redis artifacts on another
-    server; `clipseg rollback` swaps the running server back; `clipseg versions` lists both with metrics."""
+    server; `clipseg rollback` swaps the running server back; `clipseg versions` lists both with metrics.
+
+    Issue 14, must show: all of it happens in project 7 (A) only: project 8 (B), served by the same process, answers
+    /setup with the same version and byte-identical predictions before the promotion, after it, and after A's
+    rollback; a second server on another DATA_DIR follows both projects."""
     model = tiny_model_factory(PRESET)
     env = _env(redis_url, model, tmp_path / "data1")
     jpeg, mask = scene(128, 96, seed=0)
     image = data_uri(jpeg)
     blank = data_uri(scene(128, 96, seed=1)[0])
+    b_tasks = [{"id": 50, "data": {"image": image}}, {"id": 51, "data": {"image": blank}}]
     with Server(env, tmp_path / "serve1.log") as server:
         assert server.setup() == BASE_VERSION
+        assert server.setup(8) == BASE_VERSION
+        b_before = server.predict(b_tasks, project=8)
+        assert b_before["model_version"] == BASE_VERSION and b_before["results"][0]["result"]
+
+        def b_unchanged(srv: Server) -> None:
+            assert srv.setup(8) == BASE_VERSION
+            assert srv.predict(b_tasks, project=8) == b_before  # the same version, the same masks, byte for byte
 
         # /predict: every result carries the version; the task score is its least certain region's score
         answer = server.predict([{"id": 1, "data": {"image": image}}, {"id": 99, "data": {"image": blank}}])
@@ -163,7 +175,7 @@ def test_corrections_train_promote_hot_reload_review_and_rollback(redis_conn, re
         review = store.review_stats()
         assert review[BASE_VERSION]["n"] == 1 and 0.0 <= review[BASE_VERSION]["mean_iou"] <= 1.0
         metrics = requests.get(f"{server.url}/metrics", timeout=5).text
-        assert f'clipseg_review_iou{{version="{BASE_VERSION}"}}' in metrics
+        assert f'clipseg_review_iou{{project="7",version="{BASE_VERSION}"}}' in metrics
         assert re.search(r'clipseg_corrections\{project="7"\} 6(\.0)?\n', metrics), metrics
 
         # START_TRAINING and `clipseg finetune --now` see the queued job: still exactly one
@@ -195,47 +207,68 @@ def test_corrections_train_promote_hot_reload_review_and_rollback(redis_conn, re
         assert summary["metrics"]["corrections_miou"] > summary["metrics"]["parent_corrections_miou"]
         assert job.get_meta(refresh=True)["stage"] == "done" and redis_conn.get(lock_key(7)) is None
 
-        # the running server reports the new version on its next /setup, and predicts with it
+        # the running server reports the new version on its next /setup, and predicts with it; project 8 does not
         assert server.setup() == version
         answer = server.predict([{"id": 1, "data": {"image": image}}])
         assert answer["results"][0]["model_version"] == version == answer["model_version"]
+        b_unchanged(server)
+        record = VersionRegistry(redis_conn).get(version)
+        assert record.project == "7" and len(record.checksum) == 64 and VersionRegistry(redis_conn).active("8") is None
 
         # review signal of the new version: the annotator updates task 1 after our new prediction
         assert server.webhook(correction(1, mask, image, action="ANNOTATION_UPDATED",
                                          updated_at="2026-11-26T19:00:00.000000Z")).status_code == 201
         wait_for(lambda: version in store.review_stats(), 30, "the review IoU of the new version")
         assert store.review_stats()[version]["n"] == 1
-        assert f'clipseg_review_iou{{version="{version}"}}' in requests.get(f"{server.url}/metrics", timeout=5).text
+        metrics = requests.get(f"{server.url}/metrics", timeout=5).text
+        assert f'clipseg_review_iou{{project="7",version="{version}"}}' in metrics
+        assert f'clipseg_active_version{{project="7",version="{version}"}}' in metrics
 
-        listing = json.loads(clipseg(env, "versions", "--json").stdout)
-        assert listing["active"] == version
+        listing = json.loads(clipseg(env, "versions", "--json", "--project", "7").stdout)
+        assert listing["active"] == version and listing["projects"] == {"7": version}
         records = {v["version"]: v for v in listing["versions"]}
         assert records[BASE_VERSION]["status"] == "base" and records[version]["status"] == "promoted"
         assert records[version]["parent"] == BASE_VERSION and records[version]["review"]["n"] == 1
         assert set(records[version]["metrics"]) >= {"corrections_miou", "base_miou", "parent_corrections_miou"}
         text = clipseg(env, "versions").stdout
         assert f"* {version}" in text and "review IoU" in text and "corrections mIoU" in text
+        assert f"project 7: active {version}" in text
+        status = json.loads(clipseg(env, "status", "--json").stdout)["projects"]
+        assert status["7"]["active_version"] == version and status["7"]["own_version"]
+        assert clipseg(env, "versions", "--json", "--project", "8").stdout.count(version) == 0  # not B's lineage
 
-        # another server with another DATA_DIR (and no access to this one's disk) gets the checkpoint from Redis
+        # another server with another DATA_DIR (and no access to this one's disk) gets the checkpoint from Redis,
+        # and from then on follows both projects, like the first
         own_dir = Path(env["DATA_DIR"]) / "models" / version
         hidden = own_dir.with_name("hidden")
         own_dir.rename(hidden)
+        env2 = _env(redis_url, model, tmp_path / "data2")
         try:
-            env2 = _env(redis_url, model, tmp_path / "data2")
             with Server(env2, tmp_path / "serve2.log") as other:
-                assert other.setup() == version
+                assert other.setup() == version and other.setup(8) == BASE_VERSION
                 assert other.predict([{"id": 1, "data": {"image": image}}])["model_version"] == version
-            assert (tmp_path / "data2" / "models" / version / "trainable.safetensors").is_file()
-        finally:
-            hidden.rename(own_dir)
+                b_unchanged(other)
+                assert (tmp_path / "data2" / "models" / version / "trainable.safetensors").is_file()
+                hidden.rename(own_dir)
 
-        # rollback: the running server swaps back to the base model without a restart
-        out = clipseg(env, "rollback", BASE_VERSION).stdout
-        assert f"version {BASE_VERSION} is active again" in out
-        wait_for(lambda: server.setup() == BASE_VERSION, 10, "the server to swap back")
-        assert server.predict([{"id": 1, "data": {"image": image}}])["model_version"] == BASE_VERSION
-        assert VersionRegistry(redis_conn).active()[0] == BASE_VERSION
-        assert clipseg(env, "rollback", "no-such-version", check=False).returncode == 1
+                # rollback of project 7: both running servers swap it back without a restart; project 8 untouched
+                out = clipseg(env, "rollback", "--project", "7", BASE_VERSION).stdout
+                assert f"version {BASE_VERSION} is active again for project 7" in out
+                for srv in (server, other):
+                    wait_for(lambda: srv.setup() == BASE_VERSION, 10, "the server to swap back")
+                    assert srv.predict([{"id": 1, "data": {"image": image}}])["model_version"] == BASE_VERSION
+                    b_unchanged(srv)
+                # and forward again: a version of project 7 cannot be given to project 8
+                assert clipseg(env, "rollback", "--project", "8", version, check=False).returncode == 1
+                clipseg(env, "rollback", "--project", "7", version)
+                for srv in (server, other):
+                    wait_for(lambda: srv.setup() == version, 10, "the server to follow the rollback")
+                    b_unchanged(srv)
+        finally:
+            if hidden.exists():
+                hidden.rename(own_dir)
+        assert VersionRegistry(redis_conn).active("7")[0] == version
+        assert clipseg(env, "rollback", "--project", "7", "no-such-version", check=False).returncode == 1
 
 
 def test_worse_candidate_is_rejected(redis_conn, redis_url, tiny_model_factory, tmp_path):
