@@ -47,15 +47,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def checkpoint_version(config: ModelConfig, metadata: dict[str, Any]) -> str:
-    """The version name a checkpoint carries: its metadata's `version` (with `-stepN` for a training run's
-    intermediate checkpoints, so `best/` and `last/` of one run differ), else the architecture and the weights'
+    """The version name a checkpoint carries: its metadata's `version`, else the architecture and the weights'
     checksum. Never the folder's name: `runs/x/last` is not a name."""
     name = metadata.get("version")
-    if not name:
-        digest = str(metadata.get(CHECKSUM_KEY) or "")[:10] or "unversioned"
-        return f"{config.architecture}-{digest}"
-    step = metadata.get("step")
-    return f"{name}-step{step}" if step is not None else str(name)
+    if name:
+        return str(name)
+    digest = str(metadata.get(CHECKSUM_KEY) or "")[:10] or "unversioned"
+    return f"{config.architecture}-{digest}"
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
