@@ -186,7 +186,7 @@ def test_corrupt_checkpoint_is_refused_and_the_old_version_keeps_serving(tmp_pat
     try:
         client = app.test_client()
         assert _wait(lambda: client.post("/setup", json={"schema": CONFIG}).get_json().get("model_version") == "v-good", 30)
-        registry.record(VersionRecord("v-corrupt", str(bad)))
+        registry.record(VersionRecord("v-corrupt", str(bad), parent="v-good"))  # falls back to its parent
         with caplog.at_level(logging.ERROR, logger="backend.serving_model"):
             registry.activate("v-corrupt")
             assert _wait(lambda: client.get("/health").get_json()["error"], 15)
