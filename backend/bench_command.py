@@ -3,7 +3,8 @@
 Everything runs in one process on one set of random full-size weights (built once under `--work-dir`, nothing is
 downloaded): ours (one truncated vision pass per image, caches, bf16) vs `CLIPSegForImageSegmentation` called the
 way transformers' docs show (the image repeated once per prompt), the HTTP server (gunicorn, `backend.wsgi:app`)
-vs the predictor called directly, the server's peak RSS, and the vision pass's GFLOP/s vs a plain sgemm.
+vs the predictor called directly, the server's peak RSS, the vision pass's GFLOP/s vs a plain sgemm, and per-project
+models (row h: memory of 50 projects' decoders over one backbone, cost of switching between two projects).
 Each time is the median of `--repeats` runs after a warm-up run. `--tiny` runs the same code on a tiny random
 model: for the test suite only, its numbers mean nothing.
 """
@@ -616,6 +617,113 @@ def bench_gflops(report: Report, model, repeats: int, tiny: bool) -> None:
 
 
 # ---- output ----------------------------------------------------------------------------------------------------
+PROJECTS = 50  # projects whose decoders one server holds in row h
+
+
+class _ProjectRegistry:
+    """The part of `finetune.versions.VersionRegistry` a `ServingModel` reads, in memory: one fine-tuned version per
+    project (row h needs no Redis; what is measured is the server's own loading and holding of the states)."""
+
+    def __init__(self, checkpoints: dict[str, Path]):
+        from finetune.versions import VersionRecord
+
+        self.records = {f"v-{p}": VersionRecord(f"v-{p}", str(path), project=p) for p, path in checkpoints.items()}
+        self.conn = None
+
+    def pointers(self):
+        return None, {r.project: (r.version, r.path) for r in self.records.values()}
+
+    def get(self, version: str):
+        return self.records[version]
+
+    def lineage(self, version: str):
+        return [self.records[version]]
+
+    def materialize(self, version: str, models_dir) -> str:
+        return self.records[version].path
+
+    def mark_broken(self, version: str, reason: str) -> None:
+        raise RuntimeError(f"version {version} did not load: {reason}")
+
+
+def bench_projects(report: Report, model_dir: Path, work_dir: Path, image, repeats: int) -> None:
+    """(h) per-project models: RSS of a serving process holding 50 projects' decoders vs 1 (each project's state
+    loaded through `ServingModel` from its own checkpoint), and the cost of switching decoders between requests
+    of two projects on a cached image vs a cold request."""
+    import gc
+
+    import psutil
+    import torch
+
+    from backend.serving_model import ServingModel
+    from clipseg_model.checkpoint import save_checkpoint
+    from clipseg_model.loading import load_model
+
+    checkpoints: dict[str, Path] = {}
+    template = load_model(str(model_dir), "cpu")
+    for i in range(PROJECTS):
+        path = work_dir / f"projects-{template.config.architecture}" / f"p{i}"
+        if not (path / "clipseg_config.json").is_file():
+            with torch.no_grad():
+                for param in template.trainable_parameters():
+                    param.add_(1e-3 * torch.randn_like(param))
+            save_checkpoint(template, path, {"version": f"v-p{i}"}, replace=True)
+        checkpoints[f"p{i}"] = path
+    del template
+    registry = _ProjectRegistry(checkpoints)
+    serving = ServingModel(str(model_dir), "cpu", registry_factory=lambda: registry, models_dir=str(work_dir))
+    serving._load_backbone()
+    if not serving.ready:
+        raise RuntimeError(serving.error)
+    process = psutil.Process()
+
+    def rss() -> int:
+        gc.collect()
+        return process.memory_info().rss
+
+    first = serving.for_project("p0")
+    rss_one = rss()
+    started = time.perf_counter()
+    views = [serving.for_project(p) for p in checkpoints]
+    load_s = (time.perf_counter() - started) / (PROJECTS - 1)
+    rss_all = rss()
+    assert {v.version for v in views} == {f"v-{p}" for p in checkpoints} and first.version == "v-p0"
+    per_project_mb = (rss_all - rss_one) / (PROJECTS - 1) / 2**20
+    state_mb = views[0].state.nbytes / 2**20
+    report.add(Row("h.rss", f"server RSS per project, {PROJECTS} projects' decoders loaded vs 1", per_project_mb, " MB",
+                   "≤ 10 MB", per_project_mb <= 10,
+                   f"RSS {rss_one / 2**30:.2f} GB with 1, {rss_all / 2**30:.2f} GB with {PROJECTS}; one state "
+                   f"{state_mb:.1f} MB; loading a state {load_s * 1e3:.0f} ms"))
+
+    segmenter = serving.segmenter
+    a, b = serving.for_project("p1"), serving.for_project("p2")
+    prompt = [PROMPTS[0]]
+    a.predict(image, prompt)  # image features and the phrase cached: what remains is decoding (and switching)
+
+    def cold():
+        segmenter.feature_cache.clear()
+        return a.predict(image, prompt)
+
+    def same():
+        return a.predict(image, prompt)
+
+    def switching():
+        b.predict(image, prompt)
+        return a.predict(image, prompt)
+
+    got = interleaved({"cold": cold, "same": same, "switch": switching}, max(repeats, 3))
+    t_cold, t_same = statistics.median(got["cold"]), statistics.median(got["same"])
+    t_switch = statistics.median(got["switch"]) / 2  # two requests, each after a switch
+    extra = max(0.0, t_switch - t_same)
+    share = extra / t_cold
+    report.timings["project_switch"] = got
+    report.add(Row("h.switch", "cost of switching two projects' decoders per cached-image request / cold", share * 100,
+                   "%", "≤ 5%", share <= 0.05,
+                   f"cached request {t_same * 1e3:.1f} ms, after a switch {t_switch * 1e3:.1f} ms, cold {t_cold * 1e3:.0f} ms;"
+                   f" {segmenter.state_switches} switches"))
+    serving.stop()
+
+
 def format_table(report: Report) -> str:
     m = report.machine
     lines = [
@@ -670,6 +778,7 @@ def run(args: argparse.Namespace, settings) -> int:
         ("c", lambda: bench_bf16(report, model, images, repeats)),
         ("d/e/g", lambda: bench_server(report, model, model_dir, (width, height), args.seed, repeats)),
         ("f", lambda: bench_gflops(report, model, repeats, args.tiny)),
+        ("h", lambda: bench_projects(report, model_dir, args.work_dir, images[0], repeats)),
     ]
     for name, step in steps:
         started = time.perf_counter()

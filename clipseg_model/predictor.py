@@ -86,6 +86,7 @@ class Segmenter:
         self._lock = threading.RLock()
         self.model = model
         self._own_state: TrainableState | None = None  # the model's own trainable part, once another state is used
+        self._live: dict[str, torch.Tensor] | None = None  # the model's trainable tensors, looked up once
         self.state_switches = 0
 
     # ---- model management ----------------------------------------------------------------------------
@@ -97,7 +98,7 @@ class Segmenter:
         """Serve `model` from the next call on; caches of the old model are dropped."""
         with self._lock:
             self.model = model.eval()
-            self._own_state = None
+            self._own_state = self._live = None
             self.text_cache.clear()
             self.feature_cache.clear()
         log.info("now serving model version %s", model.version)
@@ -117,7 +118,9 @@ class Segmenter:
                 return
             self._own_state = self.model.trainable_state()  # kept, to return to the model's own weights
         if self.model.version != state.version:
-            self.model.load_trainable_state(state)
+            if self._live is None:
+                self._live = self.model.trainable_tensors()
+            self.model.load_trainable_state(state, self._live)
             self.state_switches += 1
 
     def _cache_tag(self, depends: bool) -> str:

@@ -196,9 +196,10 @@ class SegmentationModel(nn.Module):
         names |= {name for name, _ in self.decoder_named_buffers()}
         return {k: v for k, v in self.state_dict(keep_vars=True).items() if k in names}
 
-    def load_trainable_state(self, state: TrainableState) -> None:
-        """Copy `state` into the model's trainable tensors in place (shapes must match); sets `version`."""
-        own = self.trainable_tensors()
+    def load_trainable_state(self, state: TrainableState, live: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy `state` into the model's trainable tensors in place (shapes must match); sets `version`.
+        `live`: `trainable_tensors()` computed once by the caller (it walks the whole state dict: ~1-5 ms)."""
+        own = live if live is not None else self.trainable_tensors()
         if set(own) != set(state.tensors):
             raise ValueError(f"state {state.version} does not fit this model's trainable part")
         with torch.no_grad():

@@ -11,7 +11,7 @@ import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ["a.k1", "a.k4", "a.k8", "a.8v1", "b", "c.speed", "c.iou", "d", "d.server", "e", "f", "g.http", "g.direct"]
+ROWS = ["a.k1", "a.k4", "a.k8", "a.8v1", "b", "c.speed", "c.iou", "d", "d.server", "e", "f", "g.http", "g.direct", "h.rss", "h.switch"]
 
 
 def test_bench_tiny_quick_prints_every_row(tmp_path):
@@ -32,7 +32,7 @@ def test_bench_tiny_quick_prints_every_row(tmp_path):
     table = out[out.index("row "):].splitlines()
     printed = {line.split()[0] for line in table[1:] if line.strip() and not line.startswith("results")}
     assert printed == set(ROWS)
-    for target in ("≥ 7x", "≤ 1.4x", "≤ 15%", "≥ 1.6x", "≥ 0.99", "≤ 1.15x", "≤ 1.3 GB"):
+    for target in ("≥ 7x", "≤ 1.4x", "≤ 15%", "≥ 1.6x", "≥ 0.99", "≤ 1.15x", "≤ 1.3 GB", "≤ 10 MB", "≤ 5%"):
         assert target in out
     assert ("PASS" in out) or ("FAIL" in out)
 
