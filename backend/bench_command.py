@@ -662,7 +662,7 @@ def bench_projects(report: Report, model_dir: Path, work_dir: Path, image, repea
     checkpoints: dict[str, Path] = {}
     template = load_model(str(model_dir), "cpu")
     for i in range(PROJECTS):
-        path = work_dir / f"projects-{template.config.architecture}" / f"p{i}"
+        path = work_dir / f"projects-{model_dir.name}" / f"p{i}"
         if not (path / "clipseg_config.json").is_file():
             with torch.no_grad():
                 for param in template.trainable_parameters():

@@ -11,8 +11,9 @@ A promotion or rollback in project P (pub/sub, polling as a backup) changes P's 
 requests and nothing else. A version that cannot be loaded (damaged, missing, not trained over this backbone) is
 marked broken and P falls back to its parent, then the base model; /health and the log say so.
 
-A version trained over another backbone (e.g. a preset that unfreezes vision layers, so its trainable part holds
-those layers and its config differs) gets a full model of its own, shared by every project on that version.
+A version trained over another backbone (another MODEL, or a preset that unfreezes vision layers: its trainable
+part then holds those layers and its config differs) needs that backbone: it is loaded once per distinct config
+(a whole model's memory) and shared by every version trained over it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time
 from typing import Callable
 
 from clipseg_model.caches import LRUCache
-from clipseg_model.checkpoint import is_checkpoint, read_checkpoint_config, read_trainable_state, verify_checksum
+from clipseg_model.checkpoint import is_checkpoint, read_checkpoint_config, read_trainable_state
 from clipseg_model.loading import load_model
 from clipseg_model.predictor import Segmenter, StateSegmenter
 from clipseg_model.segmenter_base import TrainableState
@@ -35,6 +36,11 @@ Pointer = tuple[str, str]
 
 class ModelNotReady(RuntimeError):
     pass
+
+
+def _config_key(config) -> str:
+    """Versions whose configs are equal share a backbone (architecture, base weights, sizes, what trains)."""
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
 class ServingModel:
@@ -56,8 +62,9 @@ class ServingModel:
         self._last_check = 0.0
         self.error: str | None = None  # the backbone's load error
         self._pointers: tuple[Pointer | None, dict[str, Pointer]] = (None, {})
-        self._states: LRUCache[TrainableState] = LRUCache(state_cache_bytes, lambda s: s.nbytes)
-        self._others: dict[str, Segmenter] = {}  # version -> a full model (trained over another backbone)
+        # version -> (backbone key, its trainable state): every project on a version shares its state
+        self._states: LRUCache[tuple[str, TrainableState]] = LRUCache(state_cache_bytes, lambda v: v[1].nbytes)
+        self._backbones: dict[str, Segmenter] = {}  # config (JSON) -> a loaded backbone; MODEL's is one of them
         self._resolved: dict[str | None, tuple[str | None, str | None]] = {}  # project -> (wanted, served version)
         # version -> why it cannot be loaded here; not retried until it is activated again (pub/sub), else a damaged
         # checkpoint would be read on every request
@@ -94,7 +101,7 @@ class ServingModel:
         """For /health: each project's served version, and what is served instead of what (fallbacks)."""
         with self._lock:
             resolved = dict(self._resolved)
-        projects = {p: served for p, (_, served) in resolved.items() if p is not None}
+        projects = {p: served or self._base_version() for p, (_, served) in resolved.items() if p is not None}
         fallbacks = {str(p): {"wanted": w, "serving": s or self._base_version()}
                      for p, (w, s) in resolved.items() if w is not None and w != s}
         return {"projects": projects, "fallbacks": fallbacks, "broken": dict(self.broken)}
@@ -123,6 +130,7 @@ class ServingModel:
             log.error("%s", self.error)
             return
         self._segmenter = Segmenter(model, threshold=self.threshold, bf16=self.bf16)
+        self._backbones[_config_key(model.config)] = self._segmenter
         self.error = None
         self.check_for_update(force=True)
         log.info("backbone %s (version %s) loaded in %.1f s", self.base_model, model.version, time.perf_counter() - started)
@@ -213,11 +221,9 @@ class ServingModel:
             return None
         if version == self._base_version():
             return self.segmenter.for_state(None)
-        if version in self._others:
-            return self._others[version].for_state(None)
-        state = self._states.get(version)
-        if state is not None:
-            return self.segmenter.for_state(state)
+        cached = self._states.get(version)
+        if cached is not None:
+            return self._backbones[cached[0]].for_state(cached[1])
         started = time.perf_counter()
         try:
             view = self._load_version(version)
@@ -239,21 +245,23 @@ class ServingModel:
         if record.status == "base" and record.path == self.base_model:
             return self.segmenter.for_state(None)
         path = registry.materialize(version, self.models_dir)
-        backbone = self.segmenter.model
-        if is_checkpoint(path) and read_checkpoint_config(path)[0].to_dict() == backbone.config.to_dict():
-            state = read_trainable_state(backbone, path, record.checksum or None)
-            state.version = version
-            self._states.put(version, state)
-            return self.segmenter.for_state(state)
-        # trained over another backbone: a full model of its own (its memory cost is a whole model)
-        if is_checkpoint(path):
-            verify_checksum(path, record.checksum or None)
-        model = load_model(path, self.device)
-        model.version = version
-        log.warning("version %s was not trained over the backbone %s: loaded as a full model of its own", version,
-                    self.base_model)
-        self._others[version] = Segmenter(model, threshold=self.threshold, bf16=self.bf16)
-        return self._others[version].for_state(None)
+        if not is_checkpoint(path):  # another base model (a hub id or a transformers directory)
+            return self._backbone(f"path:{path}", path).for_state(None)
+        key = _config_key(read_checkpoint_config(path)[0])
+        backbone = self._backbone(key, path)
+        state = read_trainable_state(backbone.model, path, record.checksum or None)
+        state.version = version
+        self._states.put(version, (key, state))
+        return backbone.for_state(state)
+
+    def _backbone(self, key: str, path: str) -> Segmenter:
+        """The loaded backbone for `key`, loading it from `path` the first time (a whole model's memory)."""
+        if key not in self._backbones:
+            log.warning("%s was not trained over the backbone %s: loading its own backbone (a whole model's memory, "
+                        "shared by every version trained over it)", path, self.base_model)
+            model = load_model(path, self.device)
+            self._backbones[key] = Segmenter(model, threshold=self.threshold, bf16=self.bf16)
+        return self._backbones[key]
 
     def forget_broken(self, version: str) -> None:
         """Try `version` again on its next use (it was activated anew: an operator may have repaired it)."""
