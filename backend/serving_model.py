@@ -118,7 +118,8 @@ class ServingModel:
                          for p, f in sorted(fallbacks.items()))
 
     def _base_version(self) -> str | None:
-        return self._segmenter.model.version if self._segmenter is not None else None
+        """MODEL's own version (not `model.version`: that names whichever state was copied in last)."""
+        return self._segmenter.version if self._segmenter is not None else None
 
     # ---- the backbone --------------------------------------------------------------------------------
     def _load_backbone(self) -> None:

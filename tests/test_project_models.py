@@ -94,6 +94,8 @@ def test_projects_are_served_their_own_versions_and_damage_falls_back(redis_conn
         assert setup("1") == "a1" and setup("2") == BASE_VERSION
         a_answer, b_answer = predict("1"), predict("2")
         assert a_answer["model_version"] == "a1" and b_answer["model_version"] == BASE_VERSION
+        assert predict("1") == predict("1") == a_answer and setup("1") == "a1"  # A's state in the backbone: still A
+        assert predict("2") == b_answer
         assert a_answer["results"] != b_answer["results"]
         assert runtime.model.segmenter.feature_cache.misses == 1  # one vision pass for both projects
 
