@@ -3,7 +3,10 @@ artifacts, checksums, and the migration of the previous release's single pointer
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ def _probability(model_dir: str) -> np.ndarray:
     return pred.probability
 
 
-def test_record_activate_publish_and_rollback_per_project(redis_conn):
+def test_record_activate_publish_and_rollback_per_project(redis_conn, redis_url):
     registry = VersionRegistry(redis_conn)
     assert registry.active() is None and registry.active("1") is None and registry.list() == []
     pubsub = redis_conn.pubsub(ignore_subscribe_messages=True)
@@ -66,6 +69,17 @@ def test_record_activate_publish_and_rollback_per_project(redis_conn):
     assert registry.active("A")[0] == "a1"
     default, pointers = registry.pointers()
     assert default[0] == "b1" and {p: v for p, (v, _) in pointers.items()} == {"A": "a1", "B": "b1"}
+
+    # the same through the CLI, as operators type it
+    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cli = [sys.executable, "-m", "backend.cli"]
+    out = subprocess.run([*cli, "versions", "--set-default", "a1"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "a1 is now served to projects without" in out.stdout, out.stderr[-2000:]
+    assert registry.active("C")[0] == "a1" and registry.active("B")[0] == "b1"
+    listing = json.loads(subprocess.run([*cli, "versions", "--json"], env=env, capture_output=True, text=True,
+                                        timeout=120).stdout)
+    assert listing["default"] == "a1" and listing["projects"] == {"A": "a1", "B": "b1"}
+    registry.set_default("b1")
 
     # a base model is loaded from MODEL (a hub id here), never from an artifact
     assert registry.materialize("base-v", "/nonexistent") == "CIDAS/clipseg-rd64-refined"
