@@ -19,7 +19,7 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.settings import Settings
-from clipseg_model.checkpoint import save_checkpoint
+from clipseg_model.checkpoint import read_trainable_state, save_checkpoint
 from clipseg_model.loading import load_model
 from clipseg_model.predictor import Segmenter
 from finetune.versions import VersionRecord, VersionRegistry
@@ -45,8 +45,6 @@ def test_states_over_one_backbone_equal_their_own_models_and_share_image_feature
     base = tiny_model_factory(PRESET)
     a_dir = _variant(base, tmp_path / "a1", "a1", 0.2)
     backbone = Segmenter(load_model(str(base), "cpu"))
-    from clipseg_model.checkpoint import read_trainable_state
-
     state = read_trainable_state(backbone.model, a_dir)
     images, prompts = [_image(0), _image(1)], [["cat"], ["dog", "cat"]]
     alone_a = Segmenter(load_model(str(a_dir), "cpu")).predict_batch(images, prompts)
