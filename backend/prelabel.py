@@ -341,9 +341,10 @@ _MODELS: dict[tuple, Any] = {}
 _SERVICES: dict[str, Any] = {}
 
 
-def serving_segmenter(settings, conn: Redis, version: str | None = None, timeout: float = 300.0):
-    """The `Segmenter` of the version every server serves (the registry's active one, else MODEL), loaded once per
-    worker process and following promotions; with `version`, wait until that one is loaded."""
+def serving_segmenter(settings, conn: Redis, version: str | None = None, timeout: float = 300.0,
+                      project: str | None = None):
+    """The segmenter of the version every server serves `project` (its active one, else the default, else MODEL),
+    loaded once per worker process and following promotions; with `version`, wait until that one is served."""
     from backend.serving_model import ServingModel
     from finetune.versions import VersionRegistry
 
@@ -359,8 +360,10 @@ def serving_segmenter(settings, conn: Redis, version: str | None = None, timeout
     while True:
         model.check_for_update(force=True, wait=max(0.0, deadline - time.monotonic()))
         model.wait_ready(max(0.0, deadline - time.monotonic()))
-        if model.ready and (version is None or model.version == version):
-            return model.segmenter
+        if model.ready:
+            view = model.for_project(project)  # per-project models (issue 14): that project's own version
+            if version is None or view.version == version:
+                return view
         if time.monotonic() > deadline:
             raise PrelabelError(model.error or f"model version {version} did not load within {timeout:.0f} s")
         time.sleep(0.2)
@@ -580,7 +583,7 @@ def work_job(run_id: str, namespace: str = "clipseg") -> dict[str, Any]:
     if info is None or info.state in ("done", "failed"):
         return {"run": run_id, "chunks": [], "note": "run already settled"}
     client, label_config = connect(settings, info.project)
-    segmenter = serving_segmenter(settings, conn, info.version)
+    segmenter = serving_segmenter(settings, conn, info.version, project=info.project)
     config = LabelConfig.from_settings(label_config, settings)
     key = repr(settings)
     service = _SERVICES.get(key)

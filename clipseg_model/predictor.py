@@ -296,6 +296,11 @@ class StateSegmenter:
     def version(self) -> str:
         return self.state.version if self.state is not None else self.segmenter.version
 
+    @property
+    def model(self) -> SegmentationModel:
+        """The shared backbone (its trainable tensors hold whichever state ran last: use `version` for names)."""
+        return self.segmenter.model
+
     def predict_batch(self, images: Sequence[Image.Image], prompts: Sequence[Sequence[str]]) -> list[list[MaskPrediction]]:
         return self.segmenter.predict_batch(images, prompts, self.state)
 
