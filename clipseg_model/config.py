@@ -44,6 +44,10 @@ class ModelConfig:
     pixel_tokens: bool = False  # the pixel branch also feeds the decoder: strided convs down to the patch grid,
     # added to the image tokens before FiLM (local shape evidence a ViT trained from scratch learns slowly)
     text_alignment: bool = False  # a head for text-token alignment training (`align_weight` of the recipe)
+    word_attention: bool = False  # decoder layers also cross-attend to the text tower's per-token states (padding
+    # masked), not only FiLM on the pooled sentence: "the LEFT one", "the BIGGER dog" stay words the decoder reads
+    decoder_positions: bool = False  # add a learned projection of each patch's (x, y) (Fourier features, any grid
+    # size) to the decoder's image tokens: where a token is, for "left", "top", "middle"
     output_size: int = 224  # side of the logit map the model returns (seed: 224)
     # --- both ---
     unfreeze_last: int = 0  # train the last k CLIP vision layers too (0: CLIP frozen)
@@ -59,8 +63,9 @@ class ModelConfig:
             raise ValueError("pixel_channels needs the film-decoder with learned_upsampler")
         if self.pixel_tokens and not self.pixel_channels:
             raise ValueError("pixel_tokens needs a pixel branch (pixel_channels > 0)")
-        if self.text_alignment and self.architecture != FILM_DECODER:
-            raise ValueError("text_alignment needs the film-decoder")
+        for option in ("text_alignment", "word_attention", "decoder_positions"):
+            if getattr(self, option) and self.architecture != FILM_DECODER:
+                raise ValueError(f"{option} needs the film-decoder")
         object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
@@ -148,6 +153,12 @@ PRESETS: dict[str, Preset] = {
                     output_size=64, pixel_channels=4, pixel_tokens=True, text_alignment=True),
         "tests: the film-decoder's pixel branch (full-resolution refinement + pixel tokens) and text-token "
         "alignment head on a tiny random CLIP",
+        TinyBackbone(),
+    ),
+    "tiny-words": Preset(
+        ModelConfig(image_size=64, d_model=32, n_heads=2, n_layers=2, extract_layers=(2, 4), learned_upsampler=True,
+                    output_size=64, word_attention=True, decoder_positions=True, text_alignment=True),
+        "tests: the film-decoder's word-level cross-attention and decoder positions on a tiny random CLIP",
         TinyBackbone(),
     ),
     "tiny-clipseg": Preset(
