@@ -358,3 +358,60 @@ def test_word_attention_is_refused_for_clipseg():
     with pytest.raises(ValueError, match="word_attention needs the film-decoder"):
         ModelConfig(architecture="clipseg-rd64", word_attention=True)
     assert not PRESETS["clipseg-rd64"].config.word_attention and not PRESETS["clipseg-rd64"].config.decoder_positions
+
+
+def test_run_directory_stays_loadable_when_moved_or_copied(tiny_model_factory, tmp_path):
+    """A run's checkpoints record their base model (run/init/base) relative to themselves: moving or copying the
+    run directory whole keeps them loadable; a checkpoint cut off from its base says so (not "could not be
+    downloaded")."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_factory("tiny-seed"), run / "init")  # what `clipseg train --init-random` makes
+    model = load_model(run / "init", "cpu")
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.1)
+    save_checkpoint(model, run / "best", {"version": "v-best"})
+    record = json.loads((run / "best" / CONFIG_FILE).read_text())
+    assert record["config"]["base_model"] == "../init/base"
+    s = model.config.image_size
+    pixels = torch.randn(1, 3, s, s)
+    with torch.no_grad():
+        expected = model(pixels, ["the red one"])
+
+    moved = tmp_path / "elsewhere" / "deeper" / "run-moved"
+    moved.parent.mkdir(parents=True)
+    shutil.move(str(run), str(moved))
+    copied = tmp_path / "copy"
+    shutil.copytree(moved, copied)
+    shutil.rmtree(moved)  # nothing of the original place is left: only the relative path can work
+    loaded = load_model(copied / "best", "cpu")
+    assert loaded.version == "v-best" and loaded.config.base_model == str((copied / "init" / "base").resolve())
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels, ["the red one"]), expected)
+
+    alone = tmp_path / "alone"
+    shutil.copytree(copied / "best", alone)
+    shutil.rmtree(copied)
+    with pytest.raises(ModelNotAvailableError, match="copy the whole run directory") as info:
+        load_model(alone, "cpu")
+    assert "downloaded" not in str(info.value)
+
+
+def test_checkpoint_copied_alone_on_the_same_machine_still_loads(tiny_model_factory, tmp_path):
+    """The absolute base path is kept as a fallback: a checkpoint copied alone (as versions are materialised from
+    Redis into another folder) still finds its base where it was."""
+    import shutil
+
+    model = load_model(tiny_model_factory("tiny-seed"), "cpu")
+    save_checkpoint(model, tmp_path / "a" / "ckpt", {"version": "v1"})
+    shutil.copytree(tmp_path / "a" / "ckpt", tmp_path / "b" / "c" / "ckpt")
+    assert load_model(tmp_path / "b" / "c" / "ckpt", "cpu").version == "v1"
+
+
+def test_missing_local_model_path_is_not_a_download_failure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelNotAvailableError, match="directory 'runs/best' does not exist"):
+        load_model("runs/best", "cpu")
