@@ -189,6 +189,23 @@ def test_evaluate_matches_a_hand_computation():
     assert result.sweep[0.5]["miou"] == pytest.approx(m["miou"])
     assert len(result.rows) == 1 and result.rows[0].pred.shape == (h, w) and result.rows[0].note == "IoU 1.00"
     assert [s["iou"] for s in result.per_sample] == pytest.approx([1.0, 1 / 3])
+    assert [(s["index"], s["phrase"]) for s in result.per_sample] == [(0, "left"), (1, "top")]
+
+
+def test_validation_subset_is_spread_over_the_set():
+    """max_samples picks samples spread evenly over the set (RefCOCO orders samples by image: the first N would be
+    a few images), and every per-sample row carries its dataset index, phrase and the sample's ids."""
+    from finetune.training import spread_indices
+
+    assert spread_indices(10, 3) == [0, 3, 6] and spread_indices(4, 0) == [0, 1, 2, 3] and spread_indices(3, 5) == [0, 1, 2]
+    image = Image.new("RGB", (8, 8), "gray")
+    mask = np.zeros((8, 8), bool)
+    mask[:, :4] = True
+    data = SampleList([ReferringSample(image, f"phrase {i}", mask, "test", {"ref_id": 100 + i, "sent_id": 200 + i})
+                       for i in range(8)])
+    result = evaluate(_LeftHalfModel(), data, batch_size=3, device="cpu", max_samples=4)
+    assert [(r["index"], r["phrase"], r["ref_id"], r["sent_id"]) for r in result.per_sample] == [
+        (i, f"phrase {i}", 100 + i, 200 + i) for i in (0, 2, 4, 6)]
 
 
 # ---- the commands ------------------------------------------------------------------------------------------------
