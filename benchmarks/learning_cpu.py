@@ -90,7 +90,8 @@ def shapes_words() -> list[str]:
 
 
 def bench_preset(image_size: int, hidden: int, d_model: int, train_embeddings: bool, dropout: float,
-                 pixel_channels: int = 0, pixel_tokens: bool = False, text_alignment: bool = False) -> Preset:
+                 pixel_channels: int = 0, pixel_tokens: bool = False, text_alignment: bool = False,
+                 word_attention: bool = False, decoder_positions: bool = False, n_layers: int = 2) -> Preset:
     """The benchmark model: `small-film` at `image_size` px with the given widths, decoder dropout, embeddings
     training and pixel branch (image_size 96, widths 64, dropout 0.1, no train_embeddings and no pixel branch
     reproduce `small-film` itself)."""
@@ -98,7 +99,8 @@ def bench_preset(image_size: int, hidden: int, d_model: int, train_embeddings: b
     config = base.config.replace(image_size=image_size, output_size=image_size, d_model=d_model,
                                  train_embeddings=train_embeddings, dropout=dropout,
                                  pixel_channels=pixel_channels, pixel_tokens=pixel_tokens,
-                                 text_alignment=text_alignment)  # checks d_model
+                                 text_alignment=text_alignment, word_attention=word_attention,
+                                 decoder_positions=decoder_positions, n_layers=n_layers)  # checks d_model
     backbone = dataclasses.replace(base.backbone, image=image_size, hidden=hidden, projection=hidden)
     return Preset(config, f"{base.description}; benchmark variant at {image_size} px", backbone)
 
@@ -150,9 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the pixel branch also adds strided-conv features to the decoder's image tokens")
     parser.add_argument("--align-weight", type=float, default=3.0,
                         help="weight of the text-token alignment loss (0: off; >0 also builds the alignment head)")
-    parser.add_argument("--kinds", default="color_shape,color,shape",
+    parser.add_argument("--word-attention", action=argparse.BooleanOptionalAction, default=False,
+                        help="decoder layers cross-attend to the phrase's token states")
+    parser.add_argument("--decoder-positions", action=argparse.BooleanOptionalAction, default=False,
+                        help="add (x, y) position features to the decoder's image tokens")
+    parser.add_argument("--n-layers", type=int, default=2, help="decoder layers")
+    parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"phrase kinds, comma-separated (of {','.join(KINDS)})")
-    parser.add_argument("--boost-kind", default="shape", help="a phrase kind to over-sample in TRAINING (held-out unchanged)")
+    parser.add_argument("--boost-kind", default="shape",
+                        help="phrase kinds (comma-separated) to over-sample in TRAINING (held-out unchanged)")
     parser.add_argument("--boost-share", type=float, default=0.5,
                         help="share of the training stream drawn from a stream of only --boost-kind phrases")
     parser.add_argument("--min-radius", type=float, default=0.12, help="object radius, fraction of the image side")
@@ -171,19 +179,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     preset = bench_preset(args.image_size, args.hidden, args.d_model, args.train_embeddings, args.dropout,
-                          args.pixel_channels, args.pixel_tokens, args.align_weight > 0)
+                          args.pixel_channels, args.pixel_tokens, args.align_weight > 0, args.word_attention,
+                          args.decoder_positions, args.n_layers)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if args.boost_kind and (args.boost_kind not in kinds or not 0 <= args.boost_share < 1):
-        parser.error(f"--boost-kind must be one of --kinds ({', '.join(kinds)}) and --boost-share in [0, 1)")
+    boost = tuple(k.strip() for k in args.boost_kind.split(",") if k.strip())
+    if boost and (not set(boost) <= set(kinds) or not 0 <= args.boost_share < 1):
+        parser.error(f"--boost-kind must be some of --kinds ({', '.join(kinds)}) and --boost-share in [0, 1)")
     # One generator configuration for both sets; only the seed differs (held-out scenes, same distribution).
     shapes = ShapesConfig(image_size=args.image_size, kinds=kinds, min_radius=args.min_radius,
                           max_radius=args.max_radius, min_objects=args.min_objects, max_objects=args.max_objects)
     train_data = ShapesDataset(args.train_samples, seed=1000 + args.seed, config=shapes)
-    if args.boost_kind and args.boost_share > 0:
+    if boost and args.boost_share > 0:
         # A second stream (its own seed) of only the boosted kind; the sampler shuffles the two together.
         boosted = round(args.train_samples * args.boost_share / (1 - args.boost_share))
         train_data = ConcatDataset([train_data, ShapesDataset(boosted, seed=3000 + args.seed,
-                                                              config=dataclasses.replace(shapes, kinds=(args.boost_kind,)))])
+                                                              config=dataclasses.replace(shapes, kinds=boost))])
     val_data = ShapesDataset(args.val_samples, seed=2000 + args.seed, config=shapes)
     cfg = TRAIN_PRESETS["improved"].replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps,
                                             warmup_fraction=args.warmup, dice_weight=args.dice_weight,
@@ -215,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out mIoU {metrics['miou']:.4f} (mean Dice {metrics['mean_dice']:.4f}, n={metrics['n']}) "
           f"in {total / 60:.1f} min wall time ({cpu / 60:.1f} CPU-min on {args.threads} threads, "
           f"~{cpu / args.threads / 60:.1f} min on an idle machine; load average {' '.join(load)})")
+    table = breakdown(evaluation, val_data)
+    print("| phrase kind | held-out mIoU |\n|---|---|")
+    for kind in kinds:
+        print(f"| {kind} | {table.get(f'miou_{kind}', float('nan')):.3f} |")
+    print(f"| all | {metrics['miou']:.3f} |")
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
     return 0
