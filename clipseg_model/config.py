@@ -123,8 +123,11 @@ PRESETS: dict[str, Preset] = {
             extract_layers=(3, 6, 9),
             learned_upsampler=True,
             output_size=352,
+            word_attention=True,
+            decoder_positions=True,
         ),
-        "CLIP layers 3/6/9, 352 px with interpolated position embeddings, learned upsampler",
+        "CLIP layers 3/6/9, 352 px with interpolated position embeddings, learned upsampler, word-level "
+        "cross-attention to the phrase's tokens, decoder position features",
     ),
     "clipseg-rd64": Preset(
         ModelConfig(
@@ -166,6 +169,17 @@ PRESETS: dict[str, Preset] = {
                     image_std=IMAGENET_STD, output_size=64),
         "tests: CLIPSegForImageSegmentation with a tiny random backbone",
         TinyBackbone(),
+    ),
+    # The CPU learning benchmark's model (benchmarks/learning_cpu.py; training preset of the same name): everything
+    # random and trained, 64 px, 8 x 8 patch grid, pixel branch, alignment head, word attention, positions.
+    "cpu-scratch": Preset(
+        ModelConfig(image_size=64, d_model=64, n_heads=4, n_layers=2, dropout=0.0, extract_layers=(2, 4),
+                    learned_upsampler=True, output_size=64, pixel_channels=16, pixel_tokens=True,
+                    text_alignment=True, word_attention=True, decoder_positions=True, unfreeze_last=4,
+                    train_text=True, train_embeddings=True),
+        "CPU learning benchmark: small random CLIP (patch 8, 64 px) trained from scratch, pixel branch, "
+        "text-token alignment, word attention, decoder positions (train with --preset cpu-scratch)",
+        TinyBackbone(hidden=64, layers=4, heads=4, patch=8, image=64, projection=64, text_layers=2),
     ),
     "small-film": Preset(
         ModelConfig(image_size=96, d_model=64, n_heads=4, n_layers=2, extract_layers=(2, 4),

@@ -112,7 +112,9 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     from finetune.training import TRAIN_PRESETS
 
     parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="improved",
-                        help="training recipe: seed (BCE, Adam 1e-3) or improved (AdamW, cosine, Dice+BCE)")
+                        help="training recipe: seed (BCE, Adam 1e-3), improved (AdamW, cosine, Dice+BCE) or "
+                             "cpu-scratch (the CPU learning benchmark's: improved, batch 32, 2,500 steps, alignment "
+                             "loss 3; with --model-preset cpu-scratch --init-random)")
     start = parser.add_mutually_exclusive_group(required=True)
     start.add_argument("--model", help="start from this checkpoint directory or hub id")
     start.add_argument("--model-preset", choices=sorted(PRESETS),
@@ -121,6 +123,15 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     parser.add_argument("--init-random", action="store_true",
                         help="with --model-preset: random weights, built offline in OUT/init (smoke tests, benchmarks)")
     parser.add_argument("--init-seed", type=int, default=0)
+    parser.add_argument("--init-vocab", choices=("auto", "data"), default="auto",
+                        help="with --init-random: auto = CLIP's BPE when open_clip is installed, else byte-level; "
+                             "data = one token per word of the training phrases (other text falls back to bytes), "
+                             "what the CPU learning benchmark uses")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --model-preset: change one ModelConfig field, e.g. word_attention=true, "
+                             "n_layers=3, extract_layers=[2,4] (repeatable; values are JSON, else strings)")
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="with --model-preset: a JSON file of ModelConfig fields to change (before --model-option)")
     add_data_arguments(parser, "train")
     parser.add_argument("--val-split", default="val", help="validation split ('none' to skip validation)")
     parser.add_argument("--max-val-samples", type=int, default=500,
@@ -158,30 +169,94 @@ def _train_config(args: argparse.Namespace):
     return cfg.replace(**changes)
 
 
+def model_config_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """ModelConfig fields that --model-config FILE and --model-option KEY=VALUE change (the options win)."""
+    import dataclasses
+    import json
+
+    from clipseg_model.config import ModelConfig
+    from clipseg_model.errors import ClipsegError
+
+    changes: dict[str, Any] = {}
+    if args.model_config is not None:
+        try:
+            changes.update(json.loads(args.model_config.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ClipsegError(f"--model-config {args.model_config}: {exc}") from exc
+    for item in args.model_option:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ClipsegError(f"--model-option {item!r}: expected KEY=VALUE")
+        try:
+            changes[key.strip()] = json.loads(raw)
+        except ValueError:
+            changes[key.strip()] = raw  # a plain string (base_model=...)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise ClipsegError(f"unknown model option(s) {', '.join(unknown)}; ModelConfig has: {', '.join(sorted(fields))}")
+    if "architecture" in changes:
+        raise ClipsegError("the architecture comes from --model-preset; choose another preset instead")
+    return changes
+
+
+def vocabulary_words(dataset, limit: int = 20_000) -> list[str]:
+    """The words of a dataset's phrases, most frequent first (at most `limit`): lower-case letter runs, as CLIP's
+    tokenizer splits text. RefCOCO loaders list their sentences without loading images; generated shapes list their
+    vocabulary; other datasets are read (phrases only matter, but images are decoded too)."""
+    import re
+    from collections import Counter
+
+    from finetune.shapes import ShapesDataset, phrase_words
+
+    base = getattr(dataset, "dataset", dataset)  # a Subset: its words are the full split's
+    if isinstance(base, ShapesDataset):
+        return phrase_words(base.config)
+    if hasattr(base, "sentence_lists"):
+        phrases = (p for sentences in base.sentence_lists for p in sentences)
+    else:
+        phrases = (base[i].phrase for i in range(min(len(base), limit)))
+    counts = Counter(w for p in phrases for w in re.findall(r"[a-z]+", str(p).lower()))
+    return [w for w, _ in counts.most_common(limit)]
+
+
 def _build_start_model(args: argparse.Namespace, device, is_main: bool, barrier):
-    """The model training starts from, per --model / --model-preset [--init-random]."""
+    """The model training starts from, per --model / --model-preset [--init-random] and the model options."""
     from clipseg_model.config import preset
     from clipseg_model.errors import ClipsegError
     from clipseg_model.loading import build_model, load_model
 
+    changes = model_config_changes(args)
     if args.model:
-        if args.init_random:
-            raise ClipsegError("--init-random goes with --model-preset, not --model")
+        if args.init_random or changes:
+            raise ClipsegError("--init-random, --model-option and --model-config go with --model-preset, not --model "
+                               "(a checkpoint's architecture is fixed)")
         return load_model(args.model, device)
     p = preset(args.model_preset)
+    try:
+        config = p.config.replace(**changes)
+    except (TypeError, ValueError) as exc:
+        raise ClipsegError(f"model options {changes}: {exc}") from exc
     if args.init_random:
         from clipseg_model.random_init import init_model
 
         init_dir = args.out / "init"
         if is_main and not init_dir.exists():  # on --resume the run's random start is reused
+            tokenizer = None
+            if args.init_vocab == "data":
+                from clipseg_model.vocab import word_level_tokenizer
+
+                words = vocabulary_words(open_dataset(args, args.split, args.max_samples, config.image_size))
+                log.info("word-level vocabulary of %d words from the training phrases", len(words))
+                tokenizer = word_level_tokenizer(words)
             args.out.mkdir(parents=True, exist_ok=True)
-            init_model(args.model_preset, init_dir, seed=args.init_seed)
+            init_model(args.model_preset, init_dir, seed=args.init_seed, config_changes=changes, tokenizer=tokenizer)
         barrier()
         return load_model(init_dir, device)
     if p.backbone is not None:
         raise ClipsegError(f"preset {args.model_preset!r} has a test-sized backbone that exists only with random "
                            "weights: add --init-random")
-    return build_model(p.config, device)
+    return build_model(config, device)
 
 
 def run(args: argparse.Namespace, settings) -> int:

@@ -315,3 +315,31 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path, align):
     # step 4 logged once (by rank 0 only): one loss row and one validation row
     assert sum(bool(r[1]) for r in at_4) == 1 and sum(not r[1] for r in at_4) == 1, rows
     assert load_model(tmp_path / "run" / "last", "cpu").config.text_alignment
+
+
+def test_cli_reaches_the_cpu_benchmark_model_and_sets_film_decoder_options(tmp_path):
+    """`clipseg train --model-preset cpu-scratch --preset cpu-scratch --init-random` builds the benchmark's model
+    (same ModelConfig and backbone, word-level vocabulary of the training phrases with --init-vocab data); model
+    options come from a JSON file and KEY=VALUE flags."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.learning_cpu import MODEL_PRESET, TRAIN_PRESET, bench_preset
+    from clipseg_model.config import PRESETS
+
+    assert (MODEL_PRESET, TRAIN_PRESET) == ("cpu-scratch", "cpu-scratch")
+    assert bench_preset() == PRESETS["cpu-scratch"]  # the benchmark's defaults are the preset, nothing else
+    assert TRAIN_PRESETS["cpu-scratch"].align_weight > 0 and PRESETS["cpu-scratch"].config.word_attention
+
+    (tmp_path / "decoder.json").write_text(json.dumps({"n_layers": 1, "decoder_positions": False}))
+    done = _clipseg("train", "--model-preset", "cpu-scratch", "--preset", "cpu-scratch", "--init-random",
+                    "--init-vocab", "data", "--model-config", "decoder.json", "--model-option", "d_model=32",
+                    "--model-option", "extract_layers=[4]", "--data", "shapes", "--max-samples", "8",
+                    "--max-val-samples", "4", "--steps", "2", "--batch-size", "4", "--threads", "1", "--out", "run",
+                    "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    model = load_model(tmp_path / "run" / "last", "cpu")
+    expected = PRESETS["cpu-scratch"].config.replace(n_layers=1, decoder_positions=False, d_model=32, extract_layers=(4,))
+    assert model.config.replace(base_model="") == expected.replace(base_model="")
+    assert len(model.tokenizer.tokenize("the leftmost purple ellipse")) == 4  # one token per word of the data
+    bad = _clipseg("train", "--model-preset", "cpu-scratch", "--init-random", "--model-option", "colour=red",
+                   "--steps", "1", "--out", "bad", cwd=tmp_path)
+    assert bad.returncode == 1 and "unknown model option(s) colour" in bad.stderr and "Traceback" not in bad.stderr
