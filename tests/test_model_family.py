@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -415,3 +416,18 @@ def test_missing_local_model_path_is_not_a_download_failure(tmp_path, monkeypatc
     (tmp_path / "runs").mkdir()
     with pytest.raises(ModelNotAvailableError, match="directory 'runs/best' does not exist"):
         load_model("runs/best", "cpu")
+
+
+def test_predictor_caches_word_attention_phrases(tiny_model_factory):
+    """The predictor caches one text row per phrase and stacks rows from different batches: packed word states
+    (fixed length) allow that, and cached phrases give the same probabilities as fresh ones."""
+    from PIL import Image
+
+    from clipseg_model.predictor import Segmenter
+
+    segmenter = Segmenter(load_model(tiny_model_factory("tiny-words"), "cpu"), threshold=0.5)
+    image = Image.new("RGB", (50, 40), "gray")
+    image.paste((200, 30, 30), (5, 5, 20, 20))
+    first = segmenter.predict(image, ["the red square on the left"])  # cached alone (short batch)
+    mixed = segmenter.predict(image, ["x", "the red square on the left", "the much bigger shape at the very top"])
+    assert np.allclose(mixed[1].probability, first[0].probability, atol=1e-5)
