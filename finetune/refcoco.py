@@ -197,7 +197,8 @@ class HFRefCOCO(_IndexedRows):
     ) -> None:
         """Args:
             name_or_path: Hub id or local directory/files that `datasets.load_dataset` accepts.
-            split: train, val, testA, testB (test for RefCOCOg, whose Hub "test" is the real test).
+            split: train, val, testA, testB, test (refcoco/refcoco+: testA + testB, as refer defines it; a
+                name containing "refcocog": the Hub's "test", the real test).
             image_root: folder holding COCO_train2014_*.jpg, or a folder containing coco/train2014/.
             sentences: "all" (one sample per sentence) or "first" (one per referred object).
             text_field: "sent" (lower-cased, tokenised) or "raw" (as typed by the annotator).
@@ -210,7 +211,12 @@ class HFRefCOCO(_IndexedRows):
         self.split = split
         self.image_root = Path(image_root)
         self.text_field = text_field
-        self.rows = datasets.load_dataset(name_or_path, split=self.HUB_SPLITS[split], **load_kwargs)
+        if split == "test" and "refcocog" not in str(name_or_path).lower():
+            # refer's test of refcoco / refcoco+ is testA + testB; the Hub's "test" there is testA alone.
+            self.rows = datasets.concatenate_datasets([datasets.load_dataset(name_or_path, split=hub, **load_kwargs)
+                                                       for hub in (self.HUB_SPLITS["testA"], self.HUB_SPLITS["testB"])])
+        else:
+            self.rows = datasets.load_dataset(name_or_path, split=self.HUB_SPLITS[split], **load_kwargs)
         self.sentence_lists = [self._sentences(row) for row in self.rows.select_columns(self._text_columns())]
         self._build_index(self.sentence_lists, sentences)
         if len(self.rows):  # a wrong --image-root fails here, in one line, not inside the training loop

@@ -247,6 +247,8 @@ def test_jxu124_splits_and_rle(jxu124_dir, coco_images, tmp_path) -> None:
     _check(testb[0], 14, "compressed one")
     train = HFRefCOCO(str(jxu124_dir), split="train", image_root=coco_images, cache_dir=cache, text_field="raw")
     assert [s.phrase for s in train] == ["Train sentence"]
+    test = HFRefCOCO(str(jxu124_dir), split="test", image_root=coco_images, cache_dir=cache)  # refer's test: A + B
+    assert [s.meta["ref_id"] for s in test] == [3, 4, 4]
 
 
 def test_jxu124_missing_image_is_reported_when_opened(jxu124_dir, tmp_path) -> None:
