@@ -44,63 +44,26 @@ from clipseg_model.config import PRESETS, Preset  # noqa: E402
 from clipseg_model.loading import build_model, load_model  # noqa: E402
 from clipseg_model.numerics import flush_denormals  # noqa: E402
 from clipseg_model.random_init import write_backbone  # noqa: E402
-from clipseg_model.vocab import BOS, EOS, build_tokenizer, bytes_to_unicode  # noqa: E402
-from finetune.shapes import KINDS, ShapesConfig, ShapesDataset, concept_vocabulary  # noqa: E402
+from clipseg_model.vocab import build_tokenizer, word_level_tokenizer  # noqa: E402
+from finetune.shapes import KINDS, ShapesConfig, ShapesDataset, phrase_words  # noqa: E402
 from finetune.training import TRAIN_PRESETS, evaluate, train  # noqa: E402
 
 log = logging.getLogger("learning_cpu")
 
-FILLER_WORDS = ("the", "on", "at")  # words of phrase templates that are not concepts
+MODEL_PRESET = TRAIN_PRESET = "cpu-scratch"  # the benchmark's model and recipe, also reachable from `clipseg train`
 
 
-def word_level_tokenizer(words: list[str]) -> CLIPTokenizer:
-    """A CLIP-compatible BPE tokenizer whose merges make each of `words` ONE token (other text falls back to bytes).
-
-    Merges are added word by word: a word that does not yet come out as a single token gets merges that join
-    the tokens it currently splits into. New merges rank after all earlier ones, so they cannot change how an
-    already single-token word is split; the loop ends when every word is one token.
-    """
-    chars = list(bytes_to_unicode().values())
-    base = chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
-
-    def make() -> CLIPTokenizer:
-        vocab = list(dict.fromkeys(base + [a + b for a, b in merges] + [BOS, EOS]))
-        return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=list(merges))
-
-    tokenizer = make()
-    for _ in range(len(words) + 1):
-        split = [tokenizer.tokenize(w) for w in sorted(set(words))]
-        split = [t for t in split if len(t) > 1]
-        if not split:
-            return tokenizer
-        for tokens in split:
-            current = tokens[0]
-            for nxt in tokens[1:]:
-                if (current, nxt) not in merges:
-                    merges.append((current, nxt))
-                current += nxt
-        tokenizer = make()
-    raise RuntimeError("word-level merges did not converge")
-
-
-def shapes_words() -> list[str]:
-    """Every word a ShapesDataset phrase can contain."""
-    return [w for group in concept_vocabulary().values() for w in group] + list(FILLER_WORDS)
-
-
-def bench_preset(image_size: int, hidden: int, d_model: int, train_embeddings: bool, dropout: float,
-                 pixel_channels: int = 0, pixel_tokens: bool = False, text_alignment: bool = False) -> Preset:
-    """The benchmark model: `small-film` at `image_size` px with the given widths, decoder dropout, embeddings
-    training and pixel branch (image_size 96, widths 64, dropout 0.1, no train_embeddings and no pixel branch
-    reproduce `small-film` itself)."""
-    base = PRESETS["small-film"]
-    config = base.config.replace(image_size=image_size, output_size=image_size, d_model=d_model,
-                                 train_embeddings=train_embeddings, dropout=dropout,
-                                 pixel_channels=pixel_channels, pixel_tokens=pixel_tokens,
-                                 text_alignment=text_alignment)  # checks d_model
-    backbone = dataclasses.replace(base.backbone, image=image_size, hidden=hidden, projection=hidden)
-    return Preset(config, f"{base.description}; benchmark variant at {image_size} px", backbone)
+def bench_preset(hidden: int | None = None, **changes) -> Preset:
+    """The benchmark model: preset `cpu-scratch` with `changes` to its ModelConfig (a flag given on the command line)
+    and `hidden` as the width of both random towers; no changes reproduce the preset exactly."""
+    base = PRESETS[MODEL_PRESET]
+    config = base.config.replace(**{k: v for k, v in changes.items() if v is not None})  # checks d_model etc.
+    if config.image_size != config.output_size:
+        config = config.replace(output_size=config.image_size)
+    width = hidden or base.backbone.hidden
+    backbone = dataclasses.replace(base.backbone, image=config.image_size, hidden=width, projection=width)
+    same = config == base.config and backbone == base.backbone
+    return Preset(config, base.description if same else f"{base.description}; benchmark variant", backbone)
 
 
 def build_random(preset: Preset, out: Path, seed: int, tokenizer: CLIPTokenizer) -> Path:
@@ -119,7 +82,7 @@ def breakdown(evaluation, val_data: ShapesDataset) -> dict[str, float]:
     """mIoU per phrase kind, the share of samples with IoU < 0.3 (wrong object / missed) and the mIoU of the rest
     (how good the masks of found objects are)."""
     ious = [float(row["iou"]) for row in evaluation.per_sample]
-    kinds = [val_data[i].meta["kind"] for i in range(len(ious))]
+    kinds = [row["kind"] for row in evaluation.per_sample]
     out: dict[str, float] = {}
     for kind in sorted(set(kinds)):
         values = [v for v, k in zip(ious, kinds) if k == kind]
@@ -132,27 +95,35 @@ def breakdown(evaluation, val_data: ShapesDataset) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2500)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=float, default=0.03, help="warm-up share of the steps")
-    parser.add_argument("--dice-weight", type=float, default=1.0)
+    recipe = TRAIN_PRESETS[TRAIN_PRESET]
+    model_cfg = PRESETS[MODEL_PRESET].config
+    parser.add_argument("--steps", type=int, default=recipe.steps)
+    parser.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    parser.add_argument("--lr", type=float, default=recipe.lr)
+    parser.add_argument("--warmup", type=float, default=recipe.warmup_fraction, help="warm-up share of the steps")
+    parser.add_argument("--dice-weight", type=float, default=recipe.dice_weight)
+    parser.add_argument("--align-weight", type=float, default=recipe.align_weight,
+                        help="weight of the text-token alignment loss (0: off, and no alignment head)")
     parser.add_argument("--tokenizer", default="word", choices=("word", "byte"),
                         help="word: one token per shapes word (built from concept_vocabulary); byte: byte-level")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=64, help="vision/text tower width")
-    parser.add_argument("--d-model", type=int, default=64, help="decoder width")
-    parser.add_argument("--train-embeddings", action=argparse.BooleanOptionalAction, default=True,
-                        help="train the vision patch/position embeddings too")
-    parser.add_argument("--dropout", type=float, default=0.0, help="decoder dropout")
-    parser.add_argument("--pixel-channels", type=int, default=16, help="width of the full-resolution pixel branch (0: off)")
-    parser.add_argument("--pixel-tokens", action=argparse.BooleanOptionalAction, default=True,
-                        help="the pixel branch also adds strided-conv features to the decoder's image tokens")
-    parser.add_argument("--align-weight", type=float, default=3.0,
-                        help="weight of the text-token alignment loss (0: off; >0 also builds the alignment head)")
-    parser.add_argument("--kinds", default="color_shape,color,shape",
+    model = parser.add_argument_group(f"model (defaults: preset {MODEL_PRESET})")
+    model.add_argument("--image-size", type=int, default=None, help=f"default {model_cfg.image_size}")
+    model.add_argument("--hidden", type=int, default=None, help="vision/text tower width")
+    model.add_argument("--d-model", type=int, default=None, help=f"decoder width (default {model_cfg.d_model})")
+    model.add_argument("--n-layers", type=int, default=None, help=f"decoder layers (default {model_cfg.n_layers})")
+    model.add_argument("--dropout", type=float, default=None, help="decoder dropout")
+    model.add_argument("--pixel-channels", type=int, default=None, help="width of the pixel branch (0: off)")
+    flags = {"train_embeddings": "train the vision patch/position embeddings too",
+             "pixel_tokens": "the pixel branch also adds strided-conv features to the decoder's image tokens",
+             "word_attention": "decoder layers cross-attend to the phrase's token states",
+             "decoder_positions": "add (x, y) position features to the decoder's image tokens"}
+    for name, text in flags.items():
+        model.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{text} (default {'on' if getattr(model_cfg, name) else 'off'})")
+    parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"phrase kinds, comma-separated (of {','.join(KINDS)})")
-    parser.add_argument("--boost-kind", default="shape", help="a phrase kind to over-sample in TRAINING (held-out unchanged)")
+    parser.add_argument("--boost-kind", default="shape,position,size",
+                        help="phrase kinds (comma-separated) to over-sample in TRAINING (held-out unchanged)")
     parser.add_argument("--boost-share", type=float, default=0.5,
                         help="share of the training stream drawn from a stream of only --boost-kind phrases")
     parser.add_argument("--min-radius", type=float, default=0.12, help="object radius, fraction of the image side")
@@ -162,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-samples", type=int, default=200_000, help="length of the generated training stream")
     parser.add_argument("--val-samples", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=500, help="validate on 200 held-out samples every N steps")
+    parser.add_argument("--eval-every", type=int, default=recipe.eval_every,
+                        help=f"validate on {recipe.max_eval_samples} held-out samples every N steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -170,26 +142,28 @@ def main(argv: list[str] | None = None) -> int:
     flush_denormals()  # before torch starts threads: subnormals made trained steps 2.7x slower
     torch.set_num_threads(args.threads)
 
-    preset = bench_preset(args.image_size, args.hidden, args.d_model, args.train_embeddings, args.dropout,
-                          args.pixel_channels, args.pixel_tokens, args.align_weight > 0)
+    preset = bench_preset(args.hidden, image_size=args.image_size, d_model=args.d_model, n_layers=args.n_layers,
+                          dropout=args.dropout, pixel_channels=args.pixel_channels, text_alignment=args.align_weight > 0,
+                          **{name: getattr(args, name) for name in flags})
+    image_size = preset.config.image_size
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    if args.boost_kind and (args.boost_kind not in kinds or not 0 <= args.boost_share < 1):
-        parser.error(f"--boost-kind must be one of --kinds ({', '.join(kinds)}) and --boost-share in [0, 1)")
+    boost = tuple(k.strip() for k in args.boost_kind.split(",") if k.strip())
+    if boost and (not set(boost) <= set(kinds) or not 0 <= args.boost_share < 1):
+        parser.error(f"--boost-kind must be some of --kinds ({', '.join(kinds)}) and --boost-share in [0, 1)")
     # One generator configuration for both sets; only the seed differs (held-out scenes, same distribution).
-    shapes = ShapesConfig(image_size=args.image_size, kinds=kinds, min_radius=args.min_radius,
+    shapes = ShapesConfig(image_size=image_size, kinds=kinds, min_radius=args.min_radius,
                           max_radius=args.max_radius, min_objects=args.min_objects, max_objects=args.max_objects)
     train_data = ShapesDataset(args.train_samples, seed=1000 + args.seed, config=shapes)
-    if args.boost_kind and args.boost_share > 0:
+    if boost and args.boost_share > 0:
         # A second stream (its own seed) of only the boosted kind; the sampler shuffles the two together.
         boosted = round(args.train_samples * args.boost_share / (1 - args.boost_share))
         train_data = ConcatDataset([train_data, ShapesDataset(boosted, seed=3000 + args.seed,
-                                                              config=dataclasses.replace(shapes, kinds=(args.boost_kind,)))])
+                                                              config=dataclasses.replace(shapes, kinds=boost))])
     val_data = ShapesDataset(args.val_samples, seed=2000 + args.seed, config=shapes)
-    cfg = TRAIN_PRESETS["improved"].replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps,
-                                            warmup_fraction=args.warmup, dice_weight=args.dice_weight,
-                                            eval_every=args.eval_every, align_weight=args.align_weight, log_every=25, max_eval_samples=200,
-                                            seed=args.seed)
-    tokenizer = word_level_tokenizer(shapes_words()) if args.tokenizer == "word" else build_tokenizer(None)[0]
+    cfg = recipe.replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps, warmup_fraction=args.warmup,
+                         dice_weight=args.dice_weight, eval_every=args.eval_every, align_weight=args.align_weight,
+                         seed=args.seed)
+    tokenizer = word_level_tokenizer(phrase_words()) if args.tokenizer == "word" else build_tokenizer(None)[0]
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="learning-cpu-"))
     started, cpu_started = time.time(), time.process_time()
     model = load_model(build_random(preset, work / "init", args.seed, tokenizer), "cpu")
@@ -215,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out mIoU {metrics['miou']:.4f} (mean Dice {metrics['mean_dice']:.4f}, n={metrics['n']}) "
           f"in {total / 60:.1f} min wall time ({cpu / 60:.1f} CPU-min on {args.threads} threads, "
           f"~{cpu / args.threads / 60:.1f} min on an idle machine; load average {' '.join(load)})")
+    table = breakdown(evaluation, val_data)
+    print("| phrase kind | held-out mIoU |\n|---|---|")
+    for kind in kinds:
+        print(f"| {kind} | {table.get(f'miou_{kind}', float('nan')):.3f} |")
+    print(f"| all | {metrics['miou']:.3f} |")
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -6,11 +6,16 @@ Layout of a checkpoint directory:
     clipseg_config.json   {"format": 1, "config": ModelConfig, "metadata": {"version": ..., "parent": ...,
                           "weights_sha256": ..., ...}}
     trainable.safetensors the decoder (and any unfrozen CLIP layers)
+    base/                 optional: the pretrained backbone, when it is not a hub id (e.g. `clipseg model init`)
 
 `weights_sha256` is the SHA-256 of trainable.safetensors as written; loading recomputes it, so a file damaged
 later (truncated, or bytes overwritten with the header intact, which safetensors itself cannot notice) is refused
 instead of serving garbage. Checkpoints written before the checksum existed load unchecked.
-    base/                 optional: the pretrained backbone, when it is not a hub id (e.g. `clipseg model init`)
+
+A base model that is a local directory is recorded relative to the checkpoint directory ("base", or e.g.
+"../init/base" for a training run's best/ and last/): a run directory moved or copied whole, to another folder or
+machine, still loads. The absolute path at save time is kept too (`base_model_absolute`), the fallback for a
+checkpoint copied alone to another place on the same machine (what `VersionRegistry.materialize` does).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from clipseg_model.atomic import atomic_directory
 from clipseg_model.config import ModelConfig
-from clipseg_model.errors import CheckpointMismatchError
+from clipseg_model.errors import CheckpointMismatchError, ModelNotAvailableError
 from clipseg_model.segmenter_base import SegmentationModel, TrainableState
 
 CONFIG_FILE = "clipseg_config.json"
@@ -70,10 +75,32 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[s
         raise CheckpointMismatchError(f"{path / CONFIG_FILE} is not a valid checkpoint config: {exc}") from exc
     if data.get("format") != FORMAT:
         raise CheckpointMismatchError(f"{path}: checkpoint format {data.get('format')!r}, this code reads {FORMAT}")
-    base = config.base_model
+    base, fallback = config.base_model, data.get("base_model_absolute")
     if base and not os.path.isabs(base) and (path / base).exists():
         config = config.replace(base_model=str((path / base).resolve()))
+    elif is_local_path(base) and (not os.path.isabs(base) or not os.path.isdir(base)):
+        if fallback and os.path.isdir(fallback):
+            return config.replace(base_model=fallback), dict(data.get("metadata") or {})
+        where = (path / base).resolve() if not os.path.isabs(base) else Path(base)
+        raise ModelNotAvailableError(
+            f"checkpoint {path} is built on the base model directory {base!r}, which does not exist ({where}"
+            f"{', nor does ' + fallback if fallback and fallback != str(where) else ''}); a checkpoint whose base is a "
+            "local directory must be moved together with it (copy the whole run directory)")
     return config, dict(data.get("metadata") or {})
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a base-model name is a filesystem path rather than a hub id: absolute, or relative in the form this
+    module writes ("base", "./x", "../x")."""
+    return bool(name) and (os.path.isabs(name) or name == "base" or name.startswith(("./", "../", "~")))
+
+
+def _relative_base(base: str, out_dir: Path) -> str:
+    """`base` as this checkpoint should record it: a local directory relative to `out_dir`, hub ids unchanged."""
+    if not base or not os.path.isdir(base):
+        return base
+    rel = os.path.relpath(Path(base).resolve(), out_dir.resolve())
+    return rel if rel.startswith("..") else f"./{rel}"
 
 
 def save_checkpoint(model: SegmentationModel, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None,
@@ -89,11 +116,18 @@ def save_checkpoint(model: SegmentationModel, out_dir: str | os.PathLike, metada
         if base_dir is not None:
             (shutil.move if move_base else shutil.copytree)(str(base_dir), str(tmp / "base"))
             config = config.replace(base_model="base")
+            absolute = None
+        else:
+            absolute = str(Path(config.base_model).resolve()) if os.path.isdir(config.base_model) else None
+            config = config.replace(base_model=_relative_base(config.base_model, out_dir))
         meta = {"created": time.time(), **(metadata or {})}
         state = model.trainable_state_dict()
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"architecture": config.architecture})
         meta[CHECKSUM_KEY] = file_sha256(tmp / WEIGHTS_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "config": config.to_dict(), "metadata": meta}, indent=2))
+        record = {"format": FORMAT, "config": config.to_dict(), "metadata": meta}
+        if absolute:
+            record["base_model_absolute"] = absolute
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))
     return out_dir
 
 

@@ -44,6 +44,10 @@ class ModelConfig:
     pixel_tokens: bool = False  # the pixel branch also feeds the decoder: strided convs down to the patch grid,
     # added to the image tokens before FiLM (local shape evidence a ViT trained from scratch learns slowly)
     text_alignment: bool = False  # a head for text-token alignment training (`align_weight` of the recipe)
+    word_attention: bool = False  # decoder layers also cross-attend to the text tower's per-token states (padding
+    # masked), not only FiLM on the pooled sentence: "the LEFT one", "the BIGGER dog" stay words the decoder reads
+    decoder_positions: bool = False  # add a learned projection of each patch's (x, y) (Fourier features, any grid
+    # size) to the decoder's image tokens: where a token is, for "left", "top", "middle"
     output_size: int = 224  # side of the logit map the model returns (seed: 224)
     # --- both ---
     unfreeze_last: int = 0  # train the last k CLIP vision layers too (0: CLIP frozen)
@@ -59,8 +63,9 @@ class ModelConfig:
             raise ValueError("pixel_channels needs the film-decoder with learned_upsampler")
         if self.pixel_tokens and not self.pixel_channels:
             raise ValueError("pixel_tokens needs a pixel branch (pixel_channels > 0)")
-        if self.text_alignment and self.architecture != FILM_DECODER:
-            raise ValueError("text_alignment needs the film-decoder")
+        for option in ("text_alignment", "word_attention", "decoder_positions"):
+            if getattr(self, option) and self.architecture != FILM_DECODER:
+                raise ValueError(f"{option} needs the film-decoder")
         object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
         object.__setattr__(self, "image_mean", tuple(float(x) for x in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(x) for x in self.image_std))
@@ -118,8 +123,11 @@ PRESETS: dict[str, Preset] = {
             extract_layers=(3, 6, 9),
             learned_upsampler=True,
             output_size=352,
+            word_attention=True,
+            decoder_positions=True,
         ),
-        "CLIP layers 3/6/9, 352 px with interpolated position embeddings, learned upsampler",
+        "CLIP layers 3/6/9, 352 px with interpolated position embeddings, learned upsampler, word-level "
+        "cross-attention to the phrase's tokens, decoder position features",
     ),
     "clipseg-rd64": Preset(
         ModelConfig(
@@ -150,11 +158,28 @@ PRESETS: dict[str, Preset] = {
         "alignment head on a tiny random CLIP",
         TinyBackbone(),
     ),
+    "tiny-words": Preset(
+        ModelConfig(image_size=64, d_model=32, n_heads=2, n_layers=2, extract_layers=(2, 4), learned_upsampler=True,
+                    output_size=64, word_attention=True, decoder_positions=True, text_alignment=True),
+        "tests: the film-decoder's word-level cross-attention and decoder positions on a tiny random CLIP",
+        TinyBackbone(),
+    ),
     "tiny-clipseg": Preset(
         ModelConfig(architecture=CLIPSEG_RD64, base_model="", image_size=64, image_mean=IMAGENET_MEAN,
                     image_std=IMAGENET_STD, output_size=64),
         "tests: CLIPSegForImageSegmentation with a tiny random backbone",
         TinyBackbone(),
+    ),
+    # The CPU learning benchmark's model (benchmarks/learning_cpu.py; training preset of the same name): everything
+    # random and trained, 64 px, 8 x 8 patch grid, pixel branch, alignment head, word attention, positions.
+    "cpu-scratch": Preset(
+        ModelConfig(image_size=64, d_model=64, n_heads=4, n_layers=2, dropout=0.0, extract_layers=(2, 4),
+                    learned_upsampler=True, output_size=64, pixel_channels=16, pixel_tokens=True,
+                    text_alignment=True, word_attention=True, decoder_positions=True, unfreeze_last=4,
+                    train_text=True, train_embeddings=True),
+        "CPU learning benchmark: small random CLIP (patch 8, 64 px) trained from scratch, pixel branch, "
+        "text-token alignment, word attention, decoder positions (train with --preset cpu-scratch)",
+        TinyBackbone(hidden=64, layers=4, heads=4, patch=8, image=64, projection=64, text_layers=2),
     ),
     "small-film": Preset(
         ModelConfig(image_size=96, d_model=64, n_heads=4, n_layers=2, extract_layers=(2, 4),

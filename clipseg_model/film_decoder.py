@@ -1,6 +1,11 @@
 """`film-decoder`: the seed design. Frozen CLIP encodes image and phrase; FiLM conditions the image tokens on the
 phrase (`gamma(t) * x + beta(t)`); a few post-norm transformer layers decode; a linear head gives one logit per
 patch; upsampling gives the mask.
+
+With `word_attention` the decoder layers also cross-attend to the phrase's per-token text states (CRIS and LAVT
+fuse word-level text with the image; a pooled sentence vector blurs "left" / "bigger" into the noun). The text
+representation `encode_text` returns is then one tensor per phrase that packs the pooled embedding and the token
+states (see `pack_text`), so callers keep caching one row per phrase.
 """
 from __future__ import annotations
 
@@ -37,6 +42,54 @@ class FiLM(nn.Module):
     def maps(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The same modulation on channel-first maps: x (P, d_model, H, W), text (P, text_dim) → (P, d_model, H, W)."""
         return self.gamma(text)[:, :, None, None] * x + self.beta(text)[:, :, None, None]
+
+
+def pack_text(pooled: torch.Tensor, words: torch.Tensor, valid: torch.Tensor, length: int) -> torch.Tensor:
+    """One tensor per phrase holding both text representations, padded to a fixed `length` so rows from different
+    batches stack (the predictor caches one row per phrase).
+
+    pooled (P, D), words (P, T, H), valid (P, T) bool → (P, 1 + length, max(D, H) + 1): row 0 holds the pooled
+    embedding, rows 1.. the token states; the last channel is 1 where a row holds a real token, 0 for padding.
+    """
+    n, t, h = words.shape
+    d = pooled.shape[1]
+    if t > length:
+        raise ValueError(f"{t} tokens do not fit a packed length of {length}")
+    out = pooled.new_zeros(n, 1 + length, max(d, h) + 1)
+    out[:, 0, :d] = pooled
+    out[:, 0, -1] = 1
+    out[:, 1 : 1 + t, :h] = words * valid[..., None].to(words.dtype)
+    out[:, 1 : 1 + t, -1] = valid.to(out.dtype)
+    return out
+
+
+def unpack_text(text: torch.Tensor, pooled_dim: int, word_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_text`, cut to the longest phrase present: (P, 1 + L, C + 1) → pooled (P, pooled_dim),
+    words (P, T, word_dim), valid (P, T) bool with T = the most real tokens of any phrase."""
+    valid = text[:, 1:, -1] > 0.5  # (P, L)
+    t = max(1, int(valid.sum(1).max()))  # padding is at the end of each row
+    return text[:, 0, :pooled_dim], text[:, 1 : 1 + t, :word_dim], valid[:, :t]
+
+
+class PositionFeatures(nn.Module):
+    """Where each patch is: a learned projection of fixed Fourier features of its centre's (x, y) in [0, 1].
+
+    Defined on normalised coordinates, so it works at any grid size (a model trained at 64 px runs at 96 px).
+    """
+
+    def __init__(self, d_model: int, frequencies: int = 6):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float32) / 2,
+                             persistent=False)
+        self.proj = nn.Linear(4 * frequencies, d_model)
+
+    def forward(self, grid: int) -> torch.Tensor:
+        """→ (grid * grid, d_model), row-major like the ViT's patch tokens."""
+        centres = (torch.arange(grid, device=self.freqs.device, dtype=torch.float32) + 0.5) / grid
+        y, x = torch.meshgrid(centres, centres, indexing="ij")
+        angles = torch.stack([x.flatten(), y.flatten()], -1)[..., None] * self.freqs  # (N, 2, F)
+        features = torch.cat([angles.sin(), angles.cos()], -1).flatten(1)  # (N, 4F)
+        return self.proj(features.to(self.proj.weight.dtype))
 
 
 class LearnedUpsampler(nn.Module):
@@ -135,12 +188,21 @@ class FilmDecoderModel(SegmentationModel):
             self.reduces = nn.ModuleList([nn.Identity()])
         else:
             self.reduces = nn.ModuleList([nn.Linear(width, config.d_model) for _ in self.read_layers])
+        self.text_dim = text_dim
+        self.word_dim = text_cfg.hidden_size
         self.film = FiLM(text_dim, config.d_model)
-        layer = nn.TransformerEncoderLayer(
-            config.d_model, config.n_heads, dim_feedforward=4 * config.d_model, dropout=config.dropout,
-            activation="gelu", batch_first=True, norm_first=False,
-        )
-        self.blocks = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
+        layer_options = dict(dim_feedforward=4 * config.d_model, dropout=config.dropout, activation="gelu",
+                             batch_first=True, norm_first=False)
+        self.word_proj: nn.Linear | None = None
+        if config.word_attention:
+            # Self-attention over image tokens, then cross-attention from image tokens to the phrase's words.
+            self.word_proj = nn.Linear(self.word_dim, config.d_model)
+            self.blocks: nn.Module = nn.TransformerDecoder(
+                nn.TransformerDecoderLayer(config.d_model, config.n_heads, **layer_options), config.n_layers)
+        else:
+            self.blocks = nn.TransformerEncoder(nn.TransformerEncoderLayer(config.d_model, config.n_heads, **layer_options),
+                                                config.n_layers, enable_nested_tensor=False)
+        self.positions = PositionFeatures(config.d_model) if config.decoder_positions else None
         if config.learned_upsampler:
             self.upsampler: LearnedUpsampler | None = LearnedUpsampler(config.d_model, self.patch_size,
                                                                        head=not config.pixel_channels)
@@ -182,16 +244,28 @@ class FilmDecoderModel(SegmentationModel):
         return ImageFeatures(layers)
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """P phrases → (P, projection_dim) CLIP text embeddings."""
+        """P phrases → (P, projection_dim) CLIP text embeddings; with `word_attention` the packed
+        (P, 1 + max_positions, C + 1) pooled embedding + per-token states (`pack_text`)."""
         tokens = tokenize(self.tokenizer, prompts, self.text_max_positions, self.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_text):
-            return self.clip.get_text_features(**tokens).pooler_output
+            if not self.config.word_attention:
+                return self.clip.get_text_features(**tokens).pooler_output
+            out = self.clip.text_model(**tokens)
+            pooled = self.clip.text_projection(out.pooler_output)  # (P, projection_dim)
+            return pack_text(pooled, out.last_hidden_state, tokens["attention_mask"].bool(), self.text_max_positions)
+
+    def pooled_text(self, text: torch.Tensor) -> torch.Tensor:
+        """The sentence embedding (P, projection_dim) of what `encode_text` returned."""
+        return text[:, 0, : self.text_dim] if self.config.word_attention else text
 
     def image_tokens(self, features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decoder's phrase-independent input, once per image: tokens (B, 1 + N, d_model) (CLS first) and,
         with a pixel branch, its stem maps (B, C, S, S) (else None)."""
         tokens = features.layers[: len(self.reduces)]
         x = sum(reduce(h) for reduce, h in zip(self.reduces, tokens))  # (B, 1 + N, d_model)
+        if self.positions is not None:
+            position = self.positions(int(math.isqrt(x.shape[1] - 1))).to(x.dtype)  # (N, d_model)
+            x = torch.cat([x[:, :1], x[:, 1:] + position], 1)
         stem = None
         if self.pixel_branch is not None:
             stem = self.pixel_branch.stem(features.layers[-1].to(x.dtype))  # (B, C, S, S)
@@ -212,11 +286,13 @@ class FilmDecoderModel(SegmentationModel):
         logit = exp(align_logit_scale) * cos(align_head(token), text) + ALIGN_BIAS, binary cross-entropy against
         the share of the token's patch that the mask covers.
 
-        tokens (B, 1 + N, d_model) from `image_tokens` (CLS ignored), text (B, text_dim), masks (B, H, W) in
-        [0, 1] → a scalar.
+        tokens (B, 1 + N, d_model) from `image_tokens` (CLS ignored), text (B, text_dim) (or what `encode_text`
+        returned), masks (B, H, W) in [0, 1] → a scalar.
         """
         if self.align_head is None:
             raise ValueError(f"{type(self).__name__} has no text-token alignment head (text_alignment)")
+        if text.dim() == 3:
+            text = self.pooled_text(text)
         grid = int(math.isqrt(tokens.shape[1] - 1))
         covered = F.adaptive_avg_pool2d(masks.to(tokens.dtype)[:, None], grid).flatten(1)  # (B, N)
         projected = F.normalize(self.align_head(tokens[:, 1:]).float(), dim=-1)  # (B, N, text_dim)
@@ -239,8 +315,14 @@ class FilmDecoderModel(SegmentationModel):
         """`image_tokens` of B images + (P, text_dim) embeddings → logits (P, output_size, output_size)."""
         if image_index is not None:
             x = x.index_select(0, image_index.to(x.device))  # (P, 1 + N, d_model)
-        x = self.film(x, text.to(x.dtype))
-        x = self.blocks(x)[:, 1:]  # drop CLS: (P, N, d_model)
+        if self.word_proj is not None:
+            text, words, valid = unpack_text(text, self.text_dim, self.word_dim)  # (P, D), (P, T, H), (P, T)
+            x = self.film(x, text.to(x.dtype))
+            memory = self.word_proj(words.to(x.dtype))  # (P, T, d_model)
+            x = self.blocks(x, memory, memory_key_padding_mask=~valid)[:, 1:]  # drop CLS: (P, N, d_model)
+        else:
+            x = self.film(x, text.to(x.dtype))
+            x = self.blocks(x)[:, 1:]  # drop CLS: (P, N, d_model)
         grid = int(math.isqrt(x.shape[1]))
         if self.upsampler is not None:
             # (P, 1, g*patch, g*patch); with a pixel branch (P, C, g*patch, g*patch) maps, which it turns into logits

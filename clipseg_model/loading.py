@@ -94,8 +94,16 @@ def _read_json_file(name: str, filename: str) -> dict[str, Any] | None:
         return None
 
 
+def _looks_like_directory(name: str) -> bool:
+    """A name meant as a local path, not a hub id ("org/model"): it starts like a path, has more than one
+    separator, or its first part is an existing local folder (`runs/best` when runs/ is here)."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        return True
+    return "/" in name and os.path.isdir(name.split("/", 1)[0])
+
+
 def _model_type(name: str) -> str:
-    if name.startswith((".", "/", "~")) and not os.path.isdir(name):
+    if _looks_like_directory(name) and not os.path.isdir(name):
         raise ModelNotAvailableError(f"model directory '{name}' does not exist")
     config = _read_json_file(name, "config.json")
     if config is None:

@@ -8,6 +8,9 @@ backward. Flushing them to zero changes values by less than 1.2e-38 and removes 
 The flag lives in each thread's MXCSR register and a new thread copies its creator's, so call `flush_denormals`
 before torch starts its intra-op thread pool (before the first tensor operation): every pool thread then inherits
 it. Called later, it covers only the calling thread.
+
+numpy computes its float limits (`np.finfo`) lazily, the first time anything asks, and warns that "the smallest
+subnormal is zero" when it does so with the flag set. `flush_denormals` computes them first (numpy caches them).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ def flush_denormals() -> bool:
 
     Returns False where the CPU has no such mode (then nothing changes).
     """
+    import numpy as np
     import torch
 
+    for dtype in (np.float16, np.float32, np.float64, np.longdouble):
+        np.finfo(dtype)  # cached from now on: computing it with subnormals flushed warns
     return bool(torch.set_flush_denormal(True))

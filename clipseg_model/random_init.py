@@ -4,6 +4,7 @@ Tests, benchmarks and offline smoke runs then exercise the real `from_pretrained
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -71,13 +72,24 @@ def write_backbone(p: Preset, out: Path, tokenizer, seed: int) -> None:
     }, indent=2))
 
 
-def init_model(preset_name: str, out_dir: str | Path, seed: int = 0, bpe_path: Path | None = None) -> Path:
-    """Create `out_dir` holding preset `preset_name` with random weights (backbone in `out_dir/base`)."""
+def init_model(preset_name: str, out_dir: str | Path, seed: int = 0, bpe_path: Path | None = None,
+               config_changes: dict | None = None, tokenizer=None) -> Path:
+    """Create `out_dir` holding preset `preset_name` with random weights (backbone in `out_dir/base`).
+
+    `config_changes` override fields of the preset's ModelConfig (decoder options; the backbone keeps the preset's
+    sizes); `tokenizer` replaces the default vocabulary (`build_tokenizer`), e.g. a word-level one built from the
+    training phrases (`vocab.word_level_tokenizer`).
+    """
     p = preset(preset_name)
+    if config_changes:
+        p = dataclasses.replace(p, config=p.config.replace(**config_changes))
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
-    tokenizer, vocab_kind = build_tokenizer(bpe_path)
+    if tokenizer is not None:
+        vocab_kind = f"given ({len(tokenizer)} tokens)"
+    else:
+        tokenizer, vocab_kind = build_tokenizer(bpe_path)
     staging = Path(tempfile.mkdtemp(prefix=".init-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         base = staging / "base"
@@ -86,7 +98,7 @@ def init_model(preset_name: str, out_dir: str | Path, seed: int = 0, bpe_path: P
         torch.manual_seed(seed + 1)
         model = build_model(p.config.replace(base_model=str(base)), "cpu")
         meta = {"version": f"init-{preset_name}-{seed}", "preset": preset_name, "random_weights": True,
-                "vocabulary": vocab_kind, "parent": None}
+                "vocabulary": vocab_kind, "parent": None, "config_changes": dict(config_changes or {})}
         save_checkpoint(model, out_dir, meta, base_dir=base, move_base=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

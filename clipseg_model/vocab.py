@@ -64,3 +64,34 @@ def build_tokenizer(bpe_path: Path | None = None) -> tuple[CLIPTokenizer, str]:
     if path is not None:
         return tokenizer_from_bpe(Path(path)), "clip-bpe"
     return byte_level_tokenizer(), "byte-level"
+
+
+def word_level_tokenizer(words: list[str]) -> CLIPTokenizer:
+    """A CLIP-compatible BPE tokenizer whose merges make each of `words` ONE token (other text falls back to bytes).
+
+    Merges are added word by word: a word that does not yet come out as a single token gets merges that join
+    the tokens it currently splits into. New merges rank after all earlier ones, so they cannot change how an
+    already single-token word is split; the loop ends when every word is one token.
+    """
+    chars = list(bytes_to_unicode().values())
+    base = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+
+    def make() -> CLIPTokenizer:
+        vocab = list(dict.fromkeys(base + [a + b for a, b in merges] + [BOS, EOS]))
+        return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=list(merges))
+
+    tokenizer = make()
+    for _ in range(len(words) + 1):
+        split = [tokenizer.tokenize(w) for w in sorted(set(words))]
+        split = [t for t in split if len(t) > 1]
+        if not split:
+            return tokenizer
+        for tokens in split:
+            current = tokens[0]
+            for nxt in tokens[1:]:
+                if (current, nxt) not in merges:
+                    merges.append((current, nxt))
+                current += nxt
+        tokenizer = make()
+    raise RuntimeError("word-level merges did not converge")

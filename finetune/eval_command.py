@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from finetune.train_command import add_data_arguments, open_dataset
+from finetune.train_command import add_data_arguments, apply_threads, open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ def run(args: argparse.Namespace, settings) -> int:
     from finetune.report import write_html_report, write_metrics_json
     from finetune.training import evaluate
 
+    threads = apply_threads(args)
     model = load_model(args.model, args.device)
-    dataset = open_dataset(args, args.split, args.max_samples, model.config.image_size)
+    dataset = open_dataset(args, args.split, args.max_samples, model.config.image_size, spread=True)
     if len(dataset) == 0:
         raise ClipsegError(f"no samples in {args.data} split {args.split}")
     started = time.time()
@@ -57,7 +58,9 @@ def run(args: argparse.Namespace, settings) -> int:
                       max_rows=args.rows, num_workers=args.num_workers)
     seconds = time.time() - started
     info = {"model": str(args.model), "model_version": model.version, "data": args.data, "data_path": args.data_path,
-            "split": args.split, "seconds": round(seconds, 2)}
+            "split": args.split, "seconds": round(seconds, 2), "threads": threads}
+    if args.data in ("refer", "jxu124"):
+        info["dataset"] = args.dataset + (f"({args.split_by})" if args.split_by else "")
     best = None
     if result.sweep:
         best_t, best_m = max(result.sweep.items(), key=lambda kv: (kv[1]["miou"], -abs(kv[0] - 0.5)))

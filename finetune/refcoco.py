@@ -40,6 +40,50 @@ from finetune.samples import ReferringSample
 log = logging.getLogger(__name__)
 
 CANONICAL_SPLITS = ("train", "val", "testA", "testB", "test")
+# The refer toolkit's datasets and the split schemes each was published with (refs(<split_by>).p files).
+REFER_SPLIT_BY: dict[str, tuple[str, ...]] = {
+    "refcoco": ("unc", "google"),
+    "refcoco+": ("unc",),
+    "refcocog": ("umd", "google"),
+}
+# Where COCO train2014 images are found relative to an --image-root (or a refer data root).
+IMAGE_SUBFOLDERS = (".", "train2014", "coco/train2014", "images/mscoco/images/train2014", "images/train2014")
+
+
+def default_split_by(dataset: str) -> str:
+    """The split scheme used when none is named: unc for refcoco/refcoco+, umd for refcocog."""
+    check_refer_dataset(dataset, None)
+    return REFER_SPLIT_BY[dataset][0]
+
+
+def check_refer_dataset(dataset: str, split_by: str | None) -> None:
+    """Refuse dataset / split scheme pairs that were never published (refcoco+ has only unc, refcocog umd/google)."""
+    if dataset not in REFER_SPLIT_BY:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(REFER_SPLIT_BY)}")
+    if split_by is not None and split_by not in REFER_SPLIT_BY[dataset]:
+        raise ValueError(f"{dataset} has no {split_by!r} split; it has {', '.join(REFER_SPLIT_BY[dataset])}")
+
+
+def refer_split_matches(split: str, ref_split: str) -> bool:
+    """Whether a ref whose `split` field is `ref_split` belongs to the requested `split`, as the refer toolkit's
+    `getRefIds` decides: test = every test* split (testA + testB for refcoco), testA/testB = test splits with that
+    letter (testAB counts for both), train/val exactly."""
+    if split == "test":
+        return "test" in ref_split
+    if split in ("testA", "testB"):
+        return ref_split.startswith("test") and split[-1] in ref_split[4:]
+    return ref_split == split
+
+
+def find_image_folder(root: Path, file_name: str) -> Path:
+    """The folder under `root` that holds `file_name`: `root` itself, or one of the usual COCO sub-folders
+    (`IMAGE_SUBFOLDERS`). Raises FileNotFoundError, in one line naming every place tried."""
+    tried = [root / sub for sub in IMAGE_SUBFOLDERS]
+    for folder in tried:
+        if (folder / file_name).is_file():
+            return folder
+    raise FileNotFoundError(f"image {file_name} not found under --image-root {root} (looked in "
+                            f"{', '.join(str(t) for t in tried)})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +197,8 @@ class HFRefCOCO(_IndexedRows):
     ) -> None:
         """Args:
             name_or_path: Hub id or local directory/files that `datasets.load_dataset` accepts.
-            split: train, val, testA, testB (test for RefCOCOg, whose Hub "test" is the real test).
+            split: train, val, testA, testB, test (refcoco/refcoco+: testA + testB, as refer defines it; a
+                name containing "refcocog": the Hub's "test", the real test).
             image_root: folder holding COCO_train2014_*.jpg, or a folder containing coco/train2014/.
             sentences: "all" (one sample per sentence) or "first" (one per referred object).
             text_field: "sent" (lower-cased, tokenised) or "raw" (as typed by the annotator).
@@ -166,9 +211,17 @@ class HFRefCOCO(_IndexedRows):
         self.split = split
         self.image_root = Path(image_root)
         self.text_field = text_field
-        self.rows = datasets.load_dataset(name_or_path, split=self.HUB_SPLITS[split], **load_kwargs)
+        if split == "test" and "refcocog" not in str(name_or_path).lower():
+            # refer's test of refcoco / refcoco+ is testA + testB; the Hub's "test" there is testA alone.
+            self.rows = datasets.concatenate_datasets([datasets.load_dataset(name_or_path, split=hub, **load_kwargs)
+                                                       for hub in (self.HUB_SPLITS["testA"], self.HUB_SPLITS["testB"])])
+        else:
+            self.rows = datasets.load_dataset(name_or_path, split=self.HUB_SPLITS[split], **load_kwargs)
         self.sentence_lists = [self._sentences(row) for row in self.rows.select_columns(self._text_columns())]
         self._build_index(self.sentence_lists, sentences)
+        if len(self.rows):  # a wrong --image-root fails here, in one line, not inside the training loop
+            first = self.rows[0]
+            self.image_path(first, json.loads(first["raw_image_info"]))
         log.info("loaded %s split %s: %d refs, %d samples", name_or_path, split, len(self.rows), len(self))
 
     def _text_columns(self) -> list[str]:
@@ -182,11 +235,9 @@ class HFRefCOCO(_IndexedRows):
     def image_path(self, row: dict[str, Any], info: dict[str, Any]) -> Path:
         """Where the row's image lives under `image_root` (first candidate that exists)."""
         rel = row.get("image_path") or ""
-        candidates = [self.image_root / info["file_name"], self.image_root / rel, self.image_root / Path(rel).name]
-        for c in candidates:
-            if c.is_file():
-                return c
-        raise FileNotFoundError(f"image {info['file_name']} not found under {self.image_root} (tried {candidates})")
+        if rel and (self.image_root / rel).is_file():
+            return self.image_root / rel
+        return find_image_folder(self.image_root, info["file_name"]) / info["file_name"]
 
     def __getitem__(self, index: int) -> ReferringSample:
         r, s = self._position(index)
@@ -323,7 +374,7 @@ class ReferRefCOCO(_IndexedRows):
         self,
         data_root: str | os.PathLike,
         dataset: str = "refcoco",
-        split_by: str = "unc",
+        split_by: str | None = None,
         split: str = "val",
         image_root: str | os.PathLike | None = None,
         sentences: str = "all",
@@ -332,25 +383,39 @@ class ReferRefCOCO(_IndexedRows):
         """Args:
             data_root: folder holding `<dataset>/refs(<split_by>).p` and `<dataset>/instances.json`.
             dataset: refcoco, refcoco+, refcocog.
-            split_by: unc (refcoco, refcoco+), umd or google (refcocog).
-            split: train, val, testA, testB (or test).
-            image_root: folder of COCO_train2014_*.jpg; default `<data_root>/images/mscoco/images/train2014`.
+            split_by: unc (refcoco, refcoco+), umd or google (refcoco, refcocog); default: unc, umd for refcocog.
+            split: train, val, testA, testB, or test (every test split: testA + testB for refcoco, as refer does).
+            image_root: folder of COCO_train2014_*.jpg, or a folder above it (`IMAGE_SUBFOLDERS` are searched);
+                default: `data_root` (so `<data_root>/images/mscoco/images/train2014`, refer's layout, is found).
             sentences: "all" or "first"; text_field: "sent" or "raw".
+        Raises:
+            FileNotFoundError / ValueError, in one line, for a missing refs file, a dataset/split_by pair that does
+            not exist, or images that are not under `image_root`.
         """
         super().__init__()
         _check_split(split)
+        split_by = split_by or default_split_by(dataset)
+        check_refer_dataset(dataset, split_by)
         root = Path(data_root)
-        self.split = split
+        refs_path = root / dataset / f"refs({split_by}).p"
+        if not refs_path.is_file():
+            present = sorted(str(p.relative_to(root)) for p in root.glob("*/refs(*).p")) if root.is_dir() else []
+            raise FileNotFoundError(f"{refs_path} does not exist (--data-path should hold {dataset}/refs({split_by}).p"
+                                    f"{'; found ' + ', '.join(present) if present else ''})")
+        self.dataset, self.split_by, self.split = dataset, split_by, split
         self.text_field = text_field
-        self.image_root = Path(image_root) if image_root else root / "images" / "mscoco" / "images" / "train2014"
-        refs = load_refs_pickle(root / dataset / f"refs({split_by}).p")
+        refs = load_refs_pickle(refs_path)
         with open(root / dataset / "instances.json", encoding="utf-8") as f:
             instances = json.load(f)
         self.images = {int(im["id"]): im for im in instances["images"]}
         self.annotations = {int(a["id"]): a for a in instances["annotations"]}
-        self.refs = [r for r in refs if r["split"] == split]
+        self.refs = [r for r in refs if refer_split_matches(split, r["split"])]
         self.sentence_lists = [[s[text_field] for s in r["sentences"]] for r in self.refs]
         self._build_index(self.sentence_lists, sentences)
+        # Resolve the image folder once, on the first ref's image: a wrong --image-root is one line here.
+        search = Path(image_root) if image_root else root
+        self.image_root = (find_image_folder(search, self.images[int(self.refs[0]["image_id"])]["file_name"])
+                           if self.refs else search)
         log.info("loaded %s(%s) split %s: %d refs, %d samples", dataset, split_by, split, len(self.refs), len(self))
 
     def __getitem__(self, index: int) -> ReferringSample:
@@ -370,6 +435,7 @@ class ReferRefCOCO(_IndexedRows):
             "ann_id": ref["ann_id"],
             "image_id": ref["image_id"],
             "sent_id": ref["sentences"][s].get("sent_id"),
+            "dataset": f"{self.dataset}({self.split_by})",
             "category_id": ref.get("category_id"),
             "file_name": info["file_name"],
             "iscrowd": int(ann.get("iscrowd", 0)),

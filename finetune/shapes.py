@@ -509,3 +509,11 @@ def concept_vocabulary(cfg: ShapesConfig | None = None) -> dict[str, list[str]]:
         "sizes": sizes,
         "nouns": ["shape", "object"],
     }
+
+
+FILLER_WORDS = ("the", "on", "at")  # words of phrase templates that are not concepts
+
+
+def phrase_words(cfg: ShapesConfig | None = None) -> list[str]:
+    """Every word a generated phrase can contain (concepts and template words)."""
+    return [w for group in concept_vocabulary(cfg).values() for w in group] + list(FILLER_WORDS)

@@ -25,24 +25,53 @@ def add_data_arguments(parser: argparse.ArgumentParser, split: str) -> None:
     """The dataset options of `clipseg train` and `clipseg eval`; `split` is the default --split."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", choices=DATA_KINDS, default="shapes",
-                       help="shapes: generated scenes; jxu124: HF jxu124/refcoco + COCO images; lmms: HF "
-                            "lmms-lab/RefCOCO (images embedded, no train split); refer: refs(unc).p + instances.json")
+                       help="shapes: generated scenes; jxu124: HF jxu124/<dataset> + COCO images; lmms: HF "
+                            "lmms-lab/RefCOCO (images embedded, no train split); refer: the refer toolkit's layout, "
+                            "<data-path>/<dataset>/refs(<split-by>).p + instances.json")
+    group.add_argument("--dataset", choices=("refcoco", "refcoco+", "refcocog"), default="refcoco",
+                       help="which RefCOCO (refer, jxu124)")
+    group.add_argument("--split-by", choices=("unc", "umd", "google"), default=None,
+                       help="refer's split scheme (default: unc; umd for refcocog): refcoco unc|google, "
+                            "refcoco+ unc, refcocog umd|google")
     group.add_argument("--data-path", default=None,
-                       help="hub id or local path of the dataset (default: jxu124/refcoco, lmms-lab/RefCOCO; "
-                            "for refer: the folder holding refcoco/refs(unc).p)")
-    group.add_argument("--image-root", default=None, help="folder of COCO_train2014_*.jpg (jxu124, refer)")
-    group.add_argument("--split", default=split, help=f"train, val, testA, testB, test (default {split})")
+                       help="hub id or local path of the dataset (default: jxu124/<dataset>, lmms-lab/RefCOCO; "
+                            "for refer: the folder holding <dataset>/refs(<split-by>).p)")
+    group.add_argument("--image-root", default=None,
+                       help="folder of COCO_train2014_*.jpg, or a folder above it: train2014/, coco/train2014/ and "
+                            "images/mscoco/images/train2014/ under it are searched (jxu124, refer; refer default: "
+                            "--data-path)")
+    group.add_argument("--split", default=split,
+                       help=f"train, val, testA, testB, test (refer: every test split, testA + testB for refcoco) "
+                            f"(default {split})")
     group.add_argument("--max-samples", type=int, default=0,
-                       help="use the first N samples of --split (0: all; shapes: the generated length)")
+                       help="use N samples of --split: train the first N, eval N spread evenly over it (0: all; "
+                            "shapes: the generated length)")
     group.add_argument("--shapes-size", type=int, default=0, help="shapes: image side in px (default: the model's input size)")
     group.add_argument("--sentences", choices=("all", "first"), default="all",
                        help="RefCOCO: one sample per sentence (all) or per referred object (first)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default, one per core; on a busy machine fewer is faster)")
 
 
-def open_dataset(args: argparse.Namespace, split: str, max_samples: int, model_image_size: int):
-    """The `ReferringDataset` the data options name, for `split`, cut to `max_samples` (0: all)."""
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set torch's CPU thread count from --threads (0 keeps torch's default); returns the count in use."""
+    import torch
+
+    if args.threads < 0:
+        from clipseg_model.errors import ClipsegError
+
+        raise ClipsegError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
+
+
+def open_dataset(args: argparse.Namespace, split: str, max_samples: int, model_image_size: int, spread: bool = False):
+    """The `ReferringDataset` the data options name, for `split`, cut to `max_samples` (0: all): the first ones,
+    or with `spread` that many spread evenly over the split (validation subsets)."""
     from clipseg_model.errors import ClipsegError
     from finetune.samples import Subset
+    from finetune.training import spread_indices
 
     try:
         if args.data == "shapes":
@@ -57,7 +86,7 @@ def open_dataset(args: argparse.Namespace, split: str, max_samples: int, model_i
 
             if not args.image_root:
                 raise ClipsegError("--data jxu124 needs --image-root (the COCO train2014 image folder)")
-            ds = HFRefCOCO(args.data_path or "jxu124/refcoco", split=split, image_root=args.image_root,
+            ds = HFRefCOCO(args.data_path or f"jxu124/{args.dataset}", split=split, image_root=args.image_root,
                            sentences=args.sentences)
         elif args.data == "lmms":
             from finetune.refcoco import LmmsRefCOCO
@@ -67,12 +96,13 @@ def open_dataset(args: argparse.Namespace, split: str, max_samples: int, model_i
             from finetune.refcoco import ReferRefCOCO
 
             if not args.data_path:
-                raise ClipsegError("--data refer needs --data-path (the folder holding refcoco/refs(unc).p)")
-            ds = ReferRefCOCO(args.data_path, split=split, image_root=args.image_root, sentences=args.sentences)
+                raise ClipsegError(f"--data refer needs --data-path (the folder holding {args.dataset}/refs(...).p)")
+            ds = ReferRefCOCO(args.data_path, dataset=args.dataset, split_by=args.split_by, split=split,
+                              image_root=args.image_root, sentences=args.sentences)
     except (OSError, ValueError) as exc:  # missing files, unknown split, offline hub: one line for the user
         raise ClipsegError(f"cannot open {args.data} data (split {split}): {str(exc).splitlines()[0] if str(exc) else exc}") from exc
     if max_samples and max_samples < len(ds):
-        return Subset(ds, range(max_samples))
+        return Subset(ds, spread_indices(len(ds), max_samples) if spread else range(max_samples))
     return ds
 
 
@@ -82,7 +112,9 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     from finetune.training import TRAIN_PRESETS
 
     parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="improved",
-                        help="training recipe: seed (BCE, Adam 1e-3) or improved (AdamW, cosine, Dice+BCE)")
+                        help="training recipe: seed (BCE, Adam 1e-3), improved (AdamW, cosine, Dice+BCE) or "
+                             "cpu-scratch (the CPU learning benchmark's: improved, batch 32, 2,500 steps, alignment "
+                             "loss 3; with --model-preset cpu-scratch --init-random)")
     start = parser.add_mutually_exclusive_group(required=True)
     start.add_argument("--model", help="start from this checkpoint directory or hub id")
     start.add_argument("--model-preset", choices=sorted(PRESETS),
@@ -91,9 +123,19 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     parser.add_argument("--init-random", action="store_true",
                         help="with --model-preset: random weights, built offline in OUT/init (smoke tests, benchmarks)")
     parser.add_argument("--init-seed", type=int, default=0)
+    parser.add_argument("--init-vocab", choices=("auto", "data"), default="auto",
+                        help="with --init-random: auto = CLIP's BPE when open_clip is installed, else byte-level; "
+                             "data = one token per word of the training phrases (other text falls back to bytes), "
+                             "what the CPU learning benchmark uses")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --model-preset: change one ModelConfig field, e.g. word_attention=true, "
+                             "n_layers=3, extract_layers=[2,4] (repeatable; values are JSON, else strings)")
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="with --model-preset: a JSON file of ModelConfig fields to change (before --model-option)")
     add_data_arguments(parser, "train")
     parser.add_argument("--val-split", default="val", help="validation split ('none' to skip validation)")
-    parser.add_argument("--max-val-samples", type=int, default=500, help="validate on the first N samples (0: all)")
+    parser.add_argument("--max-val-samples", type=int, default=500,
+                        help="validate on N samples spread evenly over --val-split (0: all)")
     train = parser.add_argument_group("training (defaults: the --preset)")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     train.add_argument("--epochs", type=int, default=None)
@@ -127,30 +169,94 @@ def _train_config(args: argparse.Namespace):
     return cfg.replace(**changes)
 
 
+def model_config_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """ModelConfig fields that --model-config FILE and --model-option KEY=VALUE change (the options win)."""
+    import dataclasses
+    import json
+
+    from clipseg_model.config import ModelConfig
+    from clipseg_model.errors import ClipsegError
+
+    changes: dict[str, Any] = {}
+    if args.model_config is not None:
+        try:
+            changes.update(json.loads(args.model_config.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ClipsegError(f"--model-config {args.model_config}: {exc}") from exc
+    for item in args.model_option:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ClipsegError(f"--model-option {item!r}: expected KEY=VALUE")
+        try:
+            changes[key.strip()] = json.loads(raw)
+        except ValueError:
+            changes[key.strip()] = raw  # a plain string (base_model=...)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise ClipsegError(f"unknown model option(s) {', '.join(unknown)}; ModelConfig has: {', '.join(sorted(fields))}")
+    if "architecture" in changes:
+        raise ClipsegError("the architecture comes from --model-preset; choose another preset instead")
+    return changes
+
+
+def vocabulary_words(dataset, limit: int = 20_000) -> list[str]:
+    """The words of a dataset's phrases, most frequent first (at most `limit`): lower-case letter runs, as CLIP's
+    tokenizer splits text. RefCOCO loaders list their sentences without loading images; generated shapes list their
+    vocabulary; other datasets are read (phrases only matter, but images are decoded too)."""
+    import re
+    from collections import Counter
+
+    from finetune.shapes import ShapesDataset, phrase_words
+
+    base = getattr(dataset, "dataset", dataset)  # a Subset: its words are the full split's
+    if isinstance(base, ShapesDataset):
+        return phrase_words(base.config)
+    if hasattr(base, "sentence_lists"):
+        phrases = (p for sentences in base.sentence_lists for p in sentences)
+    else:
+        phrases = (base[i].phrase for i in range(min(len(base), limit)))
+    counts = Counter(w for p in phrases for w in re.findall(r"[a-z]+", str(p).lower()))
+    return [w for w, _ in counts.most_common(limit)]
+
+
 def _build_start_model(args: argparse.Namespace, device, is_main: bool, barrier):
-    """The model training starts from, per --model / --model-preset [--init-random]."""
+    """The model training starts from, per --model / --model-preset [--init-random] and the model options."""
     from clipseg_model.config import preset
     from clipseg_model.errors import ClipsegError
     from clipseg_model.loading import build_model, load_model
 
+    changes = model_config_changes(args)
     if args.model:
-        if args.init_random:
-            raise ClipsegError("--init-random goes with --model-preset, not --model")
+        if args.init_random or changes:
+            raise ClipsegError("--init-random, --model-option and --model-config go with --model-preset, not --model "
+                               "(a checkpoint's architecture is fixed)")
         return load_model(args.model, device)
     p = preset(args.model_preset)
+    try:
+        config = p.config.replace(**changes)
+    except (TypeError, ValueError) as exc:
+        raise ClipsegError(f"model options {changes}: {exc}") from exc
     if args.init_random:
         from clipseg_model.random_init import init_model
 
         init_dir = args.out / "init"
         if is_main and not init_dir.exists():  # on --resume the run's random start is reused
+            tokenizer = None
+            if args.init_vocab == "data":
+                from clipseg_model.vocab import word_level_tokenizer
+
+                words = vocabulary_words(open_dataset(args, args.split, args.max_samples, config.image_size))
+                log.info("word-level vocabulary of %d words from the training phrases", len(words))
+                tokenizer = word_level_tokenizer(words)
             args.out.mkdir(parents=True, exist_ok=True)
-            init_model(args.model_preset, init_dir, seed=args.init_seed)
+            init_model(args.model_preset, init_dir, seed=args.init_seed, config_changes=changes, tokenizer=tokenizer)
         barrier()
         return load_model(init_dir, device)
     if p.backbone is not None:
         raise ClipsegError(f"preset {args.model_preset!r} has a test-sized backbone that exists only with random "
                            "weights: add --init-random")
-    return build_model(p.config, device)
+    return build_model(config, device)
 
 
 def run(args: argparse.Namespace, settings) -> int:
@@ -162,6 +268,7 @@ def run(args: argparse.Namespace, settings) -> int:
     if (args.out / "state").exists() and not args.resume:
         raise ClipsegError(f"{args.out} already holds a training run; add --resume to continue it, or choose another --out")
     cfg = _train_config(args)
+    threads = apply_threads(args)
     dist_info, device = setup_distributed(resolve_device(args.device))
     try:
         model = _build_start_model(args, device, dist_info.main, dist_info.barrier)
@@ -169,11 +276,13 @@ def run(args: argparse.Namespace, settings) -> int:
         train_data = open_dataset(args, args.split, args.max_samples, size)
         val_data = None
         if args.val_split.lower() != "none":
-            val_data = open_dataset(args, args.val_split, args.max_val_samples, size)
+            val_data = open_dataset(args, args.val_split, args.max_val_samples, size, spread=True)
         log.info("training on %d samples (%s/%s), validating on %s", len(train_data), args.data, args.split,
                  len(val_data) if val_data is not None else "none")
         metadata = {"version": args.out.name, "parent": model.version, "data": args.data, "split": args.split,
-                    "train_preset": args.preset}
+                    "train_preset": args.preset, "threads": threads}
+        if args.data in ("refer", "jxu124"):
+            metadata["dataset"] = args.dataset + (f"({args.split_by})" if args.split_by else "")
         result = train(model, train_data, val_data, cfg, args.out, device, progress=not args.no_progress,
                        resume=args.resume, metadata=metadata)
     finally:

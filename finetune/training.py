@@ -166,7 +166,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between validations (+ best checkpoint, resume state); 0: at the end only
     log_every: int = 10  # steps between loss rows in metrics.csv
     eval_batch_size: int = 16
-    max_eval_samples: int = 0  # validate on the first N samples only; 0: all
+    max_eval_samples: int = 0  # validate on N samples spread over the validation set; 0: all
     num_workers: int = 0  # DataLoader workers (0 or 1 on a 2-core machine: the main process needs the other)
     hflip: float = 0.0  # probability of a horizontal flip (never for left/right phrases); off by default
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32
@@ -194,6 +194,11 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # foreground/background imbalance of small referred objects), gradient clipping for the post-norm decoder.
     "improved": TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, schedule="cosine", warmup_fraction=0.05,
                             min_lr_ratio=0.01, dice_weight=1.0, batch_size=64, epochs=20, grad_clip=1.0),
+    # The CPU learning benchmark's recipe (model preset cpu-scratch): `improved` at batch 32 for 2,500 steps, 3 %
+    # warm-up, plus the text-token alignment loss at weight 3.
+    "cpu-scratch": TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, schedule="cosine", warmup_fraction=0.03,
+                               min_lr_ratio=0.01, dice_weight=1.0, align_weight=3.0, batch_size=32, steps=2500,
+                               grad_clip=1.0, eval_every=500, log_every=25, max_eval_samples=200),
 }
 
 
@@ -228,7 +233,8 @@ class EvalResult:
         metrics: n, mean_dice, pooled_dice, miou, oiou, prec@0.5..0.9 at `threshold` (see finetune.metrics).
         sweep: {threshold: metrics} for 0.1..0.9 when asked for, else None.
         rows: up to max_rows `GridRow`s for the HTML grid (first samples of the dataset).
-        per_sample: id, iou, dice and pixel counts of every sample.
+        per_sample: per sample: its dataset index, phrase, ids (ref_id, sent_id, ... when the dataset has them),
+            iou, dice and pixel counts.
     """
 
     metrics: dict[str, float]
@@ -258,6 +264,17 @@ class TrainResult:
 # Evaluation
 
 
+def spread_indices(total: int, n: int) -> list[int]:
+    """`n` indices spread evenly over range(total) (all of them when n is 0 or >= total).
+
+    RefCOCO loaders order samples by ref, and refs by image: the first N samples are a few images' objects, often
+    all from one split-scheme corner (testA people); evenly spaced ones see the whole split.
+    """
+    if not n or n >= total:
+        return list(range(total))
+    return [(i * total) // n for i in range(n)]
+
+
 def _eval_collate(samples: Sequence[ReferringSample], model: SegmentationModel) -> tuple[torch.Tensor, list[ReferringSample]]:
     return model.preprocess([s.image for s in samples]), list(samples)
 
@@ -270,6 +287,10 @@ def _autocast(device: torch.device, enabled: bool = True) -> tuple[contextlib.Ab
     return contextlib.nullcontext(), None
 
 
+# Sample metadata copied into every per-sample row (RefCOCO loaders and the shapes generator set them).
+PER_SAMPLE_META = ("ref_id", "sent_id", "ann_id", "image_id", "file_name", "dataset", "kind", "question_id")
+
+
 @torch.no_grad()
 def evaluate(model: SegmentationModel, dataset: ReferringDataset, batch_size: int = 16,
              device: str | torch.device | None = None, threshold: float = 0.5, sweep: bool = False,
@@ -277,19 +298,21 @@ def evaluate(model: SegmentationModel, dataset: ReferringDataset, batch_size: in
     """Metrics of `model` on `dataset` at each sample's ground-truth resolution.
 
     Logits (P, S_out, S_out) become probabilities that are bilinearly resized to the sample's (H, W), as the
-    predictor does, then binarised at `threshold`. The model is left in the mode it was in.
+    predictor does, then binarised at `threshold`. The model is left in the mode it was in. `max_samples` > 0
+    evaluates that many samples spread evenly over the dataset (`spread_indices`).
     """
     device = torch.device(device) if device is not None else model.device
-    n = len(dataset) if not max_samples else min(max_samples, len(dataset))
+    indices = spread_indices(len(dataset), max_samples)
     accumulator = MetricAccumulator(threshold)
     sweeper = ThresholdSweep() if sweep else None
     rows: list[GridRow] = []
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=list(range(n)), num_workers=num_workers,
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers,
                         collate_fn=functools.partial(_eval_collate, model=model))
     autocast, _ = _autocast(device)
     index = 0
+    per_sample: list[dict[str, Any]] = []
     try:
         for pixel_values, samples in loader:
             with autocast:
@@ -299,8 +322,13 @@ def evaluate(model: SegmentationModel, dataset: ReferringDataset, batch_size: in
                 h, w = sample.mask.shape
                 full = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp_(0, 1)
                 full_np = full.numpy()
-                sample_id = sample.meta.get("id", index) if isinstance(sample.meta, dict) else index
+                meta = sample.meta if isinstance(sample.meta, dict) else {}
+                sample_id = meta.get("id", indices[index])
                 (counts,) = accumulator.update(full_np, sample.mask, ids=[sample_id])
+                # What a reader needs to find the sample again: its dataset index, the phrase, and the
+                # dataset's own ids (RefCOCO: ref, sentence, annotation, image).
+                per_sample.append({"index": indices[index], "phrase": sample.phrase,
+                                   **{k: meta[k] for k in PER_SAMPLE_META if meta.get(k) is not None}})
                 if sweeper is not None:
                     sweeper.update(full_np, sample.mask, ids=[sample_id])
                 if len(rows) < max_rows:
@@ -311,7 +339,8 @@ def evaluate(model: SegmentationModel, dataset: ReferringDataset, batch_size: in
         model.train(was_training)
     metrics = accumulator.compute()
     metrics["threshold"] = float(threshold)
-    return EvalResult(metrics, sweeper.compute() if sweeper else None, rows, accumulator.per_sample())
+    rows_out = [{**extra, **counts} for extra, counts in zip(per_sample, accumulator.per_sample())]
+    return EvalResult(metrics, sweeper.compute() if sweeper else None, rows, rows_out)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from clipseg_model.film_decoder import FiLM
 from clipseg_model.loading import load_model
 from clipseg_model.losses import segmentation_loss
 
-TINY = ["tiny-seed", "tiny-improved", "tiny-pixel", "tiny-clipseg"]
+TINY = ["tiny-seed", "tiny-improved", "tiny-pixel", "tiny-words", "tiny-clipseg"]
 
 
 @pytest.fixture(params=TINY)
@@ -298,3 +299,135 @@ def test_models_without_the_alignment_head_refuse_masks(tiny_model_factory, pres
     s = model.config.image_size
     with pytest.raises(ValueError, match="no text-token alignment head"):
         model(torch.randn(1, 3, s, s), ["a"], torch.ones(1, s, s))
+
+
+def test_word_attention_ignores_padding(tiny_model_factory):
+    """A phrase padded to a longer one's length (in one batch) gives the same logits as the phrase alone: the
+    cross-attention masks padded tokens out."""
+    model = load_model(tiny_model_factory("tiny-words"), "cpu")
+    s = model.config.image_size
+    torch.manual_seed(2)
+    pixels = torch.randn(1, 3, s, s)
+    short, long = "the left one", "the much bigger red circle at the very top of the picture"
+    with torch.no_grad():
+        features = model.encode_images(pixels)
+        padded_text = model.encode_text([short, long])
+        assert int(padded_text[0, 1:, -1].sum()) < int(padded_text[1, 1:, -1].sum())  # the short one has padding
+        together = model.decode(features, padded_text, torch.tensor([0, 0]))
+        alone = model.decode(features, model.encode_text([short]))
+        assert torch.allclose(together[0], alone[0], atol=1e-5)
+        # The padded positions' values do not matter either: garbage there changes nothing.
+        dirty = padded_text.clone()
+        dirty[0, 1:, :-1][dirty[0, 1:, -1] == 0] = 123.0
+        assert torch.allclose(model.decode(features, dirty, torch.tensor([0, 0])), together, atol=1e-5)
+        # ... while the words themselves do: another word in the same slot changes the map.
+        other = model.decode(features, model.encode_text(["the right one"]))
+        assert not torch.allclose(other, alone, atol=1e-4)
+
+
+def test_pack_and_unpack_text_round_trip():
+    from clipseg_model.film_decoder import pack_text, unpack_text
+
+    pooled, words = torch.randn(2, 4), torch.randn(2, 3, 5)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    packed = pack_text(pooled, words, valid, length=7)
+    assert packed.shape == (2, 8, 6)
+    p, w, v = unpack_text(packed, 4, 5)
+    assert torch.equal(p, pooled) and torch.equal(v, valid)
+    assert torch.equal(w[valid], words[valid]) and not w[~valid].any()
+    p, w, v = unpack_text(packed[:1], 4, 5)  # a batch of short phrases is cut to its own longest
+    assert w.shape == (1, 2, 5) and v.all()
+
+
+def test_decoder_positions_tell_tokens_apart_at_any_grid(tiny_model_factory):
+    """Position features differ between patches, and exist for any grid size (the model runs at other sizes)."""
+    model = load_model(tiny_model_factory("tiny-words"), "cpu")
+    with torch.no_grad():
+        for grid in (4, 6):
+            pos = model.positions(grid)
+            assert pos.shape == (grid * grid, model.config.d_model)
+            assert torch.cdist(pos, pos).add(torch.eye(grid * grid) * 1e3).min() > 1e-3  # no two patches alike
+        s = model.config.image_size
+        x, _ = model.image_tokens(model.encode_images(torch.zeros(1, 3, s, s)))
+        model.positions.proj.weight.zero_()
+        model.positions.proj.bias.zero_()
+        y, _ = model.image_tokens(model.encode_images(torch.zeros(1, 3, s, s)))
+        assert not torch.allclose(x[:, 1:], y[:, 1:]) and torch.equal(x[:, 0], y[:, 0])  # patches only, not CLS
+
+
+def test_word_attention_is_refused_for_clipseg():
+    with pytest.raises(ValueError, match="word_attention needs the film-decoder"):
+        ModelConfig(architecture="clipseg-rd64", word_attention=True)
+    assert not PRESETS["clipseg-rd64"].config.word_attention and not PRESETS["clipseg-rd64"].config.decoder_positions
+
+
+def test_run_directory_stays_loadable_when_moved_or_copied(tiny_model_factory, tmp_path):
+    """A run's checkpoints record their base model (run/init/base) relative to themselves: moving or copying the
+    run directory whole keeps them loadable; a checkpoint cut off from its base says so (not "could not be
+    downloaded")."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_factory("tiny-seed"), run / "init")  # what `clipseg train --init-random` makes
+    model = load_model(run / "init", "cpu")
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.1)
+    save_checkpoint(model, run / "best", {"version": "v-best"})
+    record = json.loads((run / "best" / CONFIG_FILE).read_text())
+    assert record["config"]["base_model"] == "../init/base"
+    s = model.config.image_size
+    pixels = torch.randn(1, 3, s, s)
+    with torch.no_grad():
+        expected = model(pixels, ["the red one"])
+
+    moved = tmp_path / "elsewhere" / "deeper" / "run-moved"
+    moved.parent.mkdir(parents=True)
+    shutil.move(str(run), str(moved))
+    copied = tmp_path / "copy"
+    shutil.copytree(moved, copied)
+    shutil.rmtree(moved)  # nothing of the original place is left: only the relative path can work
+    loaded = load_model(copied / "best", "cpu")
+    assert loaded.version == "v-best" and loaded.config.base_model == str((copied / "init" / "base").resolve())
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels, ["the red one"]), expected)
+
+    alone = tmp_path / "alone"
+    shutil.copytree(copied / "best", alone)
+    shutil.rmtree(copied)
+    with pytest.raises(ModelNotAvailableError, match="copy the whole run directory") as info:
+        load_model(alone, "cpu")
+    assert "downloaded" not in str(info.value)
+
+
+def test_checkpoint_copied_alone_on_the_same_machine_still_loads(tiny_model_factory, tmp_path):
+    """The absolute base path is kept as a fallback: a checkpoint copied alone (as versions are materialised from
+    Redis into another folder) still finds its base where it was."""
+    import shutil
+
+    model = load_model(tiny_model_factory("tiny-seed"), "cpu")
+    save_checkpoint(model, tmp_path / "a" / "ckpt", {"version": "v1"})
+    shutil.copytree(tmp_path / "a" / "ckpt", tmp_path / "b" / "c" / "ckpt")
+    assert load_model(tmp_path / "b" / "c" / "ckpt", "cpu").version == "v1"
+
+
+def test_missing_local_model_path_is_not_a_download_failure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelNotAvailableError, match="directory 'runs/best' does not exist"):
+        load_model("runs/best", "cpu")
+
+
+def test_predictor_caches_word_attention_phrases(tiny_model_factory):
+    """The predictor caches one text row per phrase and stacks rows from different batches: packed word states
+    (fixed length) allow that, and cached phrases give the same probabilities as fresh ones."""
+    from PIL import Image
+
+    from clipseg_model.predictor import Segmenter
+
+    segmenter = Segmenter(load_model(tiny_model_factory("tiny-words"), "cpu"), threshold=0.5)
+    image = Image.new("RGB", (50, 40), "gray")
+    image.paste((200, 30, 30), (5, 5, 20, 20))
+    first = segmenter.predict(image, ["the red square on the left"])  # cached alone (short batch)
+    mixed = segmenter.predict(image, ["x", "the red square on the left", "the much bigger shape at the very top"])
+    assert np.allclose(mixed[1].probability, first[0].probability, atol=1e-5)

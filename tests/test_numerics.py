@@ -34,3 +34,12 @@ def test_flush_before_the_pool_covers_every_thread():
 def test_flush_after_the_pool_started_misses_its_threads():
     """Why the CLI flushes before running a command: a pool thread started earlier keeps subnormals."""
     assert 0 < _nonzero("late") < 1 << 22
+
+
+def test_no_numpy_subnormal_warning_after_flushing():
+    """numpy's float limits, first computed with subnormals flushed, used to warn twice on every command's start."""
+    code = ("from clipseg_model.numerics import flush_denormals; flush_denormals(); import numpy as np; "
+            "np.finfo(np.float32); np.finfo(np.float64); import transformers, torch.nn.functional")
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "subnormal" not in out.stderr, out.stderr[-500:]

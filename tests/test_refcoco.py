@@ -247,12 +247,15 @@ def test_jxu124_splits_and_rle(jxu124_dir, coco_images, tmp_path) -> None:
     _check(testb[0], 14, "compressed one")
     train = HFRefCOCO(str(jxu124_dir), split="train", image_root=coco_images, cache_dir=cache, text_field="raw")
     assert [s.phrase for s in train] == ["Train sentence"]
+    test = HFRefCOCO(str(jxu124_dir), split="test", image_root=coco_images, cache_dir=cache)  # refer's test: A + B
+    assert [s.meta["ref_id"] for s in test] == [3, 4, 4]
 
 
-def test_jxu124_missing_image_is_reported(jxu124_dir, tmp_path) -> None:
-    ds = HFRefCOCO(str(jxu124_dir), split="val", image_root=tmp_path, cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(FileNotFoundError, match=FILES[1]):
-        ds[0]
+def test_jxu124_missing_image_is_reported_when_opened(jxu124_dir, tmp_path) -> None:
+    """A wrong image root fails when the dataset is opened (one line), not inside a training loop."""
+    with pytest.raises(FileNotFoundError, match=FILES[1]) as info:
+        HFRefCOCO(str(jxu124_dir), split="val", image_root=tmp_path, cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(info.value) and "coco/train2014" in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,3 +405,89 @@ def test_refs_pickle_written_by_python2(tmp_path) -> None:
     path = tmp_path / "refs(unc).p"
     path.write_bytes(b"\x80\x02]U\x04caf\xe9a.")
     assert load_refs_pickle(path) == ["café"]
+
+
+# --------------------------------------------------------------------------------------------
+# refer layouts of refcoco+, refcocog (umd, google) and refcoco's test split
+
+# The split names each published refs file uses (refer's README): refcoco(unc) and refcoco+(unc) train/val/testA/
+# testB, refcocog(umd) train/val/test, refcocog(google) train/val, refcoco(google) train/val/test.
+LAYOUTS = {
+    ("refcoco", "unc"): {1: "val", 2: "val", 3: "testA", 4: "testB", 5: "train"},
+    ("refcoco+", "unc"): {1: "val", 2: "train", 3: "testA", 4: "testB", 5: "train"},
+    ("refcocog", "umd"): {1: "val", 2: "train", 3: "test", 4: "test", 5: "train"},
+    ("refcocog", "google"): {1: "val", 2: "train", 3: "train", 4: "val", 5: "train"},
+    ("refcoco", "google"): {1: "val", 2: "train", 3: "test", 4: "test", 5: "train"},
+}
+
+
+def write_refer(root: Path, dataset: str, split_by: str, coco_images: Path | None = None) -> Path:
+    """`<root>/<dataset>/refs(<split_by>).p` + instances.json with the miniature refs in that layout's splits; COCO
+    images (when given) at refer's default place, `<root>/images/mscoco/images/train2014`."""
+    folder = root / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = LAYOUTS[(dataset, split_by)]
+    refs = [{**r, "split": splits[r["ref_id"]]} for r in _refs()]
+    with open(folder / f"refs({split_by}).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    instances = {"images": list(IMAGES.values()), "annotations": list(ANNS.values()),
+                 "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}]}
+    (folder / "instances.json").write_text(json.dumps(instances))
+    if coco_images is not None and not (root / "images").exists():
+        (root / "images" / "mscoco" / "images").mkdir(parents=True)
+        (root / "images" / "mscoco" / "images" / "train2014").symlink_to(coco_images / "coco" / "train2014")
+    return root
+
+
+@pytest.fixture(scope="module")
+def refer_all(tmp_path_factory, coco_images) -> Path:
+    root = tmp_path_factory.mktemp("refer_all")
+    for dataset, split_by in LAYOUTS:
+        write_refer(root, dataset, split_by, coco_images)
+    return root
+
+
+def test_refer_test_split_is_every_test_split(refer_all) -> None:
+    """refer's `test` is testA + testB for refcoco(unc) (there is no ref whose split is plain "test")."""
+    test = ReferRefCOCO(refer_all, split="test")
+    assert [s.meta["ref_id"] for s in test] == [3, 4, 4]
+    assert {s.meta["ref_id"] for s in ReferRefCOCO(refer_all, split="testA")} == {3}
+    umd = ReferRefCOCO(refer_all, dataset="refcocog", split_by="umd", split="test")
+    assert [s.phrase for s in umd] == ["the crowd", "compressed one", "second"]
+
+
+@pytest.mark.parametrize("dataset,split_by", list(LAYOUTS))
+def test_refer_datasets_and_split_schemes(refer_all, dataset, split_by) -> None:
+    splits = LAYOUTS[(dataset, split_by)]
+    for split in sorted(set(splits.values())):
+        ds = ReferRefCOCO(refer_all, dataset=dataset, split_by=split_by, split=split)
+        assert sorted({s.meta["ref_id"] for s in ds}) == sorted(r for r, sp in splits.items() if sp == split)
+        assert all(s.meta["dataset"] == f"{dataset}({split_by})" for s in ds)
+        _check(ds[0], REFS[ds[0].meta["ref_id"]][0], ds[0].phrase)
+
+
+def test_refer_default_split_scheme_and_refused_pairs(refer_all) -> None:
+    assert ReferRefCOCO(refer_all, dataset="refcocog", split="val").split_by == "umd"
+    assert ReferRefCOCO(refer_all, dataset="refcoco+", split="val").split_by == "unc"
+    with pytest.raises(ValueError, match="refcoco\\+ has no 'umd' split"):
+        ReferRefCOCO(refer_all, dataset="refcoco+", split_by="umd")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        ReferRefCOCO(refer_all, dataset="refclef")
+
+
+def test_refer_wrong_paths_are_one_line(refer_all, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="refs\\(google\\).p does not exist") as info:
+        ReferRefCOCO(tmp_path, dataset="refcoco", split_by="google")
+    assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="not found under --image-root") as info:
+        ReferRefCOCO(refer_all, split="val", image_root=tmp_path)
+    assert "\n" not in str(info.value) and FILES[1] in str(info.value)
+
+
+@pytest.mark.parametrize("where", [".", "coco", "coco/train2014"])
+def test_image_root_is_searched(refer_all, coco_images, where) -> None:
+    """--image-root may name the image folder or a folder above it (docs/training.md)."""
+    ds = ReferRefCOCO(refer_all, split="val", image_root=coco_images / where if where != "." else coco_images)
+    _check(ds[0], 11, "left box")
+    # no --image-root: refer's own layout under the data root
+    assert ReferRefCOCO(refer_all, split="val").image_root == refer_all / "images" / "mscoco" / "images" / "train2014"

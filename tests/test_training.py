@@ -189,6 +189,23 @@ def test_evaluate_matches_a_hand_computation():
     assert result.sweep[0.5]["miou"] == pytest.approx(m["miou"])
     assert len(result.rows) == 1 and result.rows[0].pred.shape == (h, w) and result.rows[0].note == "IoU 1.00"
     assert [s["iou"] for s in result.per_sample] == pytest.approx([1.0, 1 / 3])
+    assert [(s["index"], s["phrase"]) for s in result.per_sample] == [(0, "left"), (1, "top")]
+
+
+def test_validation_subset_is_spread_over_the_set():
+    """max_samples picks samples spread evenly over the set (RefCOCO orders samples by image: the first N would be
+    a few images), and every per-sample row carries its dataset index, phrase and the sample's ids."""
+    from finetune.training import spread_indices
+
+    assert spread_indices(10, 3) == [0, 3, 6] and spread_indices(4, 0) == [0, 1, 2, 3] and spread_indices(3, 5) == [0, 1, 2]
+    image = Image.new("RGB", (8, 8), "gray")
+    mask = np.zeros((8, 8), bool)
+    mask[:, :4] = True
+    data = SampleList([ReferringSample(image, f"phrase {i}", mask, "test", {"ref_id": 100 + i, "sent_id": 200 + i})
+                       for i in range(8)])
+    result = evaluate(_LeftHalfModel(), data, batch_size=3, device="cpu", max_samples=4)
+    assert [(r["index"], r["phrase"], r["ref_id"], r["sent_id"]) for r in result.per_sample] == [
+        (i, f"phrase {i}", 100 + i, 200 + i) for i in (0, 2, 4, 6)]
 
 
 # ---- the commands ------------------------------------------------------------------------------------------------
@@ -298,3 +315,31 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path, align):
     # step 4 logged once (by rank 0 only): one loss row and one validation row
     assert sum(bool(r[1]) for r in at_4) == 1 and sum(not r[1] for r in at_4) == 1, rows
     assert load_model(tmp_path / "run" / "last", "cpu").config.text_alignment
+
+
+def test_cli_reaches_the_cpu_benchmark_model_and_sets_film_decoder_options(tmp_path):
+    """`clipseg train --model-preset cpu-scratch --preset cpu-scratch --init-random` builds the benchmark's model
+    (same ModelConfig and backbone, word-level vocabulary of the training phrases with --init-vocab data); model
+    options come from a JSON file and KEY=VALUE flags."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.learning_cpu import MODEL_PRESET, TRAIN_PRESET, bench_preset
+    from clipseg_model.config import PRESETS
+
+    assert (MODEL_PRESET, TRAIN_PRESET) == ("cpu-scratch", "cpu-scratch")
+    assert bench_preset() == PRESETS["cpu-scratch"]  # the benchmark's defaults are the preset, nothing else
+    assert TRAIN_PRESETS["cpu-scratch"].align_weight > 0 and PRESETS["cpu-scratch"].config.word_attention
+
+    (tmp_path / "decoder.json").write_text(json.dumps({"n_layers": 1, "decoder_positions": False}))
+    done = _clipseg("train", "--model-preset", "cpu-scratch", "--preset", "cpu-scratch", "--init-random",
+                    "--init-vocab", "data", "--model-config", "decoder.json", "--model-option", "d_model=32",
+                    "--model-option", "extract_layers=[4]", "--data", "shapes", "--max-samples", "8",
+                    "--max-val-samples", "4", "--steps", "2", "--batch-size", "4", "--threads", "1", "--out", "run",
+                    "--no-progress", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    model = load_model(tmp_path / "run" / "last", "cpu")
+    expected = PRESETS["cpu-scratch"].config.replace(n_layers=1, decoder_positions=False, d_model=32, extract_layers=(4,))
+    assert model.config.replace(base_model="") == expected.replace(base_model="")
+    assert len(model.tokenizer.tokenize("the leftmost purple ellipse")) == 4  # one token per word of the data
+    bad = _clipseg("train", "--model-preset", "cpu-scratch", "--init-random", "--model-option", "colour=red",
+                   "--steps", "1", "--out", "bad", cwd=tmp_path)
+    assert bad.returncode == 1 and "unknown model option(s) colour" in bad.stderr and "Traceback" not in bad.stderr
