@@ -82,7 +82,13 @@ class EmbeddedRedis:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.terminate()
-            self.proc.wait(5)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # it refuses to exit when its final save fails (disk full)
+                log.error("embedded Redis does not stop (cannot save?); killing it: the append-only file keeps "
+                          "what was written")
+                self.proc.kill()
+                self.proc.wait(5)
         log.info("embedded Redis stopped")
 
     def __enter__(self) -> "EmbeddedRedis":
