@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -44,15 +45,28 @@ def configure_worker(parser: argparse.ArgumentParser, settings) -> None:
 def run_worker(args: argparse.Namespace, settings) -> int:
     from rq.worker import SimpleWorker, SpawnWorker
 
-    from finetune.triggers import QUEUE_NAME
+    from finetune.triggers import QUEUE_NAME, WorkerHeartbeat
 
     conn = _redis(settings)
     cls = SimpleWorker if args.worker_class == "simple" else SpawnWorker
-    name = args.name or f"clipseg-{socket.gethostname()}-{__import__('os').getpid()}"
+    name = args.name or f"clipseg-{socket.gethostname()}-{os.getpid()}"
     worker = cls([QUEUE_NAME], connection=conn, name=name)
-    # with_scheduler: RQ's scheduler moves delayed retries (Retry intervals) back onto the queue.
-    worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+    # Heartbeats let others find this worker's job abandoned in seconds if it dies; its first sweep recovers the
+    # jobs of workers that died before it started (a restart).
+    heartbeat = WorkerHeartbeat(redis_conn_for_thread(settings), name).start()
+    try:
+        # with_scheduler: RQ's scheduler moves delayed retries (Retry intervals) back onto the queue.
+        worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+    finally:
+        heartbeat.stop()
     return 0
+
+
+def redis_conn_for_thread(settings):
+    """A connection of its own for a background thread, with timeouts so a hung Redis cannot stall it."""
+    import redis
+
+    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
 
 
 # ---- scheduler -----------------------------------------------------------------------------------------------
