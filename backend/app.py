@@ -15,7 +15,7 @@ from backend.corrections_inbox import SpoolUnavailable
 from backend.health import health_report
 from backend.json_provider import OrjsonProvider, loads as json_loads
 from backend.labelstudio.config import UnsupportedConfigError
-from backend.metrics import CONTENT_TYPE
+from backend.metrics import CONTENT_TYPE, spool_gauges
 from backend.labelstudio.protocol import BadRequest, parse_predict_request, project_id
 from backend.runtime import BackendRuntime
 from backend.serving_model import ModelNotReady
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
     app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["clipseg_runtime"] = runtime
+    runtime.metrics.add_collector(lambda: spool_gauges(runtime.inbox))
 
     auth_user, auth_pass = settings.basic_auth_user.encode(), settings.basic_auth_pass.encode()
 

@@ -225,7 +225,10 @@ def configure_status(parser: argparse.ArgumentParser, settings) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-def run_status(args: argparse.Namespace, settings) -> int:
+def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None = None,
+               extra_lines: list[str] = ()) -> int:
+    """Print the status; `extra` sections (e.g. the webhook spool, which backend/ owns) are added to the JSON and
+    `extra_lines` to the text."""
     from rq import Queue, Worker
 
     from finetune.corrections import CorrectionStore
@@ -247,6 +250,7 @@ def run_status(args: argparse.Namespace, settings) -> int:
         "projects": {p: {"corrections": store.count(p), "new": store.new_since_last_finetune(p)} for p in store.projects()},
         "active_version": active[0] if active else f"base:{settings.model}",
         "versions": len(registry.list()),
+        **(extra or {}),
     }
     if args.json:
         print(json.dumps(status, indent=2, default=str))
@@ -259,4 +263,6 @@ def run_status(args: argparse.Namespace, settings) -> int:
     for p, c in status["projects"].items():
         print(f"project   {p}: {c['corrections']} corrections, {c['new']} new since the last fine-tune")
     print(f"model     {status['active_version']} ({status['versions']} versions recorded)")
+    for line in extra_lines:
+        print(line)
     return 0
