@@ -21,7 +21,7 @@ from backend.runtime import BackendRuntime
 from backend.serving_model import ModelNotReady
 from backend.settings import Settings
 from backend.spool_errors import TRANSIENT, classify, describe
-from backend.webhook_limits import EventTooLarge, check_correction_size
+from backend.webhook_limits import EventTooLarge, check_body_size, check_correction_size
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,11 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
 
     @app.post("/webhook")
     def webhook():
+        try:
+            check_body_size(request.content_length)
+        except EventTooLarge as exc:
+            runtime.metrics.webhooks.labels("unknown", "too_large").inc()
+            return _error(str(exc), exc.status)
         raw = request.get_data(cache=False)
         body = _json_body(raw)
         if not isinstance(body, dict) or not isinstance(body.get("action"), str):

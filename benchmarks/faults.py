@@ -134,7 +134,7 @@ def spool_count(data: Path, kind: str = "") -> int:
 def fill(directory: Path) -> Path:
     """Fill the file system holding `directory` to the last byte; returns the filler file."""
     filler = directory / "filler.bin"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * (1 << 20))

@@ -53,6 +53,9 @@ def test_oversized_and_inconsistent_masks_are_refused_before_spooling(model_dir,
     lying["original_width"], lying["original_height"] = 32, 24
     resp = client.post("/webhook", json=annotation_event([lying], annotation_id=3))
     assert resp.status_code == 422 and "64x48" not in resp.get_json()["error"] and "32x24" in resp.get_json()["error"]
+    # a body too large for any drawn mask: refused from its Content-Length, before it is read or parsed
+    resp = client.post("/webhook", data=b" " * (9 << 20), content_type="application/json")
+    assert resp.status_code == 413 and "over 8,388,608 bytes" in resp.get_json()["error"]
     assert not list(spool.glob("*.json"))
     ok = client.post("/webhook", json=annotation_event([brush_region(mask)], annotation_id=4))
     assert ok.status_code == 201 and len(list(spool.glob("*.json"))) == 1
