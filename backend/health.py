@@ -37,6 +37,8 @@ def redis_state(url: str, timeout: float = 0.3) -> str:
         if info.get("aof_last_write_status", "ok") != "ok" or info.get("rdb_last_bgsave_status", "ok") != "ok":
             return "degraded (cannot write to disk: MISCONF)"
         return "up"
+    except redis.ResponseError as exc:  # it answers, but refuses: MISCONF (disk full), LOADING, ...
+        return f"refusing writes ({str(exc)[:120]})"
     except redis.RedisError as exc:
         return f"down ({type(exc).__name__}: {str(exc)[:120]})"
     finally:
