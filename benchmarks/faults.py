@@ -31,7 +31,7 @@ import psutil  # noqa: E402
 import redis  # noqa: E402
 import requests  # noqa: E402
 
-from backend.rle import mask_to_rle  # noqa: E402
+from backend.labelstudio.rle import mask_to_rle  # noqa: E402
 from finetune.corrections import CorrectionStore  # noqa: E402
 from tests.e2e.ls_harness import free_port  # noqa: E402
 from tests.fixtures.models import tiny_model_dir  # noqa: E402
