@@ -1,11 +1,11 @@
 """Cheap size checks of a correction webhook, made before it is spooled, so one event cannot cost unbounded memory.
 
 A brush region's RLE starts with the number of RGBA values it decodes to (32 bits, big-endian); reading it costs
-nothing, while decoding a 2400 x 2400 noise mask (5.2 MB of RLE, a 23 MB webhook) took the reference decoder 55 s
-and 2.7 GB. So a region is refused at the webhook (4xx, Label Studio shows it; nothing is acknowledged and lost)
-when its size is over MAX_IMAGE_PIXELS, when its RLE decodes to more (or fewer) pixels than the image it was drawn on,
-or when its RLE is longer than `MAX_RLE_BYTES` (about 5 s and 260 MB to decode; a hand-drawn mask on a 12 Mpx photo
-is ~100 KB).
+nothing, while decoding a 2400 x 2400 noise mask (5.2 MB of RLE, a 23 MB webhook) took the SDK's decoder 55 s and
+2.7 GB, and still takes ours (flat memory) ~38 s on a busy 2-core machine: its cost grows with the number of runs.
+So a region is refused at the webhook (4xx, Label Studio shows it; nothing is acknowledged and lost) when its size
+is over MAX_IMAGE_PIXELS, when its RLE decodes to more (or fewer) pixels than the image it was drawn on, or when its
+RLE is longer than `MAX_RLE_BYTES` (a tenth of that noise mask; a hand-drawn mask on a 12 Mpx photo is ~100 KB).
 """
 from __future__ import annotations
 
