@@ -11,14 +11,18 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from backend.corrections_inbox import SpoolUnavailable
+from backend.health import health_report
 from backend.json_provider import OrjsonProvider, loads as json_loads
 from backend.labelstudio.config import UnsupportedConfigError
-from backend.metrics import CONTENT_TYPE
+from backend.metrics import CONTENT_TYPE, spool_gauges
 from backend.labelstudio.protocol import BadRequest, parse_predict_request, project_id
 from backend.predict_budget import PredictBudget
 from backend.runtime import BackendRuntime
 from backend.serving_model import ModelNotReady
 from backend.settings import Settings
+from backend.spool_errors import TRANSIENT, classify, describe
+from backend.webhook_limits import EventTooLarge, check_body_size, check_correction_size
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +34,8 @@ def _error(message: str, status: int) -> tuple[Response, int]:
     return jsonify({"status": "error", "error": message}), status
 
 
-def _json_body() -> Any:
-    raw = request.get_data(cache=False)
+def _json_body(raw: bytes | None = None) -> Any:
+    raw = request.get_data(cache=False) if raw is None else raw
     try:
         return json_loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -48,6 +52,7 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
     app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["clipseg_runtime"] = runtime
+    runtime.metrics.add_collector(lambda: spool_gauges(runtime.inbox))
 
     auth_user, auth_pass = settings.basic_auth_user.encode(), settings.basic_auth_pass.encode()
     budget = app.extensions["clipseg_predict_budget"] = PredictBudget(settings.predict_budget)
@@ -90,8 +95,17 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
     def _http(exc: HTTPException):
         return _error(exc.description or exc.name, exc.code or 500)
 
+    @app.errorhandler(SpoolUnavailable)
+    def _spool_down(exc: SpoolUnavailable):
+        runtime.metrics.errors.labels("spool_write").inc()
+        return _error(f"event not accepted, retry: {exc}", 503)
+
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
+        if classify(exc) == TRANSIENT:  # an outage (Redis down, out of disk): say so, it is not our bug
+            log.warning("%s unavailable: %s", request.path, describe(exc))
+            runtime.metrics.errors.labels("unavailable").inc()
+            return _error(f"temporarily unavailable: {describe(exc)}", 503)
         log.exception("unhandled error on %s", request.path)
         runtime.metrics.errors.labels("internal").inc()
         return _error(f"internal error: {type(exc).__name__}", 500)
@@ -100,8 +114,10 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
     @app.get("/")
     def health():
         model = runtime.model
+        report = health_report(runtime)
         return jsonify({
-            "status": "UP",
+            "status": "DEGRADED" if report["degraded"] else "UP",
+            **report,
             "model_class": "ClipSegBackend",
             "model": settings.model,
             "model_version": model.version,
@@ -177,7 +193,13 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
 
     @app.post("/webhook")
     def webhook():
-        body = _json_body()
+        try:
+            check_body_size(request.content_length)
+        except EventTooLarge as exc:
+            runtime.metrics.webhooks.labels("unknown", "too_large").inc()
+            return _error(str(exc), exc.status)
+        raw = request.get_data(cache=False)
+        body = _json_body(raw)
         if not isinstance(body, dict) or not isinstance(body.get("action"), str):
             raise BadRequest("a webhook body is a JSON object with an 'action'")
         action = body["action"]
@@ -194,7 +216,12 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
             runtime.metrics.webhooks.labels(action, "no_redis").inc()
             log.info("webhook %s received; no REDIS_URL, so corrections are not kept", action)
             return jsonify({"status": "ignored", "reason": "no corrections store configured"}), 200
-        outcome = runtime.inbox.submit(body)
+        try:  # refused here, with a 4xx Label Studio shows, rather than acknowledged and then choked on
+            check_correction_size(body, settings.max_image_pixels)
+        except EventTooLarge as exc:
+            runtime.metrics.webhooks.labels(action, "too_large").inc()
+            return _error(str(exc), exc.status)
+        outcome = runtime.inbox.submit(body, raw)
         runtime.metrics.webhooks.labels(action, outcome).inc()
         return jsonify({"status": outcome}), 201 if outcome == "accepted" else 200
 

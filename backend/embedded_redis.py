@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -53,7 +54,12 @@ class EmbeddedRedis:
             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
             "--daemonize", "no", "--logfile", str(self.dir / "redis.log"),
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        from backend.serve_command import die_with_parent
+
+        # Its own session (Ctrl-C reaches serve, which stops the worker before Redis), and SIGTERM (which flushes
+        # the append-only file) if the process that started it dies, so no orphan keeps writing to the AOF.
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=die_with_parent(signal.SIGTERM))
         import redis
 
         deadline = time.monotonic() + timeout
@@ -82,7 +88,13 @@ class EmbeddedRedis:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.terminate()
-            self.proc.wait(5)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # it refuses to exit when its final save fails (disk full)
+                log.error("embedded Redis does not stop (cannot save?); killing it: the append-only file keeps "
+                          "what was written")
+                self.proc.kill()
+                self.proc.wait(5)
         log.info("embedded Redis stopped")
 
     def __enter__(self) -> "EmbeddedRedis":

@@ -54,3 +54,17 @@ def gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = Non
     family = GaugeMetricFamily(name, doc, labels=list(labels or {}))
     family.add_metric(list((labels or {}).values()), value)
     return family
+
+
+def spool_gauges(inbox) -> list[GaugeMetricFamily]:
+    """Webhook events set aside by the spool (`clipseg spool` lists them), and whether the spool can be written."""
+    if inbox is None:
+        return []
+    counts = inbox.counts()
+    return [
+        gauge("clipseg_spool_rejected", "Webhook events rejected as invalid (kept in spool/rejected/)", counts["rejected"]),
+        gauge("clipseg_spool_quarantined", "Webhook events that failed repeatedly (kept in spool/quarantine/)",
+              counts["quarantined"]),
+        gauge("clipseg_spool_write_failing", "1 while the spool cannot be written (webhooks answer 503)",
+              float(inbox.spool_error is not None)),
+    ]

@@ -1,18 +1,37 @@
 """`clipseg serve`: the ML backend under gunicorn; with no REDIS_URL, also an embedded Redis, a worker and the
-scheduler, so one command runs the whole loop on one machine. Ctrl-C stops everything it started."""
+scheduler, so one command runs the whole loop on one machine. Ctrl-C stops everything it started.
+
+Self-healing: a `Supervisor` thread restarts the embedded redis-server, the worker and the scheduler when they die
+(backoff 1 s doubling to 30 s, reset after a minute of running; one log line each), and writes their state to
+`DATA_DIR/run/parts.json`, which /health reports ("worker: restarting (exit -9)"). Every child gets a parent-death
+signal (prctl PR_SET_PDEATHSIG), so a SIGKILLed serve leaves no redis-server holding the append-only file. One
+serve per DATA_DIR: `DATA_DIR/serve.lock` (flock + PID) refuses a second one with one line; a dead owner's lock is
+taken over, and an orphaned redis-server of that owner is stopped first.
+"""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import fcntl
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
+
+from clipseg_model.errors import ClipsegError
 
 log = logging.getLogger("clipseg.serve")
+
+PR_SET_PDEATHSIG = 1
+BACKOFF_START_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
 
 
 def configure(parser: argparse.ArgumentParser, settings) -> None:
@@ -27,41 +46,232 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
                         help="also run the periodic scheduler (same default as --worker)")
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn` that makes the child receive `sig` when this process dies (Linux; a no-op elsewhere)."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+
+    return preexec
+
+
+# ---- one serve per DATA_DIR -------------------------------------------------------------------------------------
+class ServeLock:
+    """An exclusive flock on `DATA_DIR/serve.lock` holding the owner's PID; released by the kernel when it dies."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "serve.lock"
+        self._fd: int | None = None
+
+    def acquire(self, wait_for_dead_s: float = 10.0) -> "ServeLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_for_dead_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                owner = _read_pid(self.path)
+                if owner is not None and _running(owner) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ClipsegError(f"another `clipseg serve` (pid {owner or '?'}) uses DATA_DIR "
+                                       f"{self.path.parent}; stop it or choose another DATA_DIR") from None
+                time.sleep(0.2)  # its owner is dead; processes it forked are still exiting
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_orphaned_redis(redis_dir: Path, parts_file: Path) -> None:
+    """A redis-server left by a serve that died (before parent-death signals existed, or on another kernel)
+    must not keep appending to the AOF while a new one starts on it."""
+    try:
+        pid = int(json.loads(parts_file.read_text()).get("pids", {}).get("redis", 0))
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() if pid else ""
+    except (OSError, ValueError, AttributeError):
+        return
+    if "redis-server" in cmdline and str(redis_dir) in cmdline:
+        log.warning("stopping the redis-server (pid %d) left running by a previous serve", pid)
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not _running(pid):
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+
+# ---- supervision ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Part:
+    name: str
+    start: Callable[[], subprocess.Popen]
+    stop: Callable[[subprocess.Popen], None]
+    proc: subprocess.Popen | None = None
+    state: str = "starting"
+    started_at: float = 0.0
+    backoff: float = BACKOFF_START_S
+    restart_at: float | None = None
+    restarts: int = 0
+
+
+class Supervisor:
+    """Starts child processes, restarts them when they die (with backoff), stops them in reverse order."""
+
+    def __init__(self, parts_file: Path, poll_s: float = 0.5) -> None:
+        self.parts_file = parts_file
+        self.poll_s = poll_s
+        self.parts: list[_Part] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+
+    def add(self, name: str, start: Callable[[], subprocess.Popen], stop: Callable[[subprocess.Popen], None]) -> None:
+        """Start `name` now (raises if it cannot start the first time) and keep it running."""
+        part = _Part(name, start, stop)
+        part.proc, part.state, part.started_at = start(), "up", time.monotonic()
+        self.parts.append(part)
+        self._write()
+
+    def start(self) -> "Supervisor":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        with self._lock:
+            for part in reversed(self.parts):  # worker and scheduler before the Redis they use
+                if part.proc is not None and part.proc.poll() is None:
+                    part.stop(part.proc)
+                part.state = "stopped"
+        self.parts_file.unlink(missing_ok=True)
+
+    def _write(self) -> None:
+        state = {"pid": os.getpid(), "parts": {p.name: p.state for p in self.parts},
+                 "pids": {p.name: p.proc.pid for p in self.parts if p.proc is not None},
+                 "restarts": {p.name: p.restarts for p in self.parts}}
+        self.parts_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.parts_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.parts_file)
+
+    def _run(self) -> None:
+        # Restarts happen on this thread, which lives as long as serve: the parent-death signal of a child fires
+        # when the thread that forked it ends.
+        while not self._stop.wait(self.poll_s):
+            with self._lock:
+                changed = any([self._check(part) for part in self.parts])
+                if changed:
+                    self._write()
+
+    def _check(self, part: _Part) -> bool:
+        now = time.monotonic()
+        if part.restart_at is None:
+            code = part.proc.poll() if part.proc is not None else -1
+            if code is None:
+                if now - part.started_at > HEALTHY_AFTER_S:
+                    part.backoff = BACKOFF_START_S
+                return False
+            # gunicorn's arbiter reaps every child (waitpid(-1)), so the code may read 0 for a killed process
+            part.restart_at = now + part.backoff
+            part.state = f"restarting (exit {code})"
+            log.warning("%s exited (code %s); restarting in %.0f s", part.name, code, part.backoff)
+            part.backoff = min(BACKOFF_MAX_S, part.backoff * 2)
+            return True
+        if now < part.restart_at or self._stop.is_set():
+            return False
+        try:
+            part.proc = part.start()
+        except Exception as exc:  # noqa: BLE001 - try again later, with a longer wait
+            part.restart_at = now + part.backoff
+            part.state = f"down (restart failed: {exc}; next try in {part.backoff:.0f} s)"
+            log.error("%s did not restart: %s; next try in %.0f s", part.name, exc, part.backoff)
+            part.backoff = min(BACKOFF_MAX_S, part.backoff * 2)
+            return True
+        part.restart_at, part.state, part.started_at = None, "up", now
+        part.restarts += 1
+        log.warning("%s restarted (pid %d, restart %d)", part.name, part.proc.pid, part.restarts)
+        return True
+
+
 def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "backend.cli", *args]
     log.info("starting %s", " ".join(args))
-    return subprocess.Popen(cmd, env=env)
+    # SIGKILL when serve dies: a worker's job is found abandoned and retried from its heartbeat.
+    return subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGKILL))
 
 
-def _stop_children(children: list[subprocess.Popen]) -> None:
-    for proc in children:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in children:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def _stop_child(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def run(args: argparse.Namespace, settings) -> int:
     from backend.embedded_redis import EmbeddedRedis
+    from backend.health import PARTS_FILE
 
     embedded = not settings.redis_url
     with_worker = embedded if args.worker is None else args.worker
     with_scheduler = embedded if args.scheduler is None else args.scheduler
-    children: list[subprocess.Popen] = []
+    data_dir = Path(settings.data_dir).resolve()
+    parts_file = data_dir / PARTS_FILE
     with ExitStack() as stack:
+        lock = ServeLock(data_dir).acquire()
+        stack.callback(lock.release)
+        supervisor = Supervisor(parts_file)
+        stack.callback(supervisor.stop)
         if embedded:
-            redis_dir = Path(settings.data_dir) / "redis"
-            server = stack.enter_context(EmbeddedRedis(redis_dir))
+            redis_dir = data_dir / "redis"
+            _stop_orphaned_redis(redis_dir, parts_file)
+            server = EmbeddedRedis(redis_dir)
+
+            def start_redis() -> subprocess.Popen:
+                server.start()
+                return server.proc  # type: ignore[return-value]
+
+            supervisor.add("redis", start_redis, lambda proc: server.stop())
             settings = dataclasses.replace(settings, redis_url=server.url)
-        env = {**os.environ, "REDIS_URL": settings.redis_url, "DATA_DIR": str(Path(settings.data_dir).resolve())}
-        stack.callback(_stop_children, children)
+        env = {**os.environ, "REDIS_URL": settings.redis_url, "DATA_DIR": str(data_dir)}
         if with_worker:
-            children.append(_child(["worker"], env))
+            supervisor.add("worker", lambda: _child(["worker"], env), _stop_child)
         if with_scheduler:
-            children.append(_child(["scheduler"], env))
+            supervisor.add("scheduler", lambda: _child(["scheduler"], env), _stop_child)
+        supervisor.start()
         _run_gunicorn(args, settings)
     return 0
 

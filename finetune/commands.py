@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -46,16 +47,29 @@ def configure_worker(parser: argparse.ArgumentParser, settings) -> None:
 def run_worker(args: argparse.Namespace, settings) -> int:
     from rq.worker import SimpleWorker, SpawnWorker
 
-    from finetune.triggers import PRELABEL_QUEUE, QUEUE_NAME
+    from finetune.triggers import PRELABEL_QUEUE, QUEUE_NAME, WorkerHeartbeat
 
     conn = _redis(settings)
     cls = SimpleWorker if args.worker_class == "simple" else SpawnWorker
-    name = args.name or f"clipseg-{socket.gethostname()}-{__import__('os').getpid()}"
+    name = args.name or f"clipseg-{socket.gethostname()}-{os.getpid()}"
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else [QUEUE_NAME, PRELABEL_QUEUE]
     worker = cls(queues, connection=conn, name=name)
-    # with_scheduler: RQ's scheduler moves delayed retries (Retry intervals) back onto the queue.
-    worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+    # Heartbeats let others find this worker's job abandoned in seconds if it dies; its first sweep recovers the
+    # jobs of workers that died before it started (a restart).
+    heartbeat = WorkerHeartbeat(redis_conn_for_thread(settings), name).start()
+    try:
+        # with_scheduler: RQ's scheduler moves delayed retries (Retry intervals) back onto the queue.
+        worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)
+    finally:
+        heartbeat.stop()
     return 0
+
+
+def redis_conn_for_thread(settings):
+    """A connection of its own for a background thread, with timeouts so a hung Redis cannot stall it."""
+    import redis
+
+    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
 
 
 # ---- scheduler -----------------------------------------------------------------------------------------------
@@ -258,7 +272,10 @@ def configure_status(parser: argparse.ArgumentParser, settings) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-def run_status(args: argparse.Namespace, settings) -> int:
+def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None = None,
+               extra_lines: list[str] = ()) -> int:
+    """Print the status; `extra` sections (e.g. the webhook spool, which backend/ owns) are added to the JSON and
+    `extra_lines` to the text."""
     from rq import Queue, Worker
 
     from finetune.corrections import CorrectionStore
@@ -284,6 +301,7 @@ def run_status(args: argparse.Namespace, settings) -> int:
                      for p in projects},
         "active_version": default[0] if default else base,
         "versions": len(registry.list()),
+        **(extra or {}),
     }
     if args.json:
         print(json.dumps(status, indent=2, default=str))
@@ -297,4 +315,6 @@ def run_status(args: argparse.Namespace, settings) -> int:
         print(f"project   {p}: model {c['active_version']}{'' if c['own_version'] else ' (the default)'}, "
               f"{c['corrections']} corrections, {c['new']} new since the last fine-tune")
     print(f"model     {status['active_version']} for projects without their own ({status['versions']} versions recorded)")
+    for line in extra_lines:
+        print(line)
     return 0

@@ -12,9 +12,15 @@ machines: the key `{ns}:finetune:lock:{project}` holds the job id, and it is wri
 job itself (WATCH on the key), so the key never points at a job that does not exist yet. The job's success,
 failure (once retries are used up) and stopped callbacks delete the key if it still names that job. A key whose
 job is gone, finished, failed, stopped or canceled is stale and taken over; for a job still marked "started" the
-queue's StartedJobRegistry is cleaned first, which fails (or retries) executions whose worker stopped sending
-heartbeats, so a worker killed with SIGKILL blocks the project for at most its heartbeat TTL (the job's
-monitoring interval + 60 s).
+queue's StartedJobRegistry is cleaned first, which fails (or retries) executions whose worker is gone.
+
+Abandoned jobs are found in seconds: RQ alone notices a worker killed with SIGKILL only when the job's execution
+entry expires (its monitoring interval + 60 s, ~3,660 s for the default JOB_TIMEOUT). `clipseg worker` therefore
+runs a `WorkerHeartbeat` thread that refreshes `{ns}:worker:alive:{name}` ("host:pid", TTL `ALIVE_TTL` s) every
+`HEARTBEAT_S` s. A started job whose worker sends these heartbeats and whose key has expired, or names a dead PID
+on this host (a restart: found at once), is abandoned: its execution entry is expired and RQ's own clean-up fails
+it or schedules its retry, running the callbacks that release the lock. Every heartbeat thread sweeps the
+started jobs every `SWEEP_S` s, and every trigger checks the job it finds, so no trigger waits on a dead worker.
 
 Periodic scheduling, what rq 3.0 offers: `Queue.enqueue_in/enqueue_at` (needs a worker started with
 `--with-scheduler`; re-scheduling itself from inside the job is a chain that breaks or forks if one link is lost),
@@ -32,11 +38,12 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-from redis import Redis, WatchError
+from redis import Redis, RedisError, WatchError
 from rq import Callback, Queue, Retry
 from rq.cron import CronScheduler
 from rq.exceptions import NoSuchJobError
@@ -82,6 +89,124 @@ def lock_key(project: int | str, namespace: str = "clipseg") -> str:
     return f"{namespace}:finetune:lock:{project}"
 
 
+# Worker liveness --------------------------------------------------------------------------------------------
+
+ALIVE_TTL = 10  # seconds without a heartbeat after which a worker counts as gone
+HEARTBEAT_S = 2.0
+SWEEP_S = 5.0
+
+
+def _alive_key(worker_name: str, namespace: str = "clipseg") -> str:
+    return f"{namespace}:worker:alive:{worker_name}"
+
+
+def _beats_key(worker_name: str, namespace: str = "clipseg") -> str:
+    """Set once by a worker that sends heartbeats: only such workers can be declared gone by their absence."""
+    return f"{namespace}:worker:beats:{worker_name}"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_gone(conn: Redis, worker_name: str | None, namespace: str = "clipseg") -> bool:
+    """True when `worker_name` sends heartbeats and has stopped: its key expired, or it names a dead local PID."""
+    if not worker_name or not conn.exists(_beats_key(worker_name, namespace)):
+        return False  # not one of ours (a plain `rq worker`): RQ's own, slower expiry applies
+    raw = conn.get(_alive_key(worker_name, namespace))
+    if raw is None:
+        return True
+    host, _, pid = raw.decode().rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _pid_running(int(pid))
+
+
+def _started_registry(conn: Redis, queue_name: str) -> StartedJobRegistry:
+    # Only the main thread may use SIGALRM, which the default death penalty of failure callbacks needs.
+    penalty = None if threading.current_thread() is threading.main_thread() else TimerDeathPenalty
+    return StartedJobRegistry(queue_name, connection=conn, death_penalty_class=penalty)
+
+
+def recover_abandoned(conn: Redis, queue_name: str = QUEUE_NAME, namespace: str = "clipseg",
+                      only: str | None = None) -> list[str]:
+    """Fail (or schedule the retry of) started jobs whose worker is gone; returns their ids.
+
+    Expires their execution entries in the StartedJobRegistry, then lets RQ's clean-up do the rest (failure
+    callback → the project's lock is released, retry, FailedJobRegistry), exactly as for an expired entry.
+    `only`: look at this job id alone.
+    """
+    registry = _started_registry(conn, queue_name)
+    abandoned: dict[str, list[bytes]] = {}
+    workers: dict[str | None, bool] = {}
+    for member in conn.zrange(registry.key, 0, -1):
+        job_id = member.decode().rsplit(":", 1)[0]
+        if only is not None and job_id != only:
+            continue
+        try:
+            job = Job.fetch(job_id, connection=conn)
+        except NoSuchJobError:
+            continue
+        if job.get_status(refresh=False) != JobStatus.STARTED:
+            continue
+        if job.worker_name not in workers:
+            workers[job.worker_name] = worker_gone(conn, job.worker_name, namespace)
+        if workers[job.worker_name]:
+            abandoned.setdefault(job_id, []).append(member)
+    if abandoned:
+        conn.zadd(registry.key, {m: 1 for members in abandoned.values() for m in members}, xx=True)
+        for job_id in abandoned:
+            logger.warning("fine-tune job %s abandoned: its worker stopped sending heartbeats", job_id)
+    registry.cleanup()
+    return list(abandoned)
+
+
+class WorkerHeartbeat:
+    """A daemon thread that tells the others this worker lives, and sweeps the jobs of workers that do not."""
+
+    def __init__(self, conn: Redis, worker_name: str, *, queue_name: str = QUEUE_NAME, namespace: str = "clipseg",
+                 interval: float = HEARTBEAT_S, ttl: int = ALIVE_TTL, sweep: float = SWEEP_S) -> None:
+        self.conn, self.name, self.queue_name, self.namespace = conn, worker_name, queue_name, namespace
+        self.interval, self.ttl, self.sweep = interval, ttl, sweep
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        self.conn.set(_beats_key(self.name, self.namespace), 1, ex=30 * 24 * 3600)
+        self.conn.set(_alive_key(self.name, self.namespace), f"{socket.gethostname()}:{os.getpid()}", ex=self.ttl)
+
+    def start(self) -> "WorkerHeartbeat":
+        self.beat()
+        try:
+            recover_abandoned(self.conn, self.queue_name, self.namespace)  # jobs of a worker that died before us
+        except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+            logger.warning("abandoned-job sweep: %s", exc)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.conn.delete(_alive_key(self.name, self.namespace))
+        except RedisError:
+            pass
+
+    def _run(self) -> None:
+        last_sweep = 0.0
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+                if time.monotonic() - last_sweep >= self.sweep:
+                    last_sweep = time.monotonic()
+                    recover_abandoned(self.conn, self.queue_name, self.namespace)
+            except Exception as exc:  # noqa: BLE001 - Redis down for a while: keep beating when it is back
+                logger.warning("worker heartbeat: %s", exc)
+
+
 def _status(conn: Redis, job_id: str, queue_name: str) -> JobStatus | None:
     """The job's real status in RQ; None if the job is gone. Abandoned executions are failed or retried first."""
     try:
@@ -90,9 +215,7 @@ def _status(conn: Redis, job_id: str, queue_name: str) -> JobStatus | None:
         return None
     status = job.get_status(refresh=False)
     if status == JobStatus.STARTED:
-        # Only the main thread may use SIGALRM, which the default death penalty of failure callbacks needs.
-        penalty = None if threading.current_thread() is threading.main_thread() else TimerDeathPenalty
-        StartedJobRegistry(queue_name, connection=conn, death_penalty_class=penalty).cleanup()
+        recover_abandoned(conn, queue_name, only=job_id)
         try:
             status = job.get_status(refresh=True)
         except NoSuchJobError:

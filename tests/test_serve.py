@@ -109,3 +109,66 @@ def test_two_workers_share_jobs_and_never_run_one_twice(redis_url, redis_conn):
     assert runs == [1] * len(tags)
     ran_by = {redis_conn.get(f"ran-by:{t}").decode() for t in tags}
     assert len(ran_by) == 2, f"both workers should have taken jobs: {ran_by}"
+
+
+def _parts(data: Path) -> dict:
+    return json.loads((data / "run" / "parts.json").read_text())
+
+
+def _wait(predicate, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}; log:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_serve_supervises_its_parts_and_one_serve_per_data_dir(tiny_model_factory, tmp_path):
+    """Real `clipseg serve`: its redis-server and worker SIGKILLed → restarted with a log line, nothing lost; a
+    second serve on the same DATA_DIR refused with one line; serve SIGKILLed → no child survives it (parent-death
+    signal); the next serve takes the stale lock over and has every correction."""
+    data = tmp_path / "data"
+    env = _env(MODEL=str(tiny_model_factory("tiny-clipseg")), DATA_DIR=str(data), FINETUNE_EVERY="1000")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = _start_serve(port, env, log)
+    redis_env = {**env, "REDIS_URL": f"unix://{data.resolve() / 'redis' / 'redis.sock'}?db=0"}
+
+    def stored() -> int:
+        out = _cli("status", "--json", env=redis_env)
+        return json.loads(out.stdout)["projects"].get("9", {}).get("corrections", 0) if out.returncode == 0 else -1
+
+    try:
+        _webhook(port, 0)
+        _wait(lambda: stored() == 1, 30, "first correction stored", log)
+        pids = _parts(data)["pids"]
+        os.kill(pids["redis"], signal.SIGKILL)
+        _webhook(port, 1)  # accepted while Redis is down: spooled, replayed after the restart
+        _wait(lambda: _parts(data)["restarts"]["redis"] == 1 and _parts(data)["parts"]["redis"] == "up", 30,
+              "redis-server restarted", log)
+        _wait(lambda: stored() == 2, 60, "spooled correction stored after the Redis restart", log)
+        os.kill(_parts(data)["pids"]["worker"], signal.SIGKILL)
+        _wait(lambda: _parts(data)["restarts"]["worker"] == 1, 30, "worker restarted", log)
+        assert "worker exited" in log.read_text() and "redis exited" in log.read_text()
+        health = requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        assert health["parts"]["redis"] == "up" and health["parts"]["worker"] == "up", health
+
+        second = subprocess.run([sys.executable, "-m", "backend.cli", "serve", "--port", str(free_port())], env=env,
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines()[-1].startswith("clipseg serve: error: another `clipseg serve`")
+        assert f"(pid {proc.pid})" in second.stderr
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4  # redis-server, worker, scheduler, gunicorn worker
+        os.kill(proc.pid, signal.SIGKILL)  # serve alone, not its process group
+        proc.wait(10)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline()[:3] for p in alive]
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+    proc = _start_serve(port, env, log)  # the dead serve's lock is taken over
+    try:
+        assert stored() == 2
+    finally:
+        _stop(proc)
