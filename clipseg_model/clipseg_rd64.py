@@ -40,6 +40,10 @@ class ClipSegRd64Model(SegmentationModel):
     def text_modules(self):
         return [self.hf.clip.text_model, self.hf.clip.text_projection]
 
+    def vision_parts(self):
+        vision = self.hf.clip.vision_model
+        return vision.embeddings, vision.pre_layrnorm, vision.encoder.layers
+
     def unfreezable_layers(self) -> list[torch.nn.Module]:
         return list(self.hf.clip.vision_model.encoder.layers[: max(self.read_layers)])
 

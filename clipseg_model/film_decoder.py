@@ -227,6 +227,12 @@ class FilmDecoderModel(SegmentationModel):
     def text_modules(self):
         return [self.clip.text_model, self.clip.text_projection]
 
+    def vision_parts(self):
+        return self.vision.embeddings, self.vision.pre_layrnorm, self.vision.encoder.layers
+
+    def needs_pixels(self) -> bool:
+        return self.pixel_branch is not None
+
     def unfreezable_layers(self) -> list[nn.Module]:
         return list(self.vision.encoder.layers[: max(self.read_layers)])
 

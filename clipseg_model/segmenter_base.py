@@ -123,6 +123,14 @@ class SegmentationModel(nn.Module):
         """The vision patch + position embeddings and pre-layer-norm (trained only with `config.train_embeddings`)."""
         raise NotImplementedError
 
+    def vision_parts(self) -> tuple[nn.Module, nn.Module, Sequence[nn.Module]]:
+        """(embeddings, pre-layer-norm, encoder layers) of the vision tower."""
+        raise NotImplementedError
+
+    def needs_pixels(self) -> bool:
+        """Whether the decoder reads the input pixels too (the film-decoder's pixel branch)."""
+        return False
+
     def vision_grad(self) -> bool:
         """Whether the vision tower needs autograd now (some part of it trains and grad mode is on)."""
         return torch.is_grad_enabled() and (self.config.unfreeze_last > 0 or self.config.train_embeddings)
@@ -145,6 +153,60 @@ class SegmentationModel(nn.Module):
         """`forward` with masks (prompts already checked against images): (logits, alignment loss); only the
         film-decoder built with `text_alignment` has it."""
         raise ValueError(f"{type(self).__name__} has no text-token alignment head (text_alignment)")
+
+    # ---- the frozen boundary: what a fine-tune can compute once per image (clipseg_model.feature_cache) ----
+    def frozen_depth(self) -> int:
+        """Leading vision layers that never train: the boundary of what training must recompute.
+
+        -1 when the embeddings train (nothing of the vision tower is frozen: the pixels are the boundary)."""
+        if self.config.train_embeddings:
+            return -1
+        return max(0, max(self.read_layers) - self.config.unfreeze_last)
+
+    def _frozen_slots(self) -> list[int]:
+        """Layer numbers `encode_frozen` returns, in order: read layers at or below the boundary, and the boundary."""
+        depth, b = max(self.read_layers), self.frozen_depth()
+        if b < 0:
+            return []
+        return sorted({r for r in self.read_layers if r <= b} | ({b} if b < depth else set()))
+
+    def encode_frozen(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        """(B, 3, S, S) → the activations training never changes (no autograd): the read layers at or below
+        `frozen_depth`, then the boundary layer's output when layers above it train, then the pixels when the
+        decoder or the trained embeddings read them. `encode_from_frozen` finishes the pass."""
+        pixel_values = pixel_values.to(self.device)
+        slots = self._frozen_slots()
+        layers: list[torch.Tensor] = []
+        if slots:
+            embeddings, pre_norm, blocks = self.vision_parts()
+            with torch.no_grad():
+                layers = run_vision_layers(embeddings, pre_norm, blocks, pixel_values, slots)
+        if self.frozen_depth() < 0 or self.needs_pixels():
+            layers.append(pixel_values)
+        return ImageFeatures([h.detach() for h in layers])
+
+    def encode_from_frozen(self, frozen: ImageFeatures) -> ImageFeatures:
+        """`encode_frozen`'s output → what `encode_images` returns for the same pixels (the trained layers run
+        here, with autograd when they train)."""
+        b = self.frozen_depth()
+        if b < 0:
+            return self.encode_images(frozen.layers[-1])
+        slots = self._frozen_slots()
+        known = dict(zip(slots, frozen.layers))
+        depth = max(self.read_layers)
+        if b < depth:
+            embeddings, pre_norm, blocks = self.vision_parts()
+            hidden = known[b]
+            with torch.set_grad_enabled(self.vision_grad()):
+                for number in range(b + 1, depth + 1):
+                    hidden = blocks[number - 1](hidden, None)
+                    if isinstance(hidden, tuple):  # older transformers return (hidden,)
+                        hidden = hidden[0]
+                    known[number] = hidden
+        layers = [known[r] for r in self.read_layers]
+        if self.needs_pixels():
+            layers.append(frozen.layers[-1].to(layers[0].dtype))
+        return ImageFeatures(layers)
 
     def apply_freezing(self) -> None:
         """Freeze the backbone except its last `config.unfreeze_last` vision layers (and the text tower with

@@ -1,61 +1,112 @@
 """The fine-tune job (run by `clipseg worker`): corrections + replayed base data → candidate → gate → promote.
 
-    held-out corrections ──┐                       ┌─ candidate beats the active model on held-out corrections
-    train corrections ─────┼─> train candidate ──> │  and loses at most PROMOTE_EPSILON mIoU on base validation?
-    replayed base samples ─┘   (CLIP frozen)       └─ yes: save atomically, record, activate (servers hot-reload)
-                                                      no: record as rejected; the active model stays
+    held-out corrections ──┐                          ┌─ paired per-sample IoU difference vs the parent on the
+    train corrections ─────┼─> train candidate ─────> │  held-out corrections: enough of them (min_evidence), a
+    replayed base samples ─┘   on frozen features     │  lower confidence bound above 0, and the base score kept
+                               computed once          └─ yes: promote; no: reject; too few: "not enough evidence"
 
-The base data is RefCOCO when REFCOCO_DIR points at a local copy (refer layout), else the generated shapes
-benchmark. Progress (stage, step, loss, %) is written to the RQ job's meta as the job runs.
+Everything the job does comes from the `FinetuneSpec` its enqueuer put in the job (finetune.spec); the worker
+supplies only its Redis connection, DATA_DIR and DEVICE (`set_worker_context`). The frozen part of the model
+(`SegmentationModel.encode_frozen`) runs once per image and once per phrase, cached on disk under
+DATA_DIR/features for later fine-tunes (clipseg_model.feature_cache); training steps and every evaluation of the
+job run the trained part only. Replay sources: finetune.replay. Progress (stage, step, loss, %) goes to the RQ
+job's meta as the job runs.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
+import math
 import random
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from clipseg_model.atomic import remove_abandoned_temp_dirs
 from clipseg_model.checkpoint import save_checkpoint
+from clipseg_model.feature_cache import FeatureCache, FrozenInputs
 from clipseg_model.image_io import to_display_rgb
 from clipseg_model.loading import load_model, resolve_device
-from clipseg_model.losses import segmentation_loss
 from clipseg_model.segmenter_base import SegmentationModel
-from finetune.training import collate, evaluate
+from finetune import replay as replay_sources
 from finetune.samples import ReferringSample
+from finetune.spec import FinetuneSpec
+from finetune.training import (
+    EvalResult, TrainConfig, collate, evaluate, make_optimizer, make_scheduler, precision_policy, resize_mask,
+    training_step,
+)
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_FRACTION = 0.2
-BASE_VAL_SAMPLES = 48
+DEFAULT_THRESHOLD = 0.5
+# The fine-tune recipe: AdamW, cosine decay to 0, BCE + Dice, gradient clipping (lr, steps, batch from the spec).
+FINETUNE_RECIPE = TrainConfig(optimizer="adamw", lr=1e-4, weight_decay=1e-4, schedule="cosine", dice_weight=1.0,
+                              grad_clip=1.0, batch_size=4)
 
 
-@dataclass
-class FinetuneData:
-    train: list[ReferringSample]
-    held_out: list[ReferringSample]
-    replay: list[ReferringSample]
-    base_val: list[ReferringSample]
+# ---- the worker's own context ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerContext:
+    """What the worker, not the job, decides: where files go and which device trains."""
+
+    data_dir: str
+    device: str
+
+
+_worker: WorkerContext | None = None
+
+
+def set_worker_context(data_dir: str | Path, device: str) -> None:
+    """Called by `clipseg worker` with its DATA_DIR and DEVICE before it takes jobs."""
+    global _worker
+    _worker = WorkerContext(str(data_dir), device)
+
+
+def _context(spec: FinetuneSpec) -> WorkerContext:
+    # A spawned work horse does not inherit module state: it falls back to the enqueuer's values.
+    return _worker or WorkerContext(spec.data_dir, spec.device)
+
+
+# ---- corrections -------------------------------------------------------------------------------------------------
+def _bucket(annotation_id: int) -> int:
+    return int(hashlib.sha1(str(annotation_id).encode()).hexdigest(), 16) % 100
 
 
 def _held_out(annotation_id: int) -> bool:
     """Stable split by annotation: the same correction is always on the same side, across fine-tunes."""
-    return int(hashlib.sha1(str(annotation_id).encode()).hexdigest(), 16) % 100 < HELD_OUT_FRACTION * 100
+    return _bucket(annotation_id) < HELD_OUT_FRACTION * 100
 
 
-def corrections_as_samples(store, project: str) -> tuple[list[ReferringSample], list[ReferringSample], int]:
-    """(train, held_out, watermark): the project's corrections as ReferringSamples, images decoded once per hash."""
+def split_corrections(samples: Sequence[ReferringSample], min_held: int) -> tuple[list[ReferringSample], list[ReferringSample]]:
+    """(train, held_out) by annotation: a stable 20 %, topped up to `min_held` by the next annotations in hash
+    order (never more than half of the annotations), so that small projects still give the gate evidence."""
+    ids = sorted({s.meta["annotation"] for s in samples}, key=lambda a: (_bucket(a), a))
+    held_ids = {a for a in ids if _held_out(a)}
+    count = lambda: sum(1 for s in samples if s.meta["annotation"] in held_ids)  # noqa: E731
+    for a in ids:
+        if count() >= min_held or len(held_ids) >= len(ids) // 2:
+            break
+        held_ids.add(a)
+    if not held_ids and len(ids) >= 2:  # always keep something to judge on
+        held_ids.add(ids[0])
+    train = [s for s in samples if s.meta["annotation"] not in held_ids]
+    held = [s for s in samples if s.meta["annotation"] in held_ids]
+    return train, held
+
+
+def corrections_as_samples(store, project: str) -> tuple[list[ReferringSample], int]:
+    """(samples, watermark): the project's corrections as ReferringSamples, images decoded once per hash."""
     watermark = store.watermark(project)
     images: dict[str, Image.Image] = {}
-    train, held = [], []
+    out = []
     for s in store.samples(project):
         if s.image_sha256 not in images:
             images[s.image_sha256] = to_display_rgb(Image.open(io.BytesIO(s.load_image())))
@@ -63,35 +114,11 @@ def corrections_as_samples(store, project: str) -> tuple[list[ReferringSample], 
         if image.size != (s.mask.shape[1], s.mask.shape[0]):
             log.warning("correction %s: mask %s does not fit image %s; skipped", s.annotation_id, s.mask.shape, image.size)
             continue
-        sample = ReferringSample(image, s.prompt, s.mask, "correction", {"annotation": s.annotation_id, "task": s.task_id})
-        (held if _held_out(s.annotation_id) else train).append(sample)
-    if not held and len(train) >= 2:  # always keep something to judge on
-        held.append(train.pop())
-    return train, held, watermark
+        out.append(ReferringSample(image, s.prompt, s.mask, "correction", {"annotation": s.annotation_id, "task": s.task_id}))
+    return out, watermark
 
 
-def base_data(settings, n_replay: int, seed: int) -> tuple[list[ReferringSample], list[ReferringSample]]:
-    """(replay, validation) samples of the base data: local RefCOCO when configured, else generated shapes."""
-    if settings.refcoco_dir:
-        from finetune.refcoco import ReferRefCOCO
-
-        train = ReferRefCOCO(settings.refcoco_dir, split="train")
-        val = ReferRefCOCO(settings.refcoco_dir, split="val")
-        rng = random.Random(seed)
-        replay = [train[i] for i in rng.sample(range(len(train)), min(n_replay, len(train)))]
-        return replay, [val[i] for i in range(min(BASE_VAL_SAMPLES, len(val)))]
-    from finetune.shapes import ShapesDataset
-
-    # The generated data should look like what the model was trained on (REPLAY_SHAPES: the generator's options).
-    try:
-        options = json.loads(settings.replay_shapes) if settings.replay_shapes else {}
-    except ValueError as exc:
-        raise ValueError(f"REPLAY_SHAPES is not JSON: {exc}") from None
-    replay = ShapesDataset(n_replay, seed=seed, **options)
-    val = ShapesDataset(BASE_VAL_SAMPLES, seed=10_000, **options)  # fixed: scores comparable across versions
-    return [replay[i] for i in range(len(replay))], [val[i] for i in range(len(val))]
-
-
+# ---- evaluation and training on frozen features ----------------------------------------------------------------
 def miou(model: SegmentationModel, samples: Sequence[ReferringSample], threshold: float = 0.5, batch: int = 8) -> float:
     """Mean IoU of `model` on `samples`, predictions at each sample's own resolution (NaN for no samples)."""
     if not samples:
@@ -99,28 +126,44 @@ def miou(model: SegmentationModel, samples: Sequence[ReferringSample], threshold
     return float(evaluate(model, samples, batch_size=batch, threshold=threshold).metrics["miou"])
 
 
+def evaluate_on(model: SegmentationModel, samples: Sequence[ReferringSample], frozen: FrozenInputs | None,
+                threshold: float, sweep: bool = False) -> EvalResult:
+    """`finetune.training.evaluate` on the frozen features when given (the trained part runs only)."""
+    forward = None
+    if frozen is not None:
+        forward = lambda batch: frozen.logits([s.image for s in batch], [s.phrase for s in batch], model)  # noqa: E731
+    return evaluate(model, samples, batch_size=8, threshold=threshold, sweep=sweep, forward=forward)
+
+
 def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample], steps: int, batch_size: int = 4,
-                    lr: float = 1e-4, seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Fine-tune the trainable part of `model` in place (AdamW, BCE + Dice); returns the loss per step."""
+                    lr: float = 1e-4, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
+                    frozen: FrozenInputs | None = None, recipe: TrainConfig = FINETUNE_RECIPE) -> list[float]:
+    """Fine-tune the trainable part of `model` in place with `finetune.training.training_step`; returns the loss
+    per step. With `frozen`, steps run on the cached frozen features (same losses as the full forward pass)."""
+    cfg = recipe.replace(lr=lr, batch_size=batch_size, steps=steps)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     device = model.device
     model.train()
     params = list(model.trainable_parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    optimizer = make_optimizer(params, cfg)
+    scheduler = make_scheduler(optimizer, steps, cfg)
+    precision = precision_policy(device, cfg.amp)
+    scaler = precision.scaler()
+    if frozen is not None:
+        frozen.prepare([s.image for s in samples], [s.phrase for s in samples])
+    size = model.config.output_size
     losses = []
     for step in range(1, steps + 1):
-        batch = collate([samples[rng.randrange(len(samples))] for _ in range(batch_size)], model)
-        with autocast:
-            logits = model(batch.pixel_values.to(device), batch.phrases)
-        loss = segmentation_loss(logits.float(), batch.masks.to(device), dice_weight=1.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
+        picked = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
+        if frozen is not None:
+            masks = torch.stack([resize_mask(s.mask, size) for s in picked]).to(device)
+            forward = lambda: frozen.logits([s.image for s in picked], [s.phrase for s in picked], model)  # noqa: E731
+        else:
+            batch = collate(picked, model)
+            masks = batch.masks.to(device)
+            forward = lambda: model(batch.pixel_values.to(device), batch.phrases)  # noqa: E731
+        loss, _ = training_step(forward, masks, optimizer, scheduler, scaler, params, precision, cfg)
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
@@ -128,6 +171,75 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
     return losses
 
 
+# ---- the gate ----------------------------------------------------------------------------------------------------
+def _t_quantile(p: float, df: int) -> float:
+    """Student-t quantile (Cornish-Fisher expansion of the normal one; within 1 % for df >= 3)."""
+    z = statistics.NormalDist().inv_cdf(p)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+
+
+@dataclass
+class Evidence:
+    """The gate's paired comparison on held-out corrections: candidate IoU minus parent IoU per sample."""
+
+    n: int
+    difference: float  # mean of the per-sample differences
+    bound: float  # one-sided lower confidence bound of that mean (NaN below 2 samples)
+    confidence: float
+    min_n: int
+
+    @property
+    def enough(self) -> bool:
+        return self.n >= self.min_n
+
+    @property
+    def better(self) -> bool:
+        return self.enough and self.bound > 0
+
+
+def paired_evidence(parent_iou: Sequence[float], candidate_iou: Sequence[float], min_n: int,
+                    confidence: float = 0.9) -> Evidence:
+    """Mean paired difference and its lower confidence bound (t interval) over samples both were scored on."""
+    diffs = np.asarray(candidate_iou, dtype=np.float64) - np.asarray(parent_iou, dtype=np.float64)
+    n = int(diffs.size)
+    if n == 0:
+        return Evidence(0, math.nan, math.nan, confidence, min_n)
+    mean = float(diffs.mean())
+    if n < 2:
+        return Evidence(n, mean, math.nan, confidence, min_n)
+    se = float(diffs.std(ddof=1)) / math.sqrt(n)
+    return Evidence(n, mean, mean - _t_quantile(confidence, n - 1) * se, confidence, min_n)
+
+
+def decide(evidence: Evidence, parent_base: float, candidate_base: float, epsilon: float) -> tuple[str, str]:
+    """(status, reason): "promoted", "rejected" or "inconclusive" (not enough evidence either way)."""
+    drop = parent_base - candidate_base if not (math.isnan(parent_base) or math.isnan(candidate_base)) else 0.0
+    shown = (f"held-out mIoU {evidence.difference:+.3f} (n={evidence.n}, {evidence.confidence:.0%} lower bound "
+             f"{evidence.bound:+.3f})")
+    if not evidence.enough:
+        return "inconclusive", f"not enough evidence: {evidence.n} held-out corrections < {evidence.min_n}"
+    if not evidence.better:
+        return "rejected", f"not shown better: {shown}"
+    if drop > epsilon:
+        return "rejected", f"base mIoU dropped by {drop:.3f} > {epsilon}"
+    return "promoted", f"better: {shown}; base score kept (drop {drop:+.3f} <= {epsilon})"
+
+
+def calibrate_threshold(result: EvalResult, min_samples: int) -> tuple[float, dict[str, float]]:
+    """(threshold, info): the sweep's best held-out mIoU, or 0.5 below `min_samples` (too few to choose on)."""
+    n = int(result.metrics.get("n", 0))
+    at_default = float(result.sweep[DEFAULT_THRESHOLD]["miou"]) if result.sweep else math.nan
+    if result.sweep is None or n < min_samples:
+        return DEFAULT_THRESHOLD, {"n": n, "miou": at_default, "miou_at_0.5": at_default, "calibrated": False}
+    threshold, metrics = max(result.sweep.items(), key=lambda kv: (kv[1]["miou"], -abs(kv[0] - 0.5)))
+    return float(threshold), {"n": n, "miou": float(metrics["miou"]), "miou_at_0.5": at_default, "calibrated": True}
+
+
+# ---- progress ----------------------------------------------------------------------------------------------------
 class _Progress:
     """Writes stage/step/loss/% into the RQ job's meta (throttled) and the log."""
 
@@ -153,80 +265,124 @@ class _Progress:
             log.info("fine-tune step %d/%d loss %.4f", step, self.total, loss)
 
 
-def finetune_project(project: str, redis_url: str | None = None, steps: int | None = None, seed: int = 0,
-                     lr: float | None = None, **setting_overrides: Any) -> dict[str, Any]:
-    """Fine-tune the active model on `project`'s corrections; promote the candidate only if it is better.
+# ---- the job -----------------------------------------------------------------------------------------------------
+def _replay(spec: FinetuneSpec, source: replay_sources.ReplaySource, n_replay: int, seed: int, data_dir: Path,
+            parent: SegmentationModel, frozen: FrozenInputs, corrections: Sequence[ReferringSample],
+            ) -> tuple[list[ReferringSample], list[ReferringSample]]:
+    if source.kind == "shapes":
+        return replay_sources.shapes_replay(spec.replay_shapes, n_replay, seed)
+    if source.kind == "distill":
+        images = list({frozen.digest(s.image): s.image for s in corrections}.values())
 
-    `steps` and `lr` default to FINETUNE_STEPS and FINETUNE_LR; other keywords override settings.
+        @torch.no_grad()
+        def soft_targets(ims: list, phrases: list[str]) -> torch.Tensor:
+            return torch.sigmoid(frozen.logits(ims, phrases, parent).float())
 
-    Returns a summary: version, promoted (bool), reason, metrics, sample counts.
+        return replay_sources.distillation_replay(
+            images, [s.phrase for s in corrections], spec.distill_phrases or replay_sources.DEFAULT_DISTILL_PHRASES,
+            soft_targets, n_replay, seed, frozen.digest)
+    return replay_sources.dataset_replay(source, n_replay, seed, cache_dir=str(data_dir / "replay" / "hf-cache"))
+
+
+def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None = None,
+                     redis_url: str | None = None) -> dict[str, Any]:
+    """Fine-tune the active model on `project`'s corrections as `spec` says; promote the candidate only on evidence.
+
+    Returns a summary: version, status (promoted / rejected / inconclusive), promoted (bool), reason, metrics,
+    evidence, threshold, sample counts, replay source.
     """
     import redis
     from rq import get_current_job
 
-    from backend.settings import Settings
     from finetune.corrections import CorrectionStore
     from finetune.versions import VersionRecord, VersionRegistry
 
-    project = str(project)
+    spec = spec if isinstance(spec, FinetuneSpec) else FinetuneSpec.from_dict({**(spec or {}), "project": str(project)})
+    project = spec.project
     job = get_current_job()
-    settings = Settings.from_env(**({"redis_url": redis_url} if redis_url else {}), **setting_overrides)
-    conn = job.connection if job is not None else redis.Redis.from_url(settings.redis_url)
+    if job is None and not redis_url:
+        raise ValueError("finetune_project needs redis_url outside an RQ job")
+    conn = job.connection if job is not None else redis.Redis.from_url(redis_url)
+    ctx = _context(spec)
     store, registry = CorrectionStore(conn), VersionRegistry(conn)
-    steps = steps or settings.finetune_steps
-    lr = lr or settings.finetune_lr
-    progress = _Progress(job, steps)
-    models_dir = Path(settings.data_dir) / "models"
+    progress = _Progress(job, spec.steps)
+    data_dir = Path(ctx.data_dir)
+    models_dir = data_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temp_dirs(models_dir)
+    started = time.perf_counter()
 
     progress.stage("loading", 0.02, "reading corrections")
-    train, held, watermark = corrections_as_samples(store, project)
+    samples, watermark = corrections_as_samples(store, project)
+    train, held = split_corrections(samples, spec.min_evidence)
     if not train or not held:
-        raise ValueError(f"project {project}: {len(train) + len(held)} usable corrections; need at least 2")
-    replay, base_val = base_data(settings, int(round(len(train) * settings.replay_ratio)), seed=seed + watermark)
+        raise ValueError(f"project {project}: {len(samples)} usable corrections; need at least 2")
     active = registry.active(project)  # the project's own lineage (else the default): never another project's
-    parent_version, parent_path = active if active else (None, settings.model)
-    device = resolve_device(settings.device)
+    parent_version, parent_path = active if active else (None, spec.base_model)
+    device = resolve_device(ctx.device)
     parent = load_model(parent_path, device)
     if active is None:  # the first fine-tune: record the base model so that `clipseg rollback` can return to it
         registry.record_base(parent.version, str(parent_path))
     parent_version = parent_version or parent.version
+    gate_threshold = spec.threshold if spec.threshold is not None else DEFAULT_THRESHOLD
+
+    precision = precision_policy(device)
+    cache = FeatureCache(data_dir / "features", spec.feature_cache_bytes)
+    frozen = FrozenInputs(parent, cache, autocast=precision.autocast)
+    source = replay_sources.choose_source(spec, data_dir)
+    n_replay = int(round(len(train) * spec.replay_ratio)) if source.kind != "none" else 0
+    progress.stage("loading", 0.05, f"replay: {source.describe()}", replay_source=source.kind)
+    frozen.prepare([s.image for s in samples], [s.phrase for s in samples])
+    replay, base_val = _replay(spec, source, n_replay, spec.seed + watermark, data_dir, parent, frozen, train)
 
     progress.stage("evaluating", 0.1, "scoring the active model")
-    parent_corr, parent_base = miou(parent, held, settings.threshold), miou(parent, base_val, settings.threshold)
+    parent_held = evaluate_on(parent, held, frozen, gate_threshold)
+    parent_base = evaluate_on(parent, base_val, frozen, gate_threshold).metrics["miou"] if base_val else math.nan
     del parent
     candidate = load_model(parent_path, device)
-    progress.stage("training", 0.2, f"{len(train)} corrections + {len(replay)} replayed samples")
-    losses = train_candidate(candidate, train + replay, steps, lr=lr, seed=seed, on_step=progress.step)
+    progress.stage("training", 0.2, f"{len(train)} corrections + {len(replay)} replayed samples ({source.kind})")
+    train_started = time.perf_counter()
+    losses = train_candidate(candidate, train + replay, spec.steps, spec.batch_size, spec.lr, seed=spec.seed,
+                             on_step=progress.step, frozen=frozen)
+    train_s = time.perf_counter() - train_started
 
     progress.stage("evaluating", 0.85, "scoring the candidate")
-    cand_corr, cand_base = miou(candidate, held, settings.threshold), miou(candidate, base_val, settings.threshold)
-    improved = cand_corr > parent_corr
-    kept_base = cand_base >= parent_base - settings.promote_epsilon
-    promote = improved and kept_base
-    reason = ("better on held-out corrections and base score kept" if promote else
-              "not better on held-out corrections" if not improved else
-              f"base mIoU dropped by {parent_base - cand_base:.3f} > {settings.promote_epsilon}")
+    cand_held = evaluate_on(candidate, held, frozen, gate_threshold, sweep=spec.threshold is None)
+    cand_base = evaluate_on(candidate, base_val, frozen, gate_threshold).metrics["miou"] if base_val else math.nan
+    evidence = paired_evidence([r["iou"] for r in parent_held.per_sample], [r["iou"] for r in cand_held.per_sample],
+                               spec.min_evidence, spec.confidence)
+    status, reason = decide(evidence, parent_base, cand_base, spec.promote_epsilon)
+    if spec.threshold is None:
+        threshold, threshold_info = calibrate_threshold(cand_held, spec.threshold_min_samples)
+    else:
+        threshold, threshold_info = spec.threshold, {"calibrated": False, "explicit": True}
+
     version = f"p{project}-{time.strftime('%Y%m%d-%H%M%S')}-{watermark}"
-    metrics = {"corrections_miou": cand_corr, "base_miou": cand_base, "parent_corrections_miou": parent_corr,
-               "parent_base_miou": parent_base, "final_loss": losses[-1] if losses else None, "steps": steps, "lr": lr}
-    samples = {"corrections": len(train), "held_out": len(held), "replay": len(replay), "base_val": len(base_val)}
+    metrics = {"corrections_miou": cand_held.metrics["miou"], "base_miou": cand_base,
+               "parent_corrections_miou": parent_held.metrics["miou"], "parent_base_miou": parent_base,
+               "final_loss": losses[-1] if losses else None, "steps": spec.steps, "lr": spec.lr,
+               "threshold": threshold, "threshold_sweep": threshold_info, "evidence": asdict(evidence),
+               "replay_source": source.kind, "train_seconds": round(train_s, 2),
+               "job_seconds": round(time.perf_counter() - started, 2), "features_computed": frozen.computed_images}
+    counts = {"corrections": len(train), "held_out": len(held), "replay": len(replay), "base_val": len(base_val)}
 
     progress.stage("saving", 0.95, reason)
     path = models_dir / version
     save_checkpoint(candidate, path, {"version": version, "parent": parent_version, "project": project,
-                                      "metrics": metrics, "samples": samples, "promoted": promote})
+                                      "metrics": metrics, "samples": counts, "status": status,
+                                      "promoted": status == "promoted", "threshold": threshold,
+                                      "spec": spec.to_dict()})
     registry.record(VersionRecord(version, str(path.resolve()), parent_version, status="candidate", reason=reason,
-                                  metrics=metrics, samples=samples, project=project))
+                                  metrics=metrics, samples=counts, project=project))
     registry.store_artifact(version, path)
-    if promote:
+    if status == "promoted":
         registry.activate(version, "promoted", reason, project=project)
     else:
-        registry.set_status(version, "rejected")
+        registry.set_status(version, status)
     store.mark_trained(project, watermark)
-    summary = {"version": version, "promoted": promote, "reason": reason, "metrics": metrics, "samples": samples,
-               "parent": parent_version}
-    progress.stage("done", 1.0, ("promoted " if promote else "rejected ") + version)
+    summary = {"version": version, "status": status, "promoted": status == "promoted", "reason": reason,
+               "metrics": metrics, "samples": counts, "parent": parent_version, "replay_source": source.kind,
+               "threshold": threshold}
+    progress.stage("done", 1.0, f"{status} {version}")
     log.info("fine-tune of project %s: %s", project, summary)
     return summary

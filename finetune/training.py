@@ -275,16 +275,73 @@ def spread_indices(total: int, n: int) -> list[int]:
     return [(i * total) // n for i in range(n)]
 
 
-def _eval_collate(samples: Sequence[ReferringSample], model: SegmentationModel) -> tuple[torch.Tensor, list[ReferringSample]]:
-    return model.preprocess([s.image for s in samples]), list(samples)
+def _eval_collate(samples: Sequence[ReferringSample], model: SegmentationModel | None) -> tuple[torch.Tensor | None, list[ReferringSample]]:
+    return (model.preprocess([s.image for s in samples]) if model is not None else None), list(samples)
 
 
-def _autocast(device: torch.device, enabled: bool = True) -> tuple[contextlib.AbstractContextManager, torch.dtype | None]:
-    """(autocast context, dtype) for CUDA mixed precision; a null context on CPU (fp32 is faster to train there)."""
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype), dtype
-    return contextlib.nullcontext(), None
+@dataclass(frozen=True)
+class Precision:
+    """The one mixed-precision policy of `clipseg train` and the fine-tune job: on CUDA bf16 autocast where the GPU
+    has it, else fp16 autocast with a GradScaler; on the CPU fp32 (faster to train there than bf16 autocast)."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # None: no autocast
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+
+
+def precision_policy(device: str | torch.device, amp: bool = True) -> Precision:
+    """The training precision for `device` (`amp=False`: fp32 everywhere)."""
+    device = torch.device(device)
+    if device.type == "cuda" and amp:
+        return Precision(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return Precision(device, None)
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW over `params` as `cfg` says."""
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor` (warm-up, then constant or cosine) over `total` optimizer steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+
+
+def training_step(forward: Callable[[], torch.Tensor | tuple[torch.Tensor, torch.Tensor]], masks: torch.Tensor,
+                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                  scaler: torch.amp.GradScaler, params: Sequence[torch.nn.Parameter], precision: Precision,
+                  cfg: TrainConfig) -> tuple[torch.Tensor, float]:
+    """One optimizer step, the same for `train` and the fine-tune job.
+
+    Args:
+        forward: runs the model: logits (B, S_out, S_out), or (logits, alignment loss) with `cfg.align_weight`.
+            It runs under the precision policy's autocast; the loss is computed in fp32 outside it.
+        masks: (B, S_out, S_out) targets in [0, 1] on the model's device.
+    Returns:
+        (the step's loss, detached scalar tensor; the learning rate the step used).
+    """
+    with precision.autocast():
+        out = forward()
+    logits, align = out if isinstance(out, tuple) else (out, None)
+    loss = segmentation_loss(logits, masks, cfg.dice_weight)
+    if align is not None:
+        loss = loss + cfg.align_weight * align.float()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return loss.detach(), lr
 
 
 # Sample metadata copied into every per-sample row (RefCOCO loaders and the shapes generator set them).
@@ -294,12 +351,14 @@ PER_SAMPLE_META = ("ref_id", "sent_id", "ann_id", "image_id", "file_name", "data
 @torch.no_grad()
 def evaluate(model: SegmentationModel, dataset: ReferringDataset, batch_size: int = 16,
              device: str | torch.device | None = None, threshold: float = 0.5, sweep: bool = False,
-             max_rows: int = 0, num_workers: int = 0, max_samples: int = 0) -> EvalResult:
+             max_rows: int = 0, num_workers: int = 0, max_samples: int = 0,
+             forward: Callable[[list[ReferringSample]], torch.Tensor] | None = None) -> EvalResult:
     """Metrics of `model` on `dataset` at each sample's ground-truth resolution.
 
     Logits (P, S_out, S_out) become probabilities that are bilinearly resized to the sample's (H, W), as the
     predictor does, then binarised at `threshold`. The model is left in the mode it was in. `max_samples` > 0
-    evaluates that many samples spread evenly over the dataset (`spread_indices`).
+    evaluates that many samples spread evenly over the dataset (`spread_indices`). `forward` replaces the model
+    call (samples → logits (B, S_out, S_out)), e.g. on cached frozen features; images are then not preprocessed.
     """
     device = torch.device(device) if device is not None else model.device
     indices = spread_indices(len(dataset), max_samples)
@@ -309,14 +368,17 @@ def evaluate(model: SegmentationModel, dataset: ReferringDataset, batch_size: in
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers,
-                        collate_fn=functools.partial(_eval_collate, model=model))
-    autocast, _ = _autocast(device)
+                        collate_fn=functools.partial(_eval_collate, model=None if forward else model))
+    precision = precision_policy(device)
     index = 0
     per_sample: list[dict[str, Any]] = []
     try:
         for pixel_values, samples in loader:
-            with autocast:
-                logits = model(pixel_values.to(device), [s.phrase for s in samples])  # (B, S_out, S_out)
+            with precision.autocast():
+                if forward is not None:
+                    logits = forward(samples)
+                else:
+                    logits = model(pixel_values.to(device), [s.phrase for s in samples])  # (B, S_out, S_out)
             probs = torch.sigmoid(logits.float()).unsqueeze(1).cpu()  # (B, 1, S_out, S_out)
             for prob, sample in zip(probs, samples):
                 h, w = sample.mask.shape
@@ -570,8 +632,7 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
     params = list(model.trainable_parameters())
     if not params:
         raise ClipsegError("the model has no trainable parameters")
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg)
 
     world = dist_info.world
     sampler = DistributedSampler(train_data, num_replicas=world, rank=dist_info.rank, shuffle=True, seed=cfg.seed)
@@ -580,9 +641,9 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
         raise ClipsegError("the training set is empty")
     steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
     total = cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
-    autocast, amp_dtype = _autocast(device, cfg.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scheduler = make_scheduler(optimizer, total, cfg)
+    precision = precision_policy(device, cfg.amp)
+    scaler = precision.scaler()
 
     step, best_miou, best_step = 0, -math.inf, -1
     if not resume:
@@ -650,23 +711,12 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
             loader = make_loader(data, model, cfg.batch_size, indices, cfg.num_workers, seed=cfg.seed + epoch)
             for batch in loader:
                 masks = batch.masks.to(device)
-                with autocast:
-                    if cfg.align_weight:
-                        logits, align = ddp_model(batch.pixel_values.to(device, non_blocking=True), batch.phrases, masks)
-                    else:
-                        logits = ddp_model(batch.pixel_values.to(device, non_blocking=True), batch.phrases)
-                loss = segmentation_loss(logits, masks, cfg.dice_weight)
+                pixels = batch.pixel_values.to(device, non_blocking=True)
                 if cfg.align_weight:
-                    loss = loss + cfg.align_weight * align.float()
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
+                    forward = functools.partial(ddp_model, pixels, batch.phrases, masks)
+                else:
+                    forward = functools.partial(ddp_model, pixels, batch.phrases)
+                loss, lr = training_step(forward, masks, optimizer, scheduler, scaler, params, precision, cfg)
                 step += 1
                 value = float(loss.detach())
                 if not math.isfinite(value):
