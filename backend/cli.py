@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("backend.spool_command", "Redis, queue, workers, versions and the webhook spool at a glance"),
     "spool": ("backend.spool_command", "webhook events set aside (rejected, quarantined); --replay-rejected"),
     "corrections": ("backend.corrections_command", "list a project's stored corrections and their phrases; --reprompt"),
+    "data": ("finetune.commands", "replay data for fine-tunes: `clipseg data fetch-replay`"),
     "train": ("finetune.train_command", "train a model (RefCOCO or generated data)"),
     "eval": ("finetune.eval_command", "evaluate a model: Dice, mIoU, oIoU, Prec@X, HTML report"),
     "bench": ("backend.bench_command", "inference benchmark against HF CLIPSeg (random full-size weights)"),

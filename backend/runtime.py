@@ -68,7 +68,8 @@ class BackendRuntime:
         from finetune.triggers import maybe_enqueue_finetune
 
         s = self.settings
-        return maybe_enqueue_finetune(self.redis, project, reason, every_n=s.finetune_every, job_timeout=s.job_timeout)
+        return maybe_enqueue_finetune(self.redis, project, reason, every_n=s.finetune_every, job_timeout=s.job_timeout,
+                                      spec=s.finetune_spec(project).to_dict())
 
     def _corrections_arrived(self, project: str) -> None:
         result = self.trigger(project, "correction")

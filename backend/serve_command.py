@@ -246,6 +246,7 @@ def run(args: argparse.Namespace, settings) -> int:
     from backend.health import PARTS_FILE
 
     embedded = not settings.redis_url
+    _log_replay_source(settings)
     with_worker = embedded if args.worker is None else args.worker
     with_scheduler = embedded if args.scheduler is None else args.scheduler
     data_dir = Path(settings.data_dir).resolve()
@@ -274,6 +275,18 @@ def run(args: argparse.Namespace, settings) -> int:
         supervisor.start()
         _run_gunicorn(args, settings)
     return 0
+
+
+def _log_replay_source(settings) -> None:
+    """Say once, at start, what a fine-tune will replay (and how to get RefCOCO when it is not that)."""
+    from finetune.replay import GET_REFCOCO, choose_source
+
+    try:
+        source = choose_source(settings.finetune_spec(), settings.data_dir)
+    except ValueError as exc:
+        log.warning("fine-tune replay is misconfigured: %s", exc)
+        return
+    log.info("fine-tunes will replay %s%s", source.describe(), "" if source.kind in ("refcoco", "fetched") else f"; {GET_REFCOCO}")
 
 
 def _run_gunicorn(args: argparse.Namespace, settings) -> None:

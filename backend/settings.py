@@ -38,7 +38,7 @@ class Settings:
     model: str = field(default=DEFAULT_MODEL, metadata={"env": "MODEL", "help": "hub id or local directory of the model"})
     device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto, cpu, cuda or cuda:N"})
     bf16: bool = field(default=False, metadata={"env": "BF16", "help": "bf16 autocast on CPU (CUDA always uses fp16 autocast)"})
-    threshold: float = field(default=0.5, metadata={"env": "THRESHOLD", "help": "probability above which a pixel is in the mask"})
+    threshold: float | None = field(default=None, metadata={"env": "THRESHOLD", "help": "probability above which a pixel is in the mask; unset: the served version's calibrated threshold, else 0.5"})
     data_dir: Path = field(default=Path("data"), metadata={"env": "DATA_DIR", "help": "checkpoints, embedded Redis, spool"})
     redis_url: str = field(default="", metadata={"env": "REDIS_URL", "help": "empty: `clipseg serve` starts an embedded Redis"})
     label_studio_url: str = field(default="", metadata={"env": "LABEL_STUDIO_URL", "help": "base URL for image downloads; /setup's hostname when empty"})
@@ -59,7 +59,10 @@ class Settings:
     finetune_lr: float = field(default=1e-4, metadata={"env": "FINETUNE_LR", "help": "AdamW learning rate of a fine-tune"})
     replay_ratio: float = field(default=1.0, metadata={"env": "REPLAY_RATIO", "help": "base samples per correction in a fine-tune"})
     promote_epsilon: float = field(default=0.01, metadata={"env": "PROMOTE_EPSILON", "help": "allowed drop of the base score"})
-    refcoco_dir: str = field(default="", metadata={"env": "REFCOCO_DIR", "help": "local RefCOCO for replay (else generated data)"})
+    refcoco_dir: str = field(default="", metadata={"env": "REFCOCO_DIR", "help": "local RefCOCO for replay, any of the three formats (docs/loop.md)"})
+    replay: str = field(default="auto", metadata={"env": "REPLAY", "help": "replay source: auto (RefCOCO, fetched subset, REPLAY_SHAPES, else self-distillation), refcoco, fetched, shapes, distill, none"})
+    distill_phrases: tuple[str, ...] = field(default=(), metadata={"env": "DISTILL_PHRASES", "help": "comma-separated phrases self-distillation asks the parent about (empty: common COCO objects)"})
+    min_evidence: int = field(default=6, metadata={"env": "MIN_EVIDENCE", "help": "fewest held-out corrections a fine-tune is judged on (else: not enough evidence)"})
     replay_shapes: str = field(default="", metadata={"env": "REPLAY_SHAPES", "help": "generated replay data's options as JSON, e.g. {\"exclude_words\": [\"green\"], \"image_size\": 96}"})
     predict_budget: float = field(default=80.0, metadata={"env": "PREDICT_BUDGET", "help": "seconds a /predict may take (Label Studio waits 100 s); bigger requests become a background pre-label run"})
     prelabel_chunk: int = field(default=100, metadata={"env": "PRELABEL_CHUNK", "help": "tasks per pre-label chunk (the unit workers share and retry)"})
@@ -80,8 +83,10 @@ class Settings:
                 continue
             raw = env[name]
             kind = dict if callable(f.default_factory) else type(f.default)
-            if f.name == "allowed_hosts":
+            if f.name in ("allowed_hosts", "distill_phrases"):
                 values[f.name] = _list(raw)
+            elif f.name == "threshold":
+                values[f.name] = float(raw) if raw.strip() else None
             elif kind is dict:
                 values[f.name] = _mapping(raw)
             elif kind is bool:
@@ -96,6 +101,24 @@ class Settings:
                 values[f.name] = raw
         values.update(overrides)
         return cls(**values)
+
+
+    @property
+    def mask_threshold(self) -> float:
+        """THRESHOLD, or 0.5 where no calibrated threshold applies (commands run on one model)."""
+        return 0.5 if self.threshold is None else self.threshold
+
+    def finetune_spec(self, project: str = ""):
+        """The `finetune.spec.FinetuneSpec` this process's settings describe (the job gets it, not the worker's env)."""
+        from finetune.spec import FinetuneSpec
+
+        return FinetuneSpec(
+            project=str(project), base_model=self.model, steps=self.finetune_steps, lr=self.finetune_lr,
+            replay=self.replay, replay_ratio=self.replay_ratio, refcoco_dir=self.refcoco_dir,
+            replay_shapes=self.replay_shapes, distill_phrases=self.distill_phrases,
+            promote_epsilon=self.promote_epsilon, min_evidence=self.min_evidence, threshold=self.threshold,
+            data_dir=str(self.data_dir), device=self.device,
+        )
 
 
 def settings_table() -> list[tuple[str, str, str]]:

@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     parser.add_argument("phrases", nargs="+", help="one or more referring phrases")
     parser.add_argument("--model", default=settings.model, help=f"directory or hub id (default: MODEL or {settings.model})")
     parser.add_argument("--out", type=Path, default=Path("predictions"))
-    parser.add_argument("--threshold", type=float, default=settings.threshold)
+    parser.add_argument("--threshold", type=float, default=settings.mask_threshold)
     parser.add_argument("--device", default=settings.device)
     parser.add_argument("--bf16", action="store_true", default=settings.bf16)
 

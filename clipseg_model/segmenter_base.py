@@ -93,6 +93,7 @@ class SegmentationModel(nn.Module):
 
     config: ModelConfig
     version: str = "untrained"
+    calibrated_threshold: float | None = None  # the mask threshold chosen for this version, if any
 
     # ---- hooks -------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:

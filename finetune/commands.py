@@ -49,7 +49,11 @@ def run_worker(args: argparse.Namespace, settings) -> int:
 
     from finetune.triggers import PRELABEL_QUEUE, QUEUE_NAME, WorkerHeartbeat
 
+    from finetune.jobs import set_worker_context
+
     conn = _redis(settings)
+    # What a job does comes with the job (its spec); where it writes and which device trains is this worker's.
+    set_worker_context(settings.data_dir, settings.device)
     cls = SimpleWorker if args.worker_class == "simple" else SpawnWorker
     name = args.name or f"clipseg-{socket.gethostname()}-{os.getpid()}"
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else [QUEUE_NAME, PRELABEL_QUEUE]
@@ -81,7 +85,8 @@ def configure_scheduler(parser: argparse.ArgumentParser, settings) -> None:
 def run_scheduler(args: argparse.Namespace, settings) -> int:
     from finetune.triggers import schedule_periodic_check
 
-    scheduler = schedule_periodic_check(_redis(settings), args.interval, job_timeout=settings.job_timeout)
+    scheduler = schedule_periodic_check(_redis(settings), args.interval, job_timeout=settings.job_timeout,
+                                        spec=settings.finetune_spec().to_dict())
     print(f"scheduler: checking for new corrections every {args.interval} s", file=sys.stderr)
     scheduler.start()
     return 0
@@ -97,15 +102,18 @@ def configure_finetune(parser: argparse.ArgumentParser, settings) -> None:
 
 def run_finetune(args: argparse.Namespace, settings) -> int:
     conn = _redis(settings)
+    spec = settings.finetune_spec(args.project)
     if args.inline:
-        from finetune.jobs import finetune_project
+        from finetune.jobs import finetune_project, set_worker_context
 
-        print(json.dumps(finetune_project(args.project, redis_url=settings.redis_url), indent=2, default=str))
+        set_worker_context(settings.data_dir, settings.device)
+        print(json.dumps(finetune_project(args.project, spec, redis_url=settings.redis_url), indent=2, default=str))
         return 0
     from finetune.triggers import maybe_enqueue_finetune
 
     result = maybe_enqueue_finetune(conn, args.project, "manual" if args.now else "correction",
-                                    every_n=settings.finetune_every, job_timeout=settings.job_timeout)
+                                    every_n=settings.finetune_every, job_timeout=settings.job_timeout,
+                                    spec=spec.to_dict())
     if not result.enqueued:
         print(f"not queued: {result.detail} (job {result.job_id or '-'}, {result.new_corrections} new corrections)")
         return 0 if result.detail == "active" else 1
@@ -151,10 +159,13 @@ def job_rows(conn) -> list[dict]:
         if where == "failed":
             latest = job.latest_result()
             failure = (latest.exc_string or "").strip().splitlines()[-1] if latest and latest.exc_string else ""
-        rows.append({"id": job_id, "state": where, "project": meta.get("project"), "stage": meta.get("stage"),
+        kind = "periodic-check" if job.func_name == "finetune.triggers.periodic_check" else "finetune"
+        result = job.return_value() if where == "finished" else None
+        rows.append({"id": job_id, "kind": kind, "state": where, "project": meta.get("project"), "stage": meta.get("stage"),
                      "progress": meta.get("progress"), "step": meta.get("step"), "total_steps": meta.get("total_steps"),
                      "loss": meta.get("loss"), "message": meta.get("message"), "enqueued": job.enqueued_at,
-                     "error": failure, "description": job.description,
+                     "error": failure, "description": job.description, "spec": meta.get("spec"),
+                     "result": result if kind == "periodic-check" else None,
                      # pre-label work jobs (backend.prelabel): the chunk they work on and how far it is
                      "run": meta.get("run"), "chunk": meta.get("chunk"), "chunks": meta.get("chunks"),
                      "done": meta.get("done"), "total": meta.get("total")})
@@ -169,6 +180,12 @@ def run_jobs(args: argparse.Namespace, settings) -> int:
     if not rows:
         print("no jobs")
     for r in rows:
+        if r["kind"] == "periodic-check":  # the scheduler's look for new corrections, not a fine-tune
+            queued = [x["project"] for x in (r["result"] or []) if x.get("enqueued")]
+            outcome = (f"queued fine-tunes for projects {', '.join(queued)}" if queued else
+                       "nothing new" if r["result"] is not None else "")
+            print(f"{r['id']:<34} {r['state']:<9} periodic check for new corrections {outcome} {r['error']}".rstrip())
+            continue
         progress = f"{r['progress']:.0%}" if isinstance(r["progress"], (int, float)) else "-"
         if r["run"]:
             chunk = f"chunk {r['chunk']}/{r['chunks']} {r['done']}/{r['total']} tasks" if r["chunk"] is not None else ""
@@ -177,6 +194,10 @@ def run_jobs(args: argparse.Namespace, settings) -> int:
             continue
         print(f"{r['id']:<34} {r['state']:<9} project {r['project']!s:<5} {r['stage'] or '-':<10} {progress:>5} "
               f"step {r['step'] or 0}/{r['total_steps'] or '-'} {r['message'] or ''} {r['error']}".rstrip())
+        if r["spec"]:
+            from finetune.spec import FinetuneSpec
+
+            print(f"{'':<34} spec: {FinetuneSpec.from_dict(r['spec']).summary()}")
     return 0
 
 
@@ -236,6 +257,13 @@ def run_versions(args: argparse.Namespace, settings) -> int:
                 f"corrections mIoU {m.get('corrections_miou', nan):.3f} (parent {m.get('parent_corrections_miou', nan):.3f}) "
                 f"base mIoU {m.get('base_miou', nan):.3f} (parent {m.get('parent_base_miou', nan):.3f}) "
                 f"samples {r.samples.get('corrections', 0)}+{r.samples.get('replay', 0)}")
+        if m.get("replay_source"):
+            line += f" replay {m['replay_source']}"
+        if m.get("threshold") is not None:
+            line += f" threshold {m['threshold']:.2f}"
+        ev = m.get("evidence")
+        if ev:
+            line += f" evidence n={ev['n']} diff {ev['difference']:+.3f} bound {ev['bound']:+.3f}"
         rv = review.get(r.version)
         if rv:
             line += f" review IoU {rv['mean_iou']:.3f} (n={int(rv['n'])})"
@@ -317,4 +345,25 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
     print(f"model     {status['active_version']} for projects without their own ({status['versions']} versions recorded)")
     for line in extra_lines:
         print(line)
+    return 0
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+def configure_data(parser: argparse.ArgumentParser, settings) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    fetch = sub.add_parser("fetch-replay", help="store a RefCOCO replay subset (images embedded) under DATA_DIR/replay, once")
+    fetch.add_argument("--source", default="lmms-lab/RefCOCO",
+                       help="hub id, or a local folder in the lmms-lab/RefCOCO parquet layout (default lmms-lab/RefCOCO)")
+    fetch.add_argument("--split", default="val", help="split to draw from (default val)")
+    fetch.add_argument("--rows", type=int, default=500, help="rows to keep (each with its image and phrases)")
+    fetch.add_argument("--seed", type=int, default=0)
+
+
+def run_data(args: argparse.Namespace, settings) -> int:
+    from finetune.replay import choose_source, fetch_replay
+
+    target = fetch_replay(args.source, settings.data_dir, args.split, args.rows, args.seed,
+                          cache_dir=str(settings.data_dir / "replay" / "hf-cache"))
+    print(f"replay subset stored in {target}; fine-tunes now replay: "
+          f"{choose_source(settings.finetune_spec(), settings.data_dir).describe()}")
     return 0

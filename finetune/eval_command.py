@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     parser.add_argument("--model", default=settings.model, help=f"checkpoint directory or hub id (default: MODEL or {settings.model})")
     add_data_arguments(parser, "val")
     parser.add_argument("--out", type=Path, required=True, help="report directory (metrics.json, index.html, grid.png)")
-    parser.add_argument("--threshold", type=float, default=settings.threshold, help="binarisation threshold of the probabilities")
+    parser.add_argument("--threshold", type=float, default=settings.mask_threshold, help="binarisation threshold of the probabilities")
     parser.add_argument("--no-sweep", action="store_true", help="skip the threshold sweep 0.1..0.9")
     parser.add_argument("--rows", type=int, default=16, help="examples in the HTML grid")
     parser.add_argument("--batch-size", type=int, default=16)

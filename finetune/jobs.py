@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from clipseg_model.atomic import remove_abandoned_temp_dirs
@@ -39,7 +40,7 @@ from finetune import replay as replay_sources
 from finetune.samples import ReferringSample
 from finetune.spec import FinetuneSpec
 from finetune.training import (
-    EvalResult, TrainConfig, collate, evaluate, make_optimizer, make_scheduler, precision_policy, resize_mask,
+    EvalResult, TrainConfig, evaluate, make_optimizer, make_scheduler, precision_policy, resize_mask,
     training_step,
 )
 
@@ -135,6 +136,17 @@ def evaluate_on(model: SegmentationModel, samples: Sequence[ReferringSample], fr
     return evaluate(model, samples, batch_size=8, threshold=threshold, sweep=sweep, forward=forward)
 
 
+def training_target(sample: ReferringSample, size: int) -> torch.Tensor:
+    """(size, size) float32 target: a replayed sample's soft target (self-distillation), else its mask resized."""
+    soft = sample.meta.get(replay_sources.SOFT_TARGET) if isinstance(sample.meta, dict) else None
+    if soft is None:
+        return resize_mask(sample.mask, size)
+    soft = torch.from_numpy(soft)
+    if soft.shape[-1] != size:
+        soft = F.interpolate(soft[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    return soft
+
+
 def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample], steps: int, batch_size: int = 4,
                     lr: float = 1e-4, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
                     frozen: FrozenInputs | None = None, recipe: TrainConfig = FINETUNE_RECIPE) -> list[float]:
@@ -156,13 +168,12 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
     losses = []
     for step in range(1, steps + 1):
         picked = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
+        masks = torch.stack([training_target(s, size) for s in picked]).to(device)
         if frozen is not None:
-            masks = torch.stack([resize_mask(s.mask, size) for s in picked]).to(device)
             forward = lambda: frozen.logits([s.image for s in picked], [s.phrase for s in picked], model)  # noqa: E731
         else:
-            batch = collate(picked, model)
-            masks = batch.masks.to(device)
-            forward = lambda: model(batch.pixel_values.to(device), batch.phrases)  # noqa: E731
+            pixels = model.preprocess([s.image for s in picked]).to(device)
+            forward = lambda: model(pixels, [s.phrase for s in picked])  # noqa: E731
         loss, _ = training_step(forward, masks, optimizer, scheduler, scaler, params, precision, cfg)
         losses.append(loss.item())
         if on_step is not None:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from finetune.samples import ReferringSample
 from finetune.spec import FinetuneSpec
@@ -35,6 +34,7 @@ log = logging.getLogger(__name__)
 BASE_VAL_SAMPLES = 48
 HELD_OUT_PERCENT = 20
 FETCHED_DIR = "replay/refcoco-lmms"
+SOFT_TARGET = "soft_target"  # meta key of a sample's soft training target (S_out, S_out) float32
 GET_REFCOCO = ("for RefCOCO replay run `clipseg data fetch-replay` once (a few hundred lmms-lab/RefCOCO rows with "
                "their images, into DATA_DIR/replay), or set REFCOCO_DIR to a local RefCOCO")
 # General phrases a pretrained CLIPSeg knows (COCO's most frequent categories): what self-distillation asks about.
@@ -72,7 +72,7 @@ def refcoco_format(path: str | Path) -> tuple[str, dict]:
     root = Path(path)
     for refs in sorted(root.glob("*/refs(*).p")):
         return "refer", {"dataset": refs.parent.name, "split_by": refs.name[len("refs("):-len(").p")]}
-    parquet = sorted(root.rglob("*.parquet"))
+    parquet = sorted([*root.glob("*.parquet"), *root.glob("*/*.parquet")])
     if parquet:
         import pyarrow.parquet as pq
 
@@ -154,7 +154,7 @@ def shapes_replay(options_json: str, n_replay: int, seed: int) -> tuple[list[Ref
 
 
 def distillation_replay(images: Sequence, corrected_phrases: Sequence[str], phrases: Sequence[str],
-                        soft_targets: Callable[[list, list[str]], torch.Tensor], n_replay: int, seed: int,
+                        soft_targets: Callable[[list, list[str]], "torch.Tensor"], n_replay: int, seed: int,
                         digest: Callable[[object], str]) -> tuple[list[ReferringSample], list[ReferringSample]]:
     """Self-distillation samples: (image, general phrase) pairs with the parent's probabilities as soft targets.
 
@@ -166,8 +166,9 @@ def distillation_replay(images: Sequence, corrected_phrases: Sequence[str], phra
         soft_targets: (images, phrases) → the parent's probabilities (B, S_out, S_out) in [0, 1].
         digest: image → content hash; images whose hash falls in the held-out part give the base validation pairs.
     Returns:
-        (replay, base validation): masks are float32 (S_out, S_out) probabilities (training reads them as soft
-        targets; metrics binarise them at 0.5).
+        (replay, base validation): each sample's mask is the parent's answer (probability > 0.5, at the image's
+        size: what metrics read) and `meta[SOFT_TARGET]` its (S_out, S_out) float32 probabilities (what training
+        fits: the soft targets of learning without forgetting).
     """
     corrected = {p.strip().lower() for p in corrected_phrases}
     pool = [p for p in phrases if p.strip().lower() not in corrected]
@@ -183,13 +184,19 @@ def distillation_replay(images: Sequence, corrected_phrases: Sequence[str], phra
     val_pairs = [(im, p) for im in val_images for p in rng.sample(pool, min(len(pool), 4))][:BASE_VAL_SAMPLES]
 
     def build(pairs: list, split: str) -> list[ReferringSample]:
+        import torch
+        import torch.nn.functional as F
+
         out = []
         for start in range(0, len(pairs), 8):
             chunk = pairs[start:start + 8]
-            probs = soft_targets([im for im, _ in chunk], [p for _, p in chunk]).float().cpu().numpy()
+            probs = soft_targets([im for im, _ in chunk], [p for _, p in chunk]).float().cpu()  # (B, S_out, S_out)
             for (im, phrase), prob in zip(chunk, probs):
-                out.append(ReferringSample(im, phrase, np.ascontiguousarray(prob, dtype=np.float32), "distill",
-                                           {"split": split}))
+                w, h = im.size
+                # the mask metrics read: the parent's answer at the image's size, as the predictor resizes it
+                full = F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+                out.append(ReferringSample(im, phrase, (full > 0.5).numpy(), "distill",
+                                           {"split": split, SOFT_TARGET: np.ascontiguousarray(prob.numpy())}))
         return out
 
     return build(train_pairs, "replay"), build(val_pairs, "val")

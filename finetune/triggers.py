@@ -242,6 +242,7 @@ def maybe_enqueue_finetune(
     queue_name: str = QUEUE_NAME,
     job_func: str = DEFAULT_JOB,
     job_kwargs: Mapping[str, Any] | None = None,
+    spec: Mapping[str, Any] | None = None,
     job_timeout: int = 3600,
     retry_max: int = 2,
     retry_intervals: Sequence[int] = (10, 60),
@@ -258,6 +259,8 @@ def maybe_enqueue_finetune(
         reason: "correction" (needs >= every_n new corrections), "start_training" (needs any correction),
             "manual" (always) or "periodic" (needs >= min_new new corrections).
         job_func: dotted path of the job function, imported by the worker.
+        spec: the fine-tune's recipe (`finetune.spec.FinetuneSpec.to_dict()`, any project): passed to the job as
+            its `spec` keyword with this project filled in, and kept in the job's meta for `clipseg jobs`.
         retry_max / retry_intervals: RQ Retry; retry_max=0 disables retries.
         result_ttl / failure_ttl: seconds finished / failed jobs stay visible.
     Returns:
@@ -284,6 +287,11 @@ def maybe_enqueue_finetune(
         # progress fields the job updates (job.meta[...] = ...; job.save_meta())
         "stage": "queued", "progress": 0.0, "step": 0, "total_steps": None, "message": "",
     }
+    kwargs = dict(job_kwargs or {})
+    if spec is not None:
+        kwargs["spec"] = {**spec, "project": project}
+        meta["spec"] = kwargs["spec"]
+        meta["total_steps"] = spec.get("steps")
     with conn.pipeline() as pipe:
         while True:
             try:
@@ -302,7 +310,7 @@ def maybe_enqueue_finetune(
                 queue.enqueue(
                     job_func,
                     args=(project,),
-                    kwargs=dict(job_kwargs or {}),
+                    kwargs=kwargs,
                     job_id=job_id,
                     job_timeout=job_timeout,
                     result_ttl=result_ttl,

@@ -38,7 +38,7 @@ from redis.exceptions import WatchError
 from clipseg_model.atomic import atomic_directory
 from clipseg_model.checkpoint import CHECKSUM_KEY, is_checkpoint, read_checkpoint_config
 
-STATUSES = ("candidate", "promoted", "rejected", "base")
+STATUSES = ("candidate", "promoted", "rejected", "inconclusive", "base")  # inconclusive: too little evidence
 log = logging.getLogger(__name__)
 Pointer = tuple[str, str]  # (version, checkpoint path)
 

@@ -45,7 +45,7 @@ def _env(redis_url: str, model: Path, data_dir: Path, **extra: Any) -> dict[str,
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "REDIS_URL": redis_url, "MODEL": str(model), "DATA_DIR": str(data_dir), "DEVICE": "cpu",
            "HF_HUB_OFFLINE": "1", "FINETUNE_EVERY": str(EVERY), "FINETUNE_STEPS": "15", "FINETUNE_LR": "3e-3",
-           "REPLAY_RATIO": "0", "PROMOTE_EPSILON": "1.0", "LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "2"}
+           "REPLAY_RATIO": "0", "PROMOTE_EPSILON": "1.0", "MIN_EVIDENCE": "2", "LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "2"}
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
