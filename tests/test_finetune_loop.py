@@ -301,13 +301,31 @@ def test_worse_candidate_is_rejected(redis_conn, redis_url, tiny_model_factory, 
 
     registry = VersionRegistry(redis_conn)
     [rec] = [r for r in registry.list() if r.status != "base"]
-    assert rec.status == "rejected" and rec.reason == "not better on held-out corrections", rec
+    assert rec.status == "rejected" and rec.reason.startswith("not shown better"), rec
+    assert rec.metrics["evidence"]["n"] == 2 and rec.metrics["evidence"]["difference"] <= 0
     assert rec.metrics["corrections_miou"] <= rec.metrics["parent_corrections_miou"]
     assert registry.active() is None  # the base model stays
     assert store.new_since_last_finetune(8) == 0  # these corrections were used; a new job needs new ones
     rows = json.loads(clipseg(env, "jobs", "--json").stdout)
     assert [(r["state"], r["stage"]) for r in rows] == [("finished", "done")]
+    # the job ran the spec its enqueuer (the CLI, from its settings) put in it, shown by `clipseg jobs`
+    assert rows[0]["spec"]["steps"] == 15 and rows[0]["spec"]["lr"] == 3e-3 and rows[0]["spec"]["project"] == "8"
+    assert rows[0]["spec"]["base_model"] == str(model) and rows[0]["spec"]["min_evidence"] == 2
+    assert "spec: base " in clipseg(env, "jobs").stdout
     assert "rejected" in clipseg(env, "versions").stdout
+
+
+def test_jobs_lists_the_periodic_check_as_what_it_is(redis_conn, redis_url, tmp_path):
+    """Issue 13 item 8: the scheduler's periodic check is not shown as a broken fine-tune (`project None ... 0/-`)."""
+    from rq import SimpleWorker
+
+    Queue("clipseg", connection=redis_conn).enqueue("finetune.triggers.periodic_check", kwargs={"queue_name": "clipseg"})
+    SimpleWorker([Queue("clipseg", connection=redis_conn)], connection=redis_conn).work(burst=True)
+    env = _env(redis_url, tmp_path / "none", tmp_path / "data")
+    out = clipseg(env, "jobs").stdout
+    assert "periodic check for new corrections nothing new" in out and "project None" not in out
+    [row] = json.loads(clipseg(env, "jobs", "--json").stdout)
+    assert row["kind"] == "periodic-check" and row["result"] == []
 
 
 def test_worker_killed_mid_training_leaves_nothing_behind(redis_conn, redis_url, tiny_model_factory, tmp_path):
