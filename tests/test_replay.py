@@ -132,3 +132,17 @@ def test_job_records_its_replay_source_and_evidence(redis_conn, redis_url, tiny_
     assert load_model(rec.path, "cpu").calibrated_threshold == rec.metrics["threshold"]
     # the features of the project's images are on disk for the next fine-tune
     assert list((tmp_path / "data" / "features").glob("*/*.safetensors"))
+
+
+def test_serve_says_at_start_which_replay_a_fine_tune_uses(tmp_path, caplog):
+    from backend.serve_command import _log_replay_source
+    from backend.settings import Settings
+
+    with caplog.at_level("INFO", logger="clipseg.serve"):
+        _log_replay_source(Settings.from_env({"DATA_DIR": str(tmp_path)}))
+    assert "self-distillation" in caplog.text and "clipseg data fetch-replay" in caplog.text
+    caplog.clear()
+    (tmp_path / "replay" / "refcoco-lmms" / "data").mkdir(parents=True)
+    with caplog.at_level("INFO", logger="clipseg.serve"):
+        _log_replay_source(Settings.from_env({"DATA_DIR": str(tmp_path)}))
+    assert "the fetched RefCOCO subset" in caplog.text and "fetch-replay" not in caplog.text

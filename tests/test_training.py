@@ -343,3 +343,23 @@ def test_cli_reaches_the_cpu_benchmark_model_and_sets_film_decoder_options(tmp_p
     bad = _clipseg("train", "--model-preset", "cpu-scratch", "--init-random", "--model-option", "colour=red",
                    "--steps", "1", "--out", "bad", cwd=tmp_path)
     assert bad.returncode == 1 and "unknown model option(s) colour" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_train_and_the_finetune_job_share_one_step_and_precision_policy(tiny_model_factory, tmp_path):
+    """Issue 13 item 4: `clipseg train` (train) and the fine-tune job (train_candidate) run the same step with the
+    same recipe: on a batch that any order gives alike, their losses agree step for step."""
+    from finetune.jobs import FINETUNE_RECIPE, train_candidate
+    from finetune.training import precision_policy
+
+    assert precision_policy("cpu").dtype is None  # fp32 on the CPU, for both
+    if torch.cuda.is_available():
+        assert precision_policy("cuda").dtype in (torch.bfloat16, torch.float16)
+    one = _samples(1, seed=4)[0]
+    data = SampleList([one] * 4)
+    cfg = FINETUNE_RECIPE.replace(lr=3e-3, steps=4, batch_size=4, log_every=1, seed=2)
+    by_train = load_model(tiny_model_factory("tiny-clipseg"), "cpu")
+    result = train(by_train, data, None, cfg, tmp_path / "run", "cpu", progress=False)
+    by_job = load_model(tiny_model_factory("tiny-clipseg"), "cpu")
+    losses = train_candidate(by_job, list(data), steps=4, batch_size=4, lr=3e-3, seed=2)
+    np.testing.assert_allclose([loss for _, loss in result.loss_history], losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
