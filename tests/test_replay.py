@@ -108,16 +108,15 @@ def test_self_distillation_targets_are_the_parents_predictions(tiny_model_factor
 def test_job_records_its_replay_source_and_evidence(redis_conn, redis_url, tiny_model_factory, tmp_path):
     """The real job, inline: self-distillation replay by default; the record says so, with the gate's evidence and
     the calibrated threshold, and the checkpoint carries the threshold the server will use."""
-    from finetune.corrections import CorrectionStore
+    from finetune.corrections import CorrectionStore, Region
     from finetune.jobs import finetune_project, set_worker_context
     from finetune.versions import VersionRegistry
-    from tests.fixtures.webhooks import annotation_event, brush_region, scene
+    from tests.fixtures.webhooks import scene
 
     store = CorrectionStore(redis_conn)
     for i in range(12):
         jpeg, mask = scene(96, 64, seed=i)
-        store.ingest_event(annotation_event([brush_region(mask, "cat")], annotation_id=500 + i, task_id=i + 1,
-                                            project_id=3), image_bytes=jpeg)
+        store.put_annotation(3, i + 1, 500 + i, [Region("cat", mask, "cat")], jpeg)
     set_worker_context(tmp_path / "data", "cpu")
     spec = FinetuneSpec("3", base_model=str(tiny_model_factory("tiny-clipseg")), steps=20, lr=3e-3, min_evidence=3,
                         threshold_min_samples=3, promote_epsilon=1.0)
