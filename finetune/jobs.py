@@ -308,7 +308,9 @@ def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None
     from finetune.corrections import CorrectionStore
     from finetune.versions import VersionRecord, VersionRegistry
 
-    spec = spec if isinstance(spec, FinetuneSpec) else FinetuneSpec.from_dict({**(spec or {}), "project": str(project)})
+    if spec is None:  # the worker has no recipe of its own: a job without one was enqueued by older code
+        raise ValueError(f"fine-tune of project {project} was enqueued without a spec (maybe_enqueue_finetune(spec=...))")
+    spec = spec if isinstance(spec, FinetuneSpec) else FinetuneSpec.from_dict({**spec, "project": str(project)})
     project = spec.project
     job = get_current_job()
     if job is None and not redis_url:

@@ -27,6 +27,7 @@ from rq.registry import StartedJobRegistry
 
 from finetune.corrections import CorrectionStore
 from finetune.jobs import _held_out
+from finetune.spec import FinetuneSpec
 from finetune.triggers import lock_key, maybe_enqueue_finetune
 from finetune.versions import VersionRegistry
 from tests.e2e.ls_harness import ManagedProcess, free_port
@@ -338,7 +339,9 @@ def test_worker_killed_mid_training_leaves_nothing_behind(redis_conn, redis_url,
     store = CorrectionStore(redis_conn)
     for task_id in range(1, 5):
         ingester(store).ingest_event(correction(task_id, mask, data_uri(jpeg), project=9), image_bytes=jpeg)
-    r = maybe_enqueue_finetune(redis_conn, 9, "manual", retry_max=0)
+    # the enqueuer's spec says what the job does (the worker's FINETUNE_STEPS would not be read)
+    spec = FinetuneSpec("", base_model=str(model), steps=100_000, lr=3e-3, replay_ratio=0, min_evidence=2)
+    r = maybe_enqueue_finetune(redis_conn, 9, "manual", retry_max=0, spec=spec.to_dict())
     job = Job.fetch(r.job_id, connection=redis_conn)
     worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env, cwd=ROOT,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
