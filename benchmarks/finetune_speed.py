@@ -1,16 +1,16 @@
 """Fine-tune speed: today's path (the whole model forward on every step and evaluation) vs frozen features cached.
 
-    .venv/bin/python benchmarks/finetune_speed.py [--steps 200] [--reference-steps 10] [--work-dir .cache/bench]
+    .venv/bin/python benchmarks/finetune_speed.py [--steps 200] [--reference-steps 10] [--cached-steps 0]
 
 One run, one process, full-size `clipseg-rd64` with random weights (built once, as `clipseg bench` does), 30
 corrections (640 x 480 generated scenes), the default replay (self-distillation, one replayed sample per training
 correction) and the job's gate evaluations. Both paths do the same work as the job: distillation targets,
 parent scores, training, candidate scores. Today's path is timed over `--reference-steps` training steps and its
-training time extrapolated linearly to `--steps` (its steps all cost the same: a full forward and backward of a batch
-of 4); everything else is timed in full. The losses of the first reference steps are compared with the cached run's
-(same seed, same batches). The cached path runs cold (empty cache); a later fine-tune that finds the features on
-disk ("warm") differs only in the features phase, which is timed again on its own. Numbers: docs/loop.md,
-"The job".
+training time extrapolated linearly to `--steps` (every step costs the same: a full forward and backward of a batch
+of 4); `--cached-steps` does the same for the cached path (0: all steps run); everything else is timed in full.
+Both use a constant learning rate so that the first reference steps are the same computation on both paths: their
+losses are compared (same seed, same batches). A later fine-tune that finds the features on disk ("warm") differs
+only in the features phase, which is timed again on its own. Numbers: docs/loop.md, "The job".
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from clipseg_model.feature_cache import FeatureCache, FrozenInputs  # noqa: E402
 from clipseg_model.image_io import image_digest  # noqa: E402
 from clipseg_model.loading import load_model  # noqa: E402
 from clipseg_model.numerics import flush_denormals  # noqa: E402
-from finetune.jobs import evaluate_on, split_corrections, train_candidate  # noqa: E402
+from finetune.jobs import FINETUNE_RECIPE, evaluate_on, split_corrections, train_candidate  # noqa: E402
 from finetune.replay import DEFAULT_DISTILL_PHRASES, distillation_replay  # noqa: E402
 from finetune.samples import ReferringSample  # noqa: E402
 
@@ -84,7 +84,9 @@ def run(model_dir: Path, samples: list[ReferringSample], steps: int, cache_dir: 
     del parent
     candidate = load_model(model_dir, "cpu")
     t = time.perf_counter()
-    losses = train_candidate(candidate, train + replay, steps, 4, 1e-4, seed=seed, frozen=frozen)
+    # a constant learning rate, so that runs of different lengths take the same first steps (the time is the same)
+    recipe = FINETUNE_RECIPE.replace(schedule="constant")
+    losses = train_candidate(candidate, train + replay, steps, 4, 1e-4, seed=seed, frozen=frozen, recipe=recipe)
     timings["train"] = time.perf_counter() - t
     t = time.perf_counter()
     evaluate_on(candidate, held, frozen, 0.5, sweep=True)
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--reference-steps", type=int, default=10, help="training steps timed on today's path")
+    parser.add_argument("--cached-steps", type=int, default=0,
+                        help="training steps timed on the cached path (0: all --steps; else extrapolated like today's)")
     parser.add_argument("--corrections", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench")
@@ -112,26 +116,28 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="features-") as cache:
         print("cached path ...", file=sys.stderr, flush=True)
-        cached = run(model_dir, samples, args.steps, Path(cache))
+        cached_steps = args.cached_steps or args.steps
+        cached = run(model_dir, samples, cached_steps, Path(cache))
         print(f"cached: {cached['timings']}", file=sys.stderr, flush=True)
         t = time.perf_counter()
         again = FrozenInputs(load_model(model_dir, "cpu"), FeatureCache(Path(cache)))
         again.prepare([s.image for s in samples], [s.phrase for s in samples])
         warm_features = time.perf_counter() - t - 0.0
         assert again.computed_images == 0
-    print("today's path ...", file=sys.stderr, flush=True)
+    print(f"warm features: {warm_features:.1f} s; today's path ...", file=sys.stderr, flush=True)
     today = run(model_dir, samples, args.reference_steps, None)
     print(f"today: {today['timings']}", file=sys.stderr, flush=True)
     k = args.reference_steps
     per_step_today = today["timings"]["train"] / k
     today_total = sum(v for n, v in today["timings"].items() if n != "train") + per_step_today * args.steps
-    cold_total = sum(cached["timings"].values())
+    per_step_cached = cached["timings"]["train"] / cached_steps
+    cold_total = sum(v for n, v in cached["timings"].items() if n != "train") + per_step_cached * args.steps
     warm_total = cold_total - cached["timings"]["features"] + warm_features
     diff = float(np.max(np.abs(np.array(cached["losses"][:k]) - np.array(today["losses"]))))
     result = {
         "steps": args.steps, "corrections": args.corrections, "samples": cached["samples"],
         "today": {**today["timings"], "per_step": round(per_step_today, 2), "total_extrapolated": round(today_total, 1)},
-        "cached_cold": {**cached["timings"], "per_step": round(cached["timings"]["train"] / args.steps, 3),
+        "cached_cold": {**cached["timings"], "per_step": round(per_step_cached, 3), "steps_timed": cached_steps,
                         "total": round(cold_total, 1)},
         "cached_warm": {"features_incl_model_load": round(warm_features, 2), "total": round(warm_total, 1)},
         "speedup_cold": round(today_total / cold_total, 1), "speedup_warm": round(today_total / warm_total, 1),
