@@ -170,6 +170,8 @@ def load_trainable_weights(model: SegmentationModel, checkpoint_dir: str | os.Pa
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
     model.version = checkpoint_version(config, metadata)
+    # A fine-tuned version carries the mask threshold calibrated on its held-out corrections (finetune.jobs).
+    model.calibrated_threshold = metadata.get("threshold")
     return metadata
 
 

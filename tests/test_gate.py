@@ -83,24 +83,3 @@ def test_held_out_split_is_stable_and_topped_up_to_the_evidence_floor():
     assert len(held_small) == 3
     assert math.isnan(paired_evidence([], [], 6).difference)
 
-
-def test_predict_uses_the_served_versions_threshold_unless_threshold_is_set(tiny_model_factory, tmp_path):
-    """Issue 15: a version's calibrated threshold (checkpoint metadata) is what the server binarises with; an
-    explicit THRESHOLD wins; a model without one uses 0.5."""
-    from backend.serving_model import ServingModel
-    from backend.settings import Settings
-    from clipseg_model.checkpoint import save_checkpoint
-    from clipseg_model.loading import load_model
-
-    base = tiny_model_factory("tiny-clipseg")
-    tuned = save_checkpoint(load_model(base, "cpu"), tmp_path / "v1", {"version": "v1", "threshold": 0.3})
-    assert Settings.from_env({}).threshold is None and Settings.from_env({"THRESHOLD": "0.7"}).threshold == 0.7
-    for explicit, path, want in [(None, tuned, 0.3), (0.7, tuned, 0.7), (None, base, 0.5)]:
-        serving = ServingModel(str(path), "cpu", explicit)
-        serving._load(str(path), None)
-        assert serving.segmenter.threshold == want
-    # a swap to a calibrated version changes the threshold the running segmenter uses
-    serving = ServingModel(str(base), "cpu", None)
-    serving._load(str(base), None)
-    serving._load(str(tuned), "v1")
-    assert serving.segmenter.threshold == 0.3 and serving.version == "v1"
