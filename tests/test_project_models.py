@@ -195,3 +195,56 @@ def test_real_server_survives_a_truncated_and_an_overwritten_checkpoint(redis_co
             assert fresh.setup(7) == BASE_VERSION and fresh.setup(8) == BASE_VERSION
             assert without_region_ids(fresh.predict(tasks, 7))["results"] == base_answer["results"]
             assert set(requests.get(f"{fresh.url}/health", timeout=5).json()["broken"]) >= {"g1", "g2"}
+
+
+def test_a_version_with_unfrozen_backbone_layers_is_served_beside_the_base(redis_conn, redis_url, tiny_model_factory,
+                                                                            tmp_path):
+    """A version whose trainable part includes CLIP vision layers (unfreeze_last=1): its project is served exactly
+    what that model alone answers, and the base project's answers do not change before or after (the unfrozen
+    layers never leak into the shared backbone)."""
+    from clipseg_model.checkpoint import read_checkpoint_config
+    from clipseg_model.loading import build_model
+
+    base = tiny_model_factory(PRESET)
+    config, _ = read_checkpoint_config(base)
+    model = build_model(config.replace(unfreeze_last=1), "cpu")
+    vision = [n for n, p in model.named_parameters() if p.requires_grad and "vision" in n]
+    assert vision, "unfreeze_last=1 makes vision-layer weights trainable"
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    u1 = save_checkpoint(model, tmp_path / "u1", {"version": "u1", "parent": BASE_VERSION})
+    registry = VersionRegistry(redis_conn)
+    registry.record_base(BASE_VERSION, str(base))
+    registry.record(VersionRecord("u1", str(u1), BASE_VERSION, project="1"))
+    registry.activate("u1", project="1")
+    image = data_uri(scene(96, 64, seed=2)[0])
+
+    def predict(client, project: str) -> dict:
+        r = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": image}}], "project": f"{project}.1",
+                                          "label_config": LABEL_CONFIG})
+        assert r.status_code == 200, r.get_json()
+        return without_region_ids(r.get_json())
+
+    alone = {}
+    for name, model_dir in (("u1", u1), ("base", base)):  # each model served on its own, no Redis
+        app = create_app(Settings(model=str(model_dir), device="cpu", data_dir=tmp_path / f"alone-{name}"))
+        runtime = app.extensions["clipseg_runtime"]
+        try:
+            assert runtime.model.wait_ready(60)
+            alone[name] = predict(app.test_client(), "9")
+        finally:
+            runtime.stop()
+    assert alone["u1"]["results"] != alone["base"]["results"]
+
+    app = create_app(Settings(model=str(base), device="cpu", data_dir=tmp_path / "d", redis_url=redis_url))
+    runtime = app.extensions["clipseg_runtime"]
+    try:
+        client = app.test_client()
+        assert runtime.model.wait_ready(60)
+        for _ in range(2):  # back and forth
+            assert predict(client, "2")["results"] == alone["base"]["results"]
+            got = predict(client, "1")
+            assert got["model_version"] == "u1" and got["results"] == alone["u1"]["results"]
+    finally:
+        runtime.stop()

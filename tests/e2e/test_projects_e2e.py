@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
 EVERY = 6
 FINETUNE_ENV = {"FINETUNE_EVERY": str(EVERY), "FINETUNE_STEPS": "15", "FINETUNE_LR": "3e-3", "REPLAY_RATIO": "0",
-                "PROMOTE_EPSILON": "1.0", "DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+                "PROMOTE_EPSILON": "1.0", "MIN_EVIDENCE": "2", "DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
 
 
 def test_annotations_in_one_project_change_only_its_model_version(tiny_model_factory, tmp_path):
