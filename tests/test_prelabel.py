@@ -145,3 +145,35 @@ def test_prelabel_command_queues_and_shows_a_run_chunk_by_chunk(redis_url, redis
     out = capsys.readouterr().out
     assert "chunk    0 pending  1/2 worker w1" in out and "task 2: no prediction: HTTP 404" in out
     assert main(["prelabel", "--status", "nope"]) == 1
+
+
+def test_prelabel_wait_follows_the_run_to_its_end(redis_url, redis_conn, tiny_model_factory, tmp_path):
+    """`clipseg prelabel --wait` (real CLI) shows progress until a real `clipseg worker` has finished the run; here
+    Label Studio cannot be reached, so the run fails naming the setting and --wait exits 1 with that error."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "REDIS_URL": redis_url, "LABEL_STUDIO_URL": "http://127.0.0.1:9",
+           "LABEL_STUDIO_API_KEY": "k" * 40, "MODEL": str(tiny_model_factory("tiny-clipseg")),
+           "DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    waiting = subprocess.Popen([sys.executable, "-m", "backend.cli", "prelabel", "--project", "21", "--wait"],
+                               env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not PrelabelRuns(redis_conn).runs():  # the run is queued before the burst worker looks
+            assert time.monotonic() < deadline and waiting.poll() is None, "clipseg prelabel did not queue a run"
+            time.sleep(0.1)
+        worker = subprocess.run([sys.executable, "-m", "backend.cli", "worker", "--burst"], env=env, cwd=root,
+                                capture_output=True, text=True, timeout=300)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 1
+    assert "queued pre-label run" in out and "failed" in out
+    assert "cannot reach Label Studio at LABEL_STUDIO_URL=http://127.0.0.1:9" in out
+    assert "tasks," in err and "chunks" in err  # the progress line
