@@ -26,6 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
+from clipseg_model.atomic import pid_running
 from clipseg_model.errors import ClipsegError
 
 log = logging.getLogger("clipseg.serve")
@@ -79,7 +80,7 @@ class ServeLock:
                 break
             except BlockingIOError:
                 owner = _read_pid(self.path)
-                if owner is not None and _running(owner) or time.monotonic() > deadline:
+                if owner is not None and pid_running(owner) or time.monotonic() > deadline:
                     os.close(fd)
                     raise ClipsegError(f"another `clipseg serve` (pid {owner or '?'}) uses DATA_DIR "
                                        f"{self.path.parent}; stop it or choose another DATA_DIR") from None
@@ -102,16 +103,6 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop_orphaned_redis(redis_dir: Path, parts_file: Path) -> None:
     """A redis-server left by a serve that died (before parent-death signals existed, or on another kernel)
     must not keep appending to the AOF while a new one starts on it."""
@@ -124,7 +115,7 @@ def _stop_orphaned_redis(redis_dir: Path, parts_file: Path) -> None:
         log.warning("stopping the redis-server (pid %d) left running by a previous serve", pid)
         os.kill(pid, signal.SIGTERM)
         for _ in range(100):
-            if not _running(pid):
+            if not pid_running(pid):
                 return
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)

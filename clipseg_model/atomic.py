@@ -70,6 +70,17 @@ def atomic_directory(target: str | os.PathLike, *, replace: bool = False) -> Ite
         raise
 
 
+def pid_running(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (a pid we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_abandoned_temp_dirs(parent: str | os.PathLike) -> list[Path]:
     """Delete temp directories that a killed writer left in `parent` (its pid no longer runs on this machine)."""
     removed = []
@@ -78,13 +89,8 @@ def remove_abandoned_temp_dirs(parent: str | os.PathLike) -> list[Path]:
             pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
         except (IndexError, ValueError):
             continue
-        try:
-            os.kill(pid, 0)
-            continue  # still running: its write is in progress
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
+        if pid_running(pid):
+            continue  # its write is in progress
         shutil.rmtree(tmp, ignore_errors=True)
         removed.append(tmp)
     return removed

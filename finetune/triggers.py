@@ -51,6 +51,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.timeouts import TimerDeathPenalty
 
+from clipseg_model.atomic import pid_running
 from finetune.corrections import CorrectionStore
 
 logger = logging.getLogger(__name__)
@@ -105,16 +106,6 @@ def _beats_key(worker_name: str, namespace: str = "clipseg") -> str:
     return f"{namespace}:worker:beats:{worker_name}"
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def worker_gone(conn: Redis, worker_name: str | None, namespace: str = "clipseg") -> bool:
     """True when `worker_name` sends heartbeats and has stopped: its key expired, or it names a dead local PID."""
     if not worker_name or not conn.exists(_beats_key(worker_name, namespace)):
@@ -123,7 +114,7 @@ def worker_gone(conn: Redis, worker_name: str | None, namespace: str = "clipseg"
     if raw is None:
         return True
     host, _, pid = raw.decode().rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not _pid_running(int(pid))
+    return host == socket.gethostname() and pid.isdigit() and not pid_running(int(pid))
 
 
 def _started_registry(conn: Redis, queue_name: str) -> StartedJobRegistry:
