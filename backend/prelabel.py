@@ -351,7 +351,7 @@ def serving_segmenter(settings, conn: Redis, version: str | None = None, timeout
     key = (settings.model, settings.device, settings.threshold, settings.bf16, str(settings.data_dir))
     model = _MODELS.get(key)
     if model is None:
-        model = ServingModel(settings.model, settings.device, settings.mask_threshold, settings.bf16,
+        model = ServingModel(settings.model, settings.device, settings.threshold, settings.bf16,
                              registry_factory=lambda: VersionRegistry(conn), check_interval=0.0,
                              models_dir=str(Path(settings.data_dir) / "models"))
         model.start()

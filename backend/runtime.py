@@ -26,7 +26,7 @@ class BackendRuntime:
         self.metrics = BackendMetrics()
         self.fetcher = ImageFetcher.from_settings(settings)
         self.configs = LabelConfigs(settings)
-        self.model = ServingModel(settings.model, settings.device, settings.mask_threshold, settings.bf16,
+        self.model = ServingModel(settings.model, settings.device, settings.threshold, settings.bf16,
                                   registry_factory=self.registry if settings.redis_url else None,
                                   models_dir=str(Path(settings.data_dir) / "models"))
         self.recorder = PredictionRecorder(self.store) if settings.redis_url else None

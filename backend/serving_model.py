@@ -46,7 +46,7 @@ def _config_key(config) -> str:
 class ServingModel:
     """Holds the backbone's `Segmenter` and the projects' trainable states; follows every project's pointer."""
 
-    def __init__(self, base_model: str, device: str = "auto", threshold: float = 0.5, bf16: bool = False,
+    def __init__(self, base_model: str, device: str = "auto", threshold: float | None = None, bf16: bool = False,
                  registry_factory: Callable[[], object] | None = None, check_interval: float = 1.0,
                  models_dir: str = "data/models", state_cache_bytes: int = 512 * 1024 * 1024):
         self.base_model = base_model

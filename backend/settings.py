@@ -38,7 +38,7 @@ class Settings:
     model: str = field(default=DEFAULT_MODEL, metadata={"env": "MODEL", "help": "hub id or local directory of the model"})
     device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto, cpu, cuda or cuda:N"})
     bf16: bool = field(default=False, metadata={"env": "BF16", "help": "bf16 autocast on CPU (CUDA always uses fp16 autocast)"})
-    threshold: float | None = field(default=None, metadata={"env": "THRESHOLD", "help": "probability above which a pixel is in the mask; unset: 0.5 (each fine-tuned version records a calibrated one)"})
+    threshold: float | None = field(default=None, metadata={"env": "THRESHOLD", "help": "probability above which a pixel is in the mask; unset: the served version's calibrated threshold, else 0.5"})
     data_dir: Path = field(default=Path("data"), metadata={"env": "DATA_DIR", "help": "checkpoints, embedded Redis, spool"})
     redis_url: str = field(default="", metadata={"env": "REDIS_URL", "help": "empty: `clipseg serve` starts an embedded Redis"})
     label_studio_url: str = field(default="", metadata={"env": "LABEL_STUDIO_URL", "help": "base URL for image downloads; /setup's hostname when empty"})

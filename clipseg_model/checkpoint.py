@@ -216,4 +216,4 @@ def read_trainable_state(model: SegmentationModel, checkpoint_dir: str | os.Path
         raise CheckpointMismatchError(f"checkpoint {checkpoint_dir} lacks trainable tensors {missing[:5]}")
     device = model.device
     tensors = {k: state[k].to(device=device, dtype=own[k].dtype) for k in own}
-    return TrainableState(checkpoint_version(config, metadata), tensors)
+    return TrainableState(checkpoint_version(config, metadata), tensors, metadata.get("threshold"))

@@ -56,7 +56,7 @@ class Segmenter:
     def __init__(
         self,
         model: SegmentationModel,
-        threshold: float = 0.5,
+        threshold: float | None = 0.5,
         bf16: bool = False,
         text_cache_entries: int = 4096,
         feature_cache_bytes: int = 512 * 1024 * 1024,
@@ -263,14 +263,23 @@ class Segmenter:
         all_logits = self.logits(shown, prompts, state)
         results = []
         for image, group, logits in zip(shown, prompts, all_logits):
-            results.append(self._postprocess(group, logits, image.size))
+            results.append(self._postprocess(group, logits, image.size, self.threshold_for(state)))
         return results
 
     def predict(self, image: Image.Image, prompts: Sequence[str], state: TrainableState | None = None) -> list[MaskPrediction]:
         """One image, P phrases → P predictions (an empty list for no phrases)."""
         return self.predict_batch([image], [list(prompts)], state)[0]
 
-    def _postprocess(self, prompts: Sequence[str], logits: torch.Tensor, size: tuple[int, int]) -> list[MaskPrediction]:
+    def threshold_for(self, state: TrainableState | None = None) -> float:
+        """The mask threshold of a prediction: the one this segmenter was given (THRESHOLD), else the calibrated one
+        of the version predicting (`state`, or the backbone's own version), else 0.5."""
+        if self.threshold is not None:
+            return self.threshold
+        calibrated = state.threshold if state is not None else self.model.calibrated_threshold
+        return 0.5 if calibrated is None else float(calibrated)
+
+    def _postprocess(self, prompts: Sequence[str], logits: torch.Tensor, size: tuple[int, int],
+                     threshold: float) -> list[MaskPrediction]:
         width, height = size
         if not len(prompts):
             return []
@@ -279,7 +288,7 @@ class Segmenter:
         prob_np = prob.cpu().numpy().astype(np.float32, copy=False)
         out = []
         for prompt, p in zip(prompts, prob_np):
-            mask = p > self.threshold
+            mask = p > threshold
             score = float(p[mask].mean()) if mask.any() else 0.0
             out.append(MaskPrediction(prompt, p, mask, score))
         return out

@@ -82,6 +82,7 @@ class TrainableState:
 
     version: str
     tensors: dict[str, torch.Tensor]
+    threshold: float | None = None  # the mask threshold calibrated for this version (finetune.jobs), if any
 
     @property
     def nbytes(self) -> int:
@@ -251,7 +252,8 @@ class SegmentationModel(nn.Module):
     # ---- one backbone, many trainable states (per-project models) ----------------------------------------
     def trainable_state(self) -> TrainableState:
         """A copy of the current trainable part, tagged with `self.version`."""
-        return TrainableState(self.version, {k: v.detach().clone() for k, v in self.trainable_tensors().items()})
+        return TrainableState(self.version, {k: v.detach().clone() for k, v in self.trainable_tensors().items()},
+                              self.calibrated_threshold)
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         """The live trainable tensors (parameters that train, decoder buffers) by state-dict name."""

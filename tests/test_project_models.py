@@ -248,3 +248,29 @@ def test_a_version_with_unfrozen_backbone_layers_is_served_beside_the_base(redis
             assert got["model_version"] == "u1" and got["results"] == alone["u1"]["results"]
     finally:
         runtime.stop()
+
+
+def test_each_version_is_binarised_at_its_calibrated_threshold_unless_threshold_is_set(tiny_model_factory, tmp_path):
+    """A fine-tune records a calibrated threshold with its version: served over the shared backbone, that version's
+    masks are `probability > its threshold`; a version without one uses 0.5; THRESHOLD, when set, wins for all."""
+    base = tiny_model_factory(PRESET)
+    model = load_model(str(base), "cpu")
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    tuned = save_checkpoint(model, tmp_path / "t1", {"version": "t1", "threshold": 0.55})
+    image, prompts = _image(3), ["cat", "dog"]
+
+    served = Segmenter(load_model(str(base), "cpu"), threshold=None)  # THRESHOLD unset
+    state = read_trainable_state(served.model, tuned)
+    assert state.threshold == 0.55 and served.threshold_for(state) == 0.55 and served.threshold_for() == 0.5
+    for pred in served.predict(image, prompts, state):
+        np.testing.assert_array_equal(pred.mask, pred.probability > 0.55)
+    for pred in served.predict(image, prompts):
+        np.testing.assert_array_equal(pred.mask, pred.probability > 0.5)
+
+    fixed = Segmenter(load_model(str(base), "cpu"), threshold=0.3)  # THRESHOLD=0.3
+    assert fixed.threshold_for(state) == 0.3
+    for pred in fixed.predict(image, prompts, state):
+        np.testing.assert_array_equal(pred.mask, pred.probability > 0.3)
+    assert load_model(str(tuned), "cpu").calibrated_threshold == 0.55
