@@ -36,12 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.learning_cpu import bench_preset, build_random, shapes_words, word_level_tokenizer  # noqa: E402
+from benchmarks.learning_cpu import bench_preset, build_random  # noqa: E402
 from clipseg_model.checkpoint import is_checkpoint  # noqa: E402
 from clipseg_model.loading import load_model  # noqa: E402
 from clipseg_model.numerics import flush_denormals  # noqa: E402
 from finetune.jobs import miou  # noqa: E402
-from finetune.shapes import ShapesDataset  # noqa: E402
+from clipseg_model.vocab import word_level_tokenizer  # noqa: E402
+from finetune.shapes import ShapesDataset, phrase_words  # noqa: E402
 from finetune.training import TRAIN_PRESETS, train  # noqa: E402
 from tests.e2e.ls_harness import ManagedProcess, free_port  # noqa: E402
 from tests.fixtures.webhooks import LABEL_CONFIG, annotation_event, brush_region, textarea_region  # noqa: E402
@@ -77,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     work = args.out or Path(tempfile.mkdtemp(prefix="loop-demo-"))
-    # The CPU learning benchmark's model and scenes (benchmarks/learning_cpu.py): small-film at 64 px, trained
-    # embeddings, a word-level vocabulary, objects of 12-25 % of the image.
-    preset = bench_preset(64, 64, 64, True, 0.0)
+    # The CPU learning benchmark's model (benchmarks/learning_cpu.py, preset cpu-scratch: 64 px, towers 64 wide,
+    # trained embeddings, no decoder dropout, a word-level vocabulary) without its pixel branch, alignment head, word
+    # attention and decoder positions (= small-film at 64 px), on scenes with objects of 12-25 % of the image.
+    preset = bench_preset(64, pixel_channels=0, pixel_tokens=False, text_alignment=False, word_attention=False,
+                          decoder_positions=False)
     size = preset.config.image_size
     shapes = dict(image_size=size, kinds=KINDS, min_radius=0.12, max_radius=0.25, min_objects=2, max_objects=4)
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_checkpoint(str(base_dir)):  # a second run in the same --out (the other replay) reuses the pretrained model
         model = load_model(base_dir, "cpu")
     else:
-        tokenizer = word_level_tokenizer(shapes_words())
+        tokenizer = word_level_tokenizer(phrase_words())
         model = load_model(build_random(preset, work / "init", 0, tokenizer), "cpu")
         cfg = TRAIN_PRESETS["improved"].replace(lr=1e-3, batch_size=args.batch_size, steps=args.pretrain_steps,
                                                 warmup_fraction=0.03, log_every=25, seed=0)
