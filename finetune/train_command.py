@@ -146,6 +146,8 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--align-weight", type=float, default=None,
                        help="add this x the text-token alignment loss (a model with text_alignment, e.g. tiny-pixel)")
+    train.add_argument("--hflip", type=float, default=None,
+                       help="probability of a horizontal flip per sample (left/right words in the phrase are swapped)")
     train.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too")
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.csv, loss.png)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -158,7 +160,7 @@ def _train_config(args: argparse.Namespace):
 
     cfg = train_preset(args.preset)
     changes: dict[str, Any] = {}
-    for name in ("steps", "epochs", "batch_size", "lr", "eval_every", "num_workers", "seed", "align_weight"):
+    for name in ("steps", "epochs", "batch_size", "lr", "eval_every", "num_workers", "seed", "align_weight", "hflip"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value

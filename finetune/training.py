@@ -51,9 +51,10 @@ from finetune.samples import ReferringDataset, ReferringSample
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-# Words whose meaning a horizontal flip inverts. A flipped image with an unchanged "the leftmost circle" teaches
-# the model to point at the rightmost one, so samples with such words are never flipped.
-_MIRRORED_WORDS = re.compile(r"\b(left\w*|right\w*)\b", re.IGNORECASE)
+# Words whose meaning a horizontal flip inverts ("left", "leftmost", "right-hand", ...: whole words that start with
+# left/right, so "bright" and "upright" are not). A flipped image with an unchanged "the leftmost circle" would teach
+# the model to point at the rightmost one: a flip swaps them instead (`mirror_phrase`).
+_MIRRORED_WORDS = re.compile(r"\b(left|right)", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -102,14 +103,27 @@ def collate(samples: Sequence[ReferringSample], model: SegmentationModel) -> Bat
 
 
 def flippable(phrase: str) -> bool:
-    """Whether a horizontal flip keeps `phrase` true (it mentions no left/right direction)."""
+    """Whether a horizontal flip keeps `phrase` true as it is (it mentions no left/right direction)."""
     return _MIRRORED_WORDS.search(phrase) is None
+
+
+def mirror_phrase(phrase: str) -> str:
+    """What `phrase` says of the horizontally flipped image: left and right swapped, case kept
+    ("the leftmost circle" → "the rightmost circle", "man on the Right" → "man on the Left")."""
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+    return _MIRRORED_WORDS.sub(swap, phrase)
 
 
 class _Augmented:
     """Random horizontal flips, deterministic per (seed, epoch, index) so resumed runs see the same data.
 
-    Phrases with left/right words are never flipped: mirroring the image would make them point at the wrong object.
+    A flipped sample's phrase has left and right swapped (`mirror_phrase`), so direction phrases stay true and are
+    augmented too (referring data is full of them: "man on the left", "second from right").
     """
 
     def __init__(self, dataset: ReferringDataset, hflip: float, seed: int, epoch: int) -> None:
@@ -120,12 +134,10 @@ class _Augmented:
 
     def __getitem__(self, index: int) -> ReferringSample:
         sample = self.dataset[index]
-        if self.hflip <= 0 or not flippable(sample.phrase):
-            return sample
-        if np.random.default_rng([self.seed, self.epoch, index]).random() >= self.hflip:
+        if self.hflip <= 0 or np.random.default_rng([self.seed, self.epoch, index]).random() >= self.hflip:
             return sample
         return dataclasses.replace(sample, image=sample.image.transpose(Image.FLIP_LEFT_RIGHT),
-                                   mask=np.ascontiguousarray(sample.mask[:, ::-1]))
+                                   mask=np.ascontiguousarray(sample.mask[:, ::-1]), phrase=mirror_phrase(sample.phrase))
 
 
 def make_loader(dataset: ReferringDataset, model: SegmentationModel, batch_size: int, indices: Sequence[int],
@@ -168,7 +180,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     max_eval_samples: int = 0  # validate on N samples spread over the validation set; 0: all
     num_workers: int = 0  # DataLoader workers (0 or 1 on a 2-core machine: the main process needs the other)
-    hflip: float = 0.0  # probability of a horizontal flip (never for left/right phrases); off by default
+    hflip: float = 0.0  # probability of a horizontal flip (left/right words swapped); off by default
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32
     seed: int = 0
 

@@ -19,8 +19,8 @@ from clipseg_model.loading import load_model
 from clipseg_model.segmenter_base import SegmentationModel
 from finetune.samples import ReferringSample, SampleList
 from finetune.shapes import ShapesDataset
-from finetune.training import (TRAIN_PRESETS, TrainConfig, collate, evaluate, flippable, lr_factor, resize_mask,
-                               train)
+from finetune.training import (TRAIN_PRESETS, TrainConfig, _Augmented, collate, evaluate, flippable, lr_factor,
+                               mirror_phrase, resize_mask, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +53,25 @@ def test_collate_shapes_and_mask_resizing(tiny_model_factory):
     assert small.shape == (16, 16) and small.sum().item() == pytest.approx(16 * 0.25)
 
 
-def test_flip_is_refused_for_left_right_phrases():
+def test_flip_swaps_left_and_right_in_the_phrase():
     assert not flippable("the leftmost circle") and not flippable("man on the Right") and not flippable("rightmost")
     assert flippable("the red circle") and flippable("the topmost square") and flippable("the bright star")
+    assert mirror_phrase("the leftmost circle") == "the rightmost circle"
+    assert mirror_phrase("man on the Right, second from left") == "man on the Left, second from right"
+    assert mirror_phrase("LEFT guy in the right-hand seat") == "RIGHT guy in the left-hand seat"
+    assert mirror_phrase("the bright upright star") == "the bright upright star"
+
+
+def test_augmented_flip_mirrors_image_mask_and_direction_words():
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 0:2] = True  # on the left
+    image = Image.fromarray(np.where(mask[..., None], 255, 0).astype(np.uint8).repeat(3, -1))
+    data = [ReferringSample(image, "the shape on the left", mask, "test", {})] * 40
+    flipped = [s for s in (_Augmented(data, 0.5, seed=0, epoch=0)[i] for i in range(40)) if s.mask[2, 7]]
+    assert 5 < len(flipped) < 35  # about half of them
+    for s in flipped:
+        assert s.phrase == "the shape on the right" and not s.mask[2, 0]
+        assert np.asarray(s.image)[2, 7, 0] == 255 and np.asarray(s.image)[2, 0, 0] == 0
 
 
 def test_learning_rate_schedules():
@@ -363,3 +379,15 @@ def test_train_and_the_finetune_job_share_one_step_and_precision_policy(tiny_mod
     losses = train_candidate(by_job, list(data), steps=4, batch_size=4, lr=3e-3, seed=2)
     np.testing.assert_allclose([loss for _, loss in result.loss_history], losses, rtol=1e-5)
     assert losses[-1] < losses[0]
+
+
+def test_train_cli_hflip_sets_the_flip_probability():
+    import argparse
+    from types import SimpleNamespace
+
+    from finetune.train_command import _train_config, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser, SimpleNamespace(device="cpu"))
+    assert _train_config(parser.parse_args(["--out", "x", "--model", "m"])).hflip == 0.0
+    assert _train_config(parser.parse_args(["--out", "x", "--model", "m", "--hflip", "0.5"])).hflip == 0.5
