@@ -48,6 +48,9 @@ class ModelConfig:
     # masked), not only FiLM on the pooled sentence: "the LEFT one", "the BIGGER dog" stay words the decoder reads
     decoder_positions: bool = False  # add a learned projection of each patch's (x, y) (Fourier features, any grid
     # size) to the decoder's image tokens: where a token is, for "left", "top", "middle"
+    relative_positions: bool = False  # the decoder's self-attention adds a learned bias per head from each token
+    # pair's offset (dx, dy) (an MLP of the normalised offset, any grid size): "is there one of them to my left?" is
+    # then one attention hop, what "leftmost" and "second from the right" need
     output_size: int = 224  # side of the logit map the model returns (seed: 224)
     # --- both ---
     unfreeze_last: int = 0  # train the last k CLIP vision layers too (0: CLIP frozen)
@@ -63,7 +66,7 @@ class ModelConfig:
             raise ValueError("pixel_channels needs the film-decoder with learned_upsampler")
         if self.pixel_tokens and not self.pixel_channels:
             raise ValueError("pixel_tokens needs a pixel branch (pixel_channels > 0)")
-        for option in ("text_alignment", "word_attention", "decoder_positions"):
+        for option in ("text_alignment", "word_attention", "decoder_positions", "relative_positions"):
             if getattr(self, option) and self.architecture != FILM_DECODER:
                 raise ValueError(f"{option} needs the film-decoder")
         object.__setattr__(self, "extract_layers", tuple(int(i) for i in self.extract_layers))
@@ -160,8 +163,10 @@ PRESETS: dict[str, Preset] = {
     ),
     "tiny-words": Preset(
         ModelConfig(image_size=64, d_model=32, n_heads=2, n_layers=2, extract_layers=(2, 4), learned_upsampler=True,
-                    output_size=64, word_attention=True, decoder_positions=True, text_alignment=True),
-        "tests: the film-decoder's word-level cross-attention and decoder positions on a tiny random CLIP",
+                    output_size=64, word_attention=True, decoder_positions=True, relative_positions=True,
+                    text_alignment=True),
+        "tests: the film-decoder's word-level cross-attention, decoder positions and relative-position attention "
+        "bias on a tiny random CLIP",
         TinyBackbone(),
     ),
     "tiny-clipseg": Preset(

@@ -92,6 +92,30 @@ class PositionFeatures(nn.Module):
         return self.proj(features.to(self.proj.weight.dtype))
 
 
+class RelativePositionBias(nn.Module):
+    """A learned additive attention bias per head from each token pair's offset (continuous relative position bias,
+    as Swin v2): an MLP of the normalised offset (dx, dy) = (key - query) in [-1, 1], so it works at any grid size.
+    The last layer starts at zero: a new model attends as it would without it. CLS rows and columns get 0.
+    """
+
+    def __init__(self, n_heads: int, hidden: int = 32):
+        super().__init__()
+        self.n_heads = n_heads
+        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, n_heads))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, grid: int) -> torch.Tensor:
+        """→ (n_heads, 1 + grid^2, 1 + grid^2) bias for tokens [CLS, row-major patches]."""
+        device = self.mlp[0].weight.device
+        centres = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid
+        y, x = torch.meshgrid(centres, centres, indexing="ij")
+        xy = torch.stack([x.flatten(), y.flatten()], -1)  # (N, 2)
+        offsets = xy[None, :, :] - xy[:, None, :]  # (N query, N key, 2)
+        bias = self.mlp(offsets.to(self.mlp[0].weight.dtype)).permute(2, 0, 1)  # (H, N, N)
+        return F.pad(bias, (1, 0, 1, 0))  # CLS row and column: 0
+
+
 class LearnedUpsampler(nn.Module):
     """Patch grid → pixels with transposed convolutions (x`scale`), in place of one bilinear step.
 
@@ -203,6 +227,7 @@ class FilmDecoderModel(SegmentationModel):
             self.blocks = nn.TransformerEncoder(nn.TransformerEncoderLayer(config.d_model, config.n_heads, **layer_options),
                                                 config.n_layers, enable_nested_tensor=False)
         self.positions = PositionFeatures(config.d_model) if config.decoder_positions else None
+        self.relative_bias = RelativePositionBias(config.n_heads) if config.relative_positions else None
         if config.learned_upsampler:
             self.upsampler: LearnedUpsampler | None = LearnedUpsampler(config.d_model, self.patch_size,
                                                                        head=not config.pixel_channels)
@@ -321,15 +346,19 @@ class FilmDecoderModel(SegmentationModel):
         """`image_tokens` of B images + (P, text_dim) embeddings → logits (P, output_size, output_size)."""
         if image_index is not None:
             x = x.index_select(0, image_index.to(x.device))  # (P, 1 + N, d_model)
+        grid = int(math.isqrt(x.shape[1] - 1))
+        bias = None
+        if self.relative_bias is not None:  # (P * n_heads, 1 + N, 1 + N), what nn.MultiheadAttention adds per head
+            bias = self.relative_bias(grid).to(x.dtype)
+            bias = bias.unsqueeze(0).expand(x.shape[0], -1, -1, -1).reshape(-1, *bias.shape[1:])
         if self.word_proj is not None:
             text, words, valid = unpack_text(text, self.text_dim, self.word_dim)  # (P, D), (P, T, H), (P, T)
             x = self.film(x, text.to(x.dtype))
             memory = self.word_proj(words.to(x.dtype))  # (P, T, d_model)
-            x = self.blocks(x, memory, memory_key_padding_mask=~valid)[:, 1:]  # drop CLS: (P, N, d_model)
+            x = self.blocks(x, memory, tgt_mask=bias, memory_key_padding_mask=~valid)[:, 1:]  # drop CLS: (P, N, d_model)
         else:
             x = self.film(x, text.to(x.dtype))
-            x = self.blocks(x)[:, 1:]  # drop CLS: (P, N, d_model)
-        grid = int(math.isqrt(x.shape[1]))
+            x = self.blocks(x, mask=bias)[:, 1:]  # drop CLS: (P, N, d_model)
         if self.upsampler is not None:
             # (P, 1, g*patch, g*patch); with a pixel branch (P, C, g*patch, g*patch) maps, which it turns into logits
             maps = self.upsampler(x.transpose(1, 2).reshape(x.shape[0], -1, grid, grid))

@@ -431,3 +431,34 @@ def test_predictor_caches_word_attention_phrases(tiny_model_factory):
     first = segmenter.predict(image, ["the red square on the left"])  # cached alone (short batch)
     mixed = segmenter.predict(image, ["x", "the red square on the left", "the much bigger shape at the very top"])
     assert np.allclose(mixed[1].probability, first[0].probability, atol=1e-5)
+
+
+def test_relative_position_bias_depends_on_offsets_at_any_grid(tiny_model_factory):
+    """The decoder's relative-position bias starts at zero (a new model attends as without it), is a function of
+    each pair's (dx, dy) at any grid size (CLS rows/columns 0), and once learnt it changes the decoder's answer."""
+    model = load_model(tiny_model_factory("tiny-words"), "cpu")
+    bias_module = model.relative_bias
+    with torch.no_grad():
+        assert not bias_module(4).any()  # zero at start
+        s = model.config.image_size
+        torch.manual_seed(0)
+        pixels = torch.randn(1, 3, s, s)
+        features, text = model.encode_images(pixels), model.encode_text(["the leftmost one"])
+        before = model.decode(features, text)
+        torch.nn.init.normal_(bias_module.mlp[-1].weight, std=1.0)
+        for grid in (4, 6):
+            bias = bias_module(grid)
+            assert bias.shape == (model.config.n_heads, 1 + grid * grid, 1 + grid * grid)
+            assert not bias[:, 0].any() and not bias[:, :, 0].any()
+            # the same offset gives the same bias wherever the pair is: (0,0)->(0,1) and (1,1)->(1,2)
+            assert torch.allclose(bias[:, 1, 2], bias[:, 1 + grid + 1, 1 + grid + 2])
+            assert not torch.allclose(bias[:, 1, 2], bias[:, 2, 1])  # left of vs right of
+        after = model.decode(features, text)
+        assert not torch.allclose(before, after, atol=1e-4)
+        # a 96 px input (another grid) still decodes
+        assert model.decode(model.encode_images(torch.randn(1, 3, 96, 96)), text).shape[-1] == model.config.output_size
+
+
+def test_relative_positions_is_refused_for_clipseg():
+    with pytest.raises(ValueError, match="relative_positions needs the film-decoder"):
+        ModelConfig(architecture="clipseg-rd64", relative_positions=True)
