@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
              "pixel_tokens": "the pixel branch also adds strided-conv features to the decoder's image tokens",
              "word_attention": "decoder layers cross-attend to the phrase's token states",
              "decoder_positions": "add (x, y) position features to the decoder's image tokens",
-             "relative_positions": "a learned per-head self-attention bias from each token pair's (dx, dy)"}
+             "relative_positions": "a learned per-head self-attention bias from each token pair's (dx, dy)",
+             "alignment_trains_text": "the alignment loss's gradient reaches the text tower too"}
     for name, text in flags.items():
         model.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
                            help=f"{text} (default {'on' if getattr(model_cfg, name) else 'off'})")

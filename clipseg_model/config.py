@@ -44,6 +44,9 @@ class ModelConfig:
     pixel_tokens: bool = False  # the pixel branch also feeds the decoder: strided convs down to the patch grid,
     # added to the image tokens before FiLM (local shape evidence a ViT trained from scratch learns slowly)
     text_alignment: bool = False  # a head for text-token alignment training (`align_weight` of the recipe)
+    alignment_trains_text: bool = True  # the alignment loss's gradient also reaches the text tower; False: it trains
+    # the image side only (text detached), so it cannot pull phrases the image tokens cannot tell apart ("the
+    # leftmost shape" / "the rightmost shape": a token cannot see that it is leftmost) onto one embedding
     word_attention: bool = False  # decoder layers also cross-attend to the text tower's per-token states (padding
     # masked), not only FiLM on the pooled sentence: "the LEFT one", "the BIGGER dog" stay words the decoder reads
     decoder_positions: bool = False  # add a learned projection of each patch's (x, y) (Fourier features, any grid

@@ -327,6 +327,8 @@ class FilmDecoderModel(SegmentationModel):
         grid = int(math.isqrt(tokens.shape[1] - 1))
         covered = F.adaptive_avg_pool2d(masks.to(tokens.dtype)[:, None], grid).flatten(1)  # (B, N)
         projected = F.normalize(self.align_head(tokens[:, 1:]).float(), dim=-1)  # (B, N, text_dim)
+        if not self.config.alignment_trains_text:
+            text = text.detach()
         cosine = torch.einsum("bnd,bd->bn", projected, F.normalize(text.float(), dim=-1))  # (B, N)
         logits = self.align_logit_scale.clamp(max=math.log(100)).exp() * cosine + ALIGN_BIAS
         return F.binary_cross_entropy_with_logits(logits, covered.float())

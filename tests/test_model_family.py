@@ -462,3 +462,22 @@ def test_relative_position_bias_depends_on_offsets_at_any_grid(tiny_model_factor
 def test_relative_positions_is_refused_for_clipseg():
     with pytest.raises(ValueError, match="relative_positions needs the film-decoder"):
         ModelConfig(architecture="clipseg-rd64", relative_positions=True)
+
+
+@pytest.mark.parametrize("trains_text", [True, False])
+def test_alignment_trains_text_or_only_the_image_side(tiny_model_factory, trains_text):
+    """alignment_trains_text=False detaches the phrase embedding in the alignment loss: its gradient reaches the
+    image side and the alignment head, never the text tower (which the mask loss still trains)."""
+    model = load_model(tiny_model_factory("tiny-pixel"), "cpu")
+    model.config = model.config.replace(alignment_trains_text=trains_text, train_text=True)
+    for p in model.clip.text_model.parameters():
+        p.requires_grad_(True)
+    s = model.config.image_size
+    torch.manual_seed(0)
+    pixels, masks = torch.randn(2, 3, s, s), (torch.rand(2, s, s) > 0.5).float()
+    text = model.encode_text(["the leftmost one", "the rightmost one"])
+    x, _ = model.image_tokens(model.encode_images(pixels))
+    model.alignment_loss(x, text, masks).backward()
+    text_grad = sum(float(p.grad.abs().sum()) for p in model.clip.text_model.parameters() if p.grad is not None)
+    assert (text_grad > 0) == trains_text
+    assert model.align_head.weight.grad is not None and model.align_head.weight.grad.abs().sum() > 0
