@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
              "word_attention": "decoder layers cross-attend to the phrase's token states",
              "decoder_positions": "add (x, y) position features to the decoder's image tokens",
              "relative_positions": "a learned per-head self-attention bias from each token pair's (dx, dy)",
-             "alignment_trains_text": "the alignment loss's gradient reaches the text tower too"}
+             "alignment_trains_text": "the alignment loss's gradient reaches the text tower too",
+             "pixel_coordinates": "the pixel branch's phrase FiLM also sees each pixel's (x, y)"}
     for name, text in flags.items():
         model.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
                            help=f"{text} (default {'on' if getattr(model_cfg, name) else 'off'})")

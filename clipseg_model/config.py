@@ -41,6 +41,8 @@ class ModelConfig:
     learned_upsampler: bool = False  # transposed convolutions instead of one bilinear step
     pixel_channels: int = 0  # >0: a full-resolution pixel branch of this width, FiLM'd by the phrase, refines the
     # learned upsampler's output (sharper boundaries than a patch grid allows); 0: off (the seed and CLIPSeg)
+    pixel_coordinates: bool = False  # the pixel branch's phrase FiLM also sees each pixel's (x, y) (CoordConv): a
+    # direction word ("left", "top") gets a one-step path to the logits, as a colour word has through the stem
     pixel_tokens: bool = False  # the pixel branch also feeds the decoder: strided convs down to the patch grid,
     # added to the image tokens before FiLM (local shape evidence a ViT trained from scratch learns slowly)
     text_alignment: bool = False  # a head for text-token alignment training (`align_weight` of the recipe)
@@ -69,6 +71,8 @@ class ModelConfig:
             raise ValueError("pixel_channels needs the film-decoder with learned_upsampler")
         if self.pixel_tokens and not self.pixel_channels:
             raise ValueError("pixel_tokens needs a pixel branch (pixel_channels > 0)")
+        if self.pixel_coordinates and not self.pixel_channels:
+            raise ValueError("pixel_coordinates needs a pixel branch (pixel_channels > 0)")
         for option in ("text_alignment", "word_attention", "decoder_positions", "relative_positions"):
             if getattr(self, option) and self.architecture != FILM_DECODER:
                 raise ValueError(f"{option} needs the film-decoder")
@@ -159,9 +163,9 @@ PRESETS: dict[str, Preset] = {
     ),
     "tiny-pixel": Preset(
         ModelConfig(image_size=64, d_model=32, n_heads=2, n_layers=1, extract_layers=(2, 4), learned_upsampler=True,
-                    output_size=64, pixel_channels=4, pixel_tokens=True, text_alignment=True),
-        "tests: the film-decoder's pixel branch (full-resolution refinement + pixel tokens) and text-token "
-        "alignment head on a tiny random CLIP",
+                    output_size=64, pixel_channels=4, pixel_tokens=True, pixel_coordinates=True, text_alignment=True),
+        "tests: the film-decoder's pixel branch (full-resolution refinement + pixel tokens + coordinates) and "
+        "text-token alignment head on a tiny random CLIP",
         TinyBackbone(),
     ),
     "tiny-words": Preset(

@@ -150,8 +150,13 @@ class PixelBranch(nn.Module):
     exactly where its edges are (a patch grid alone blurs them over `patch` pixels).
     """
 
-    def __init__(self, text_dim: int, channels: int, upsampler_channels: int, patch: int = 0, d_model: int = 0):
+    def __init__(self, text_dim: int, channels: int, upsampler_channels: int, patch: int = 0, d_model: int = 0,
+                 coordinates: bool = False):
         super().__init__()
+        # With `coordinates`, two maps of each pixel's (x, y) in [-1, 1] join the stem's maps before the phrase's
+        # FiLM: gelu(gamma(t) * x + beta(t)) is then a soft half-plane ("left of here"), one step from the logits.
+        self.coordinates = coordinates
+        film_channels = channels + (2 if coordinates else 0)
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.GELU(),
                                   nn.Conv2d(channels, channels, 3, padding=1))
         # Optional: stride-2 convolutions from the stem down to the patch grid, giving d_model features per patch.
@@ -166,8 +171,8 @@ class PixelBranch(nn.Module):
                 layers += [nn.GELU(), nn.Conv2d(width, out, 3, stride=2, padding=1)]
                 width, patch = out, patch // 2
             self.to_tokens = nn.Sequential(*layers)
-        self.film = FiLM(text_dim, channels)
-        self.fuse = nn.Sequential(nn.Conv2d(channels + upsampler_channels, channels, 3, padding=1), nn.GELU(),
+        self.film = FiLM(text_dim, film_channels)
+        self.fuse = nn.Sequential(nn.Conv2d(film_channels + upsampler_channels, channels, 3, padding=1), nn.GELU(),
                                   nn.Conv2d(channels, 1, 1))
 
     def tokens(self, stem: torch.Tensor) -> torch.Tensor:
@@ -180,6 +185,12 @@ class PixelBranch(nn.Module):
         x = stem
         if image_index is not None:
             x = x.index_select(0, image_index.to(x.device))
+        if self.coordinates:
+            h, w = x.shape[-2:]
+            ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+            xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+            grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x, then y
+            x = torch.cat([x, grid.expand(x.shape[0], -1, -1, -1)], 1)
         x = F.gelu(self.film.maps(x, text))
         if maps.shape[-2:] != x.shape[-2:]:
             maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -236,7 +247,8 @@ class FilmDecoderModel(SegmentationModel):
             self.upsampler = None
             self.head = nn.Linear(config.d_model, 1)
         self.pixel_branch = (PixelBranch(text_dim, config.pixel_channels, self.upsampler.out_channels,
-                                         self.patch_size if config.pixel_tokens else 0, config.d_model)
+                                         self.patch_size if config.pixel_tokens else 0, config.d_model,
+                                         config.pixel_coordinates)
                              if config.pixel_channels else None)
         # Text-token alignment (training only): image tokens → text-embedding space, see `alignment_loss`.
         self.align_head = nn.Linear(config.d_model, text_dim) if config.text_alignment else None

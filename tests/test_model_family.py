@@ -481,3 +481,22 @@ def test_alignment_trains_text_or_only_the_image_side(tiny_model_factory, trains
     text_grad = sum(float(p.grad.abs().sum()) for p in model.clip.text_model.parameters() if p.grad is not None)
     assert (text_grad > 0) == trains_text
     assert model.align_head.weight.grad is not None and model.align_head.weight.grad.abs().sum() > 0
+
+
+def test_pixel_coordinates_let_the_phrase_prefer_a_side():
+    """With pixel_coordinates the pixel branch's FiLM sees (x, y): on a uniform image the answer can differ between
+    left and right (a direction word's one-step path); without them it cannot (convolutions are translation
+    equivariant, so the interior of a uniform image is one value)."""
+    from clipseg_model.film_decoder import PixelBranch
+
+    torch.manual_seed(0)
+    stem, maps, text = torch.zeros(1, 4, 16, 16), torch.zeros(1, 8, 16, 16), torch.randn(1, 8)
+    with torch.no_grad():
+        plain = PixelBranch(8, 4, 8)(stem, maps, text, None)[0, 0, 2:-2, 2:-2]
+        assert torch.allclose(plain, plain[0, 0].expand_as(plain))
+        branch = PixelBranch(8, 4, 8, coordinates=True)
+        out = branch(stem, maps, text, None)[0, 0, 2:-2, 2:-2]
+        assert not torch.allclose(out[:, 0], out[:, -1], atol=1e-4)  # left column vs right column
+        assert torch.allclose(branch(stem.repeat(2, 1, 1, 1), maps.repeat(2, 1, 1, 1), text.repeat(2, 1), None)[1, 0, 2:-2, 2:-2], out)
+    with pytest.raises(ValueError, match="pixel_coordinates needs a pixel branch"):
+        ModelConfig(pixel_coordinates=True)
