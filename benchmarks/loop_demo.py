@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out or Path(tempfile.mkdtemp(prefix="loop-demo-"))
     # The CPU learning benchmark's model (benchmarks/learning_cpu.py, preset cpu-scratch: 64 px, towers 64 wide,
     # trained embeddings, no decoder dropout, a word-level vocabulary) without its pixel branch, alignment head, word
-    # attention and decoder positions (= small-film at 64 px), on scenes with objects of 12-25 % of the image.
-    preset = bench_preset(64, pixel_channels=0, pixel_tokens=False, text_alignment=False, word_attention=False,
-                          decoder_positions=False)
+    # attention and position options (= small-film at 64 px), on scenes with objects of 12-25 % of the image.
+    preset = bench_preset(64, pixel_channels=0, pixel_tokens=False, pixel_coordinates=False, text_alignment=False,
+                          word_attention=False, decoder_positions=False, relative_positions=False)
     size = preset.config.image_size
     shapes = dict(image_size=size, kinds=KINDS, min_radius=0.12, max_radius=0.25, min_objects=2, max_objects=4)
 
