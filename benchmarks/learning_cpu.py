@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-samples", type=int, default=200_000, help="length of the generated training stream")
     parser.add_argument("--val-samples", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=recipe.num_workers,
+                        help="DataLoader worker processes generating scenes while the model trains")
     parser.add_argument("--eval-every", type=int, default=recipe.eval_every,
                         help=f"validate on {recipe.max_eval_samples} held-out samples every N steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     val_data = ShapesDataset(args.val_samples, seed=2000 + args.seed, config=shapes)
     cfg = recipe.replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps, warmup_fraction=args.warmup,
                          dice_weight=args.dice_weight, eval_every=args.eval_every, align_weight=args.align_weight,
-                         seed=args.seed)
+                         seed=args.seed, num_workers=args.num_workers)
     tokenizer = word_level_tokenizer(phrase_words()) if args.tokenizer == "word" else build_tokenizer(None)[0]
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="learning-cpu-"))
     started, cpu_started = time.time(), time.process_time()
