@@ -183,8 +183,8 @@ PRESETS: dict[str, Preset] = {
         TinyBackbone(),
     ),
     # The CPU learning benchmark's model (benchmarks/learning_cpu.py; training preset of the same name): everything
-    # random and trained, 64 px, 8 x 8 patch grid, pixel branch with coordinates, alignment head, word attention,
-    # positions, pixel coordinates + relative-position bias (together: position phrases 0.42 -> 0.77, docs/training.md).
+    # random and trained, 64 px, 8 x 8 patch grid, pixel branch, alignment head, word attention, decoder positions,
+    # pixel coordinates + relative-position bias (together: position phrases 0.42 -> 0.77, docs/training.md).
     "cpu-scratch": Preset(
         ModelConfig(image_size=64, d_model=64, n_heads=4, n_layers=2, dropout=0.0, extract_layers=(2, 4),
                     learned_upsampler=True, output_size=64, pixel_channels=16, pixel_tokens=True,

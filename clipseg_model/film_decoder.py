@@ -71,6 +71,13 @@ def unpack_text(text: torch.Tensor, pooled_dim: int, word_dim: int) -> tuple[tor
     return text[:, 0, :pooled_dim], text[:, 1 : 1 + t, :word_dim], valid[:, :t]
 
 
+def patch_centres(grid: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(x, y) of each patch's centre in [0, 1], row-major like the ViT's patch tokens → (grid * grid, 2) float32."""
+    centres = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([x.flatten(), y.flatten()], -1)
+
+
 class PositionFeatures(nn.Module):
     """Where each patch is: a learned projection of fixed Fourier features of its centre's (x, y) in [0, 1].
 
@@ -85,9 +92,7 @@ class PositionFeatures(nn.Module):
 
     def forward(self, grid: int) -> torch.Tensor:
         """→ (grid * grid, d_model), row-major like the ViT's patch tokens."""
-        centres = (torch.arange(grid, device=self.freqs.device, dtype=torch.float32) + 0.5) / grid
-        y, x = torch.meshgrid(centres, centres, indexing="ij")
-        angles = torch.stack([x.flatten(), y.flatten()], -1)[..., None] * self.freqs  # (N, 2, F)
+        angles = patch_centres(grid, self.freqs.device)[..., None] * self.freqs  # (N, 2, F)
         features = torch.cat([angles.sin(), angles.cos()], -1).flatten(1)  # (N, 4F)
         return self.proj(features.to(self.proj.weight.dtype))
 
@@ -107,10 +112,7 @@ class RelativePositionBias(nn.Module):
 
     def forward(self, grid: int) -> torch.Tensor:
         """→ (n_heads, 1 + grid^2, 1 + grid^2) bias for tokens [CLS, row-major patches]."""
-        device = self.mlp[0].weight.device
-        centres = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid
-        y, x = torch.meshgrid(centres, centres, indexing="ij")
-        xy = torch.stack([x.flatten(), y.flatten()], -1)  # (N, 2)
+        xy = patch_centres(grid, self.mlp[0].weight.device)  # (N, 2)
         offsets = xy[None, :, :] - xy[:, None, :]  # (N query, N key, 2)
         bias = self.mlp(offsets.to(self.mlp[0].weight.dtype)).permute(2, 0, 1)  # (H, N, N)
         return F.pad(bias, (1, 0, 1, 0))  # CLS row and column: 0

@@ -102,11 +102,6 @@ def collate(samples: Sequence[ReferringSample], model: SegmentationModel) -> Bat
     return Batch(pixel_values, [s.phrase for s in samples], masks)
 
 
-def flippable(phrase: str) -> bool:
-    """Whether a horizontal flip keeps `phrase` true as it is (it mentions no left/right direction)."""
-    return _MIRRORED_WORDS.search(phrase) is None
-
-
 def mirror_phrase(phrase: str) -> str:
     """What `phrase` says of the horizontally flipped image: left and right swapped, case kept
     ("the leftmost circle" → "the rightmost circle", "man on the Right" → "man on the Left")."""
