@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--n-layers", type=int, default=None, help=f"decoder layers (default {model_cfg.n_layers})")
     model.add_argument("--dropout", type=float, default=None, help="decoder dropout")
     model.add_argument("--pixel-channels", type=int, default=None, help="width of the pixel branch (0: off)")
+    model.add_argument("--pixel-stride", type=int, default=None, choices=(1, 2),
+                       help=f"2: the pixel branch works at half the side (default {model_cfg.pixel_stride})")
     flags = {"train_embeddings": "train the vision patch/position embeddings too",
              "pixel_tokens": "the pixel branch also adds strided-conv features to the decoder's image tokens",
              "word_attention": "decoder layers cross-attend to the phrase's token states",
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-objects", type=int, default=2)
     parser.add_argument("--max-objects", type=int, default=4)
     parser.add_argument("--train-samples", type=int, default=200_000, help="length of the generated training stream")
+    parser.add_argument("--phrases-per-scene", type=int, default=0,
+                        help="k >= 1: each training item is one scene with up to k phrases about different objects "
+                             "(the image encoded once; --batch-size counts scenes); 0: one phrase per scene")
     parser.add_argument("--val-samples", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=recipe.num_workers,
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     preset = bench_preset(args.hidden, image_size=args.image_size, d_model=args.d_model, n_layers=args.n_layers,
-                          dropout=args.dropout, pixel_channels=args.pixel_channels, text_alignment=args.align_weight > 0,
+                          dropout=args.dropout, pixel_channels=args.pixel_channels, pixel_stride=args.pixel_stride,
+                          text_alignment=args.align_weight > 0,
                           **{name: getattr(args, name) for name in flags})
     image_size = preset.config.image_size
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
@@ -158,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     # One generator configuration for both sets; only the seed differs (held-out scenes, same distribution).
     shapes = ShapesConfig(image_size=image_size, kinds=kinds, min_radius=args.min_radius,
                           max_radius=args.max_radius, min_objects=args.min_objects, max_objects=args.max_objects)
-    train_data = ShapesDataset(args.train_samples, seed=1000 + args.seed, config=shapes)
+    train_data = ShapesDataset(args.train_samples, seed=1000 + args.seed, config=shapes,
+                               phrases_per_scene=args.phrases_per_scene)
     if boost and args.boost_share > 0:
         # A second stream (its own seed) of only the boosted kind; the sampler shuffles the two together.
         boosted = round(args.train_samples * args.boost_share / (1 - args.boost_share))
         train_data = ConcatDataset([train_data, ShapesDataset(boosted, seed=3000 + args.seed,
-                                                              config=dataclasses.replace(shapes, kinds=boost))])
+                                                              config=dataclasses.replace(shapes, kinds=boost),
+                                                              phrases_per_scene=args.phrases_per_scene)])
     val_data = ShapesDataset(args.val_samples, seed=2000 + args.seed, config=shapes)
     cfg = recipe.replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps, warmup_fraction=args.warmup,
                          dice_weight=args.dice_weight, eval_every=args.eval_every, align_weight=args.align_weight,
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                    for k, v in dataclasses.asdict(shapes).items() if not isinstance(v, frozenset) or v}
     summary = {"model": dataclasses.asdict(preset.config) | {"backbone": dataclasses.asdict(preset.backbone)},
                "tokenizer": args.tokenizer, "shapes": shapes_desc, "train": cfg.to_dict(),
+               "phrases_per_scene": args.phrases_per_scene,
                "boost": {"kind": args.boost_kind, "share": args.boost_share, "train_stream_length": len(train_data)},
                "final_loss": result.final_loss, "heldout": metrics, "breakdown": breakdown(evaluation, val_data), "train_seconds": round(trained - started, 1),
                "total_seconds": round(total, 1), "cpu_seconds": round(cpu, 1),

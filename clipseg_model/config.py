@@ -43,6 +43,8 @@ class ModelConfig:
     # learned upsampler's output (sharper boundaries than a patch grid allows); 0: off (the seed and CLIPSeg)
     pixel_coordinates: bool = False  # the pixel branch's phrase FiLM also sees each pixel's (x, y) (CoordConv): a
     # direction word ("left", "top") gets a one-step path to the logits, as a colour word has through the stem
+    pixel_stride: int = 1  # 1: the pixel branch works at the input resolution; 2: its stem is a stride-2 conv and it
+    # works at half the side (a quarter of the convolution work; its logits are resized to `output_size`)
     pixel_tokens: bool = False  # the pixel branch also feeds the decoder: strided convs down to the patch grid,
     # added to the image tokens before FiLM (local shape evidence a ViT trained from scratch learns slowly)
     text_alignment: bool = False  # a head for text-token alignment training (`align_weight` of the recipe)
@@ -73,6 +75,10 @@ class ModelConfig:
             raise ValueError("pixel_tokens needs a pixel branch (pixel_channels > 0)")
         if self.pixel_coordinates and not self.pixel_channels:
             raise ValueError("pixel_coordinates needs a pixel branch (pixel_channels > 0)")
+        if self.pixel_stride not in (1, 2):
+            raise ValueError(f"pixel_stride must be 1 or 2, got {self.pixel_stride}")
+        if self.pixel_stride != 1 and not self.pixel_channels:
+            raise ValueError("pixel_stride needs a pixel branch (pixel_channels > 0)")
         for option in ("text_alignment", "word_attention", "decoder_positions", "relative_positions"):
             if getattr(self, option) and self.architecture != FILM_DECODER:
                 raise ValueError(f"{option} needs the film-decoder")

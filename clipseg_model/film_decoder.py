@@ -147,23 +147,29 @@ class LearnedUpsampler(nn.Module):
 
 
 class PixelBranch(nn.Module):
-    """Full-resolution refinement: a small conv stem on the input pixels, FiLM-conditioned on the phrase, fused
+    """Pixel-level refinement: a small conv stem on the input pixels, FiLM-conditioned on the phrase, fused
     with the learned upsampler's maps, gives the logits. The patch grid says which object; the pixels say
     exactly where its edges are (a patch grid alone blurs them over `patch` pixels).
+
+    With `stride` 2 the stem's first convolution has stride 2 and the branch works at half the input side R = S / 2
+    (a quarter of the convolution work); else R = S.
     """
 
     def __init__(self, text_dim: int, channels: int, upsampler_channels: int, patch: int = 0, d_model: int = 0,
-                 coordinates: bool = False):
+                 coordinates: bool = False, stride: int = 1):
         super().__init__()
         # With `coordinates`, two maps of each pixel's (x, y) in [-1, 1] join the stem's maps before the phrase's
         # FiLM: gelu(gamma(t) * x + beta(t)) is then a soft half-plane ("left of here"), one step from the logits.
         self.coordinates = coordinates
         film_channels = channels + (2 if coordinates else 0)
-        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.GELU(),
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, stride=stride, padding=1), nn.GELU(),
                                   nn.Conv2d(channels, channels, 3, padding=1))
         # Optional: stride-2 convolutions from the stem down to the patch grid, giving d_model features per patch.
         self.to_tokens: nn.Sequential | None = None
         if patch:
+            if patch % stride:
+                raise ValueError(f"pixel_stride {stride} does not divide the patch size {patch}")
+            patch //= stride
             if patch & (patch - 1):
                 raise ValueError(f"pixel tokens need a power-of-two patch size, got {patch}")
             layers: list[nn.Module] = []
@@ -178,12 +184,12 @@ class PixelBranch(nn.Module):
                                   nn.Conv2d(channels, 1, 1))
 
     def tokens(self, stem: torch.Tensor) -> torch.Tensor:
-        """Stem maps (B, C, S, S) → (B, (S/patch)^2, d_model) per-patch features, row-major like the ViT's tokens."""
+        """Stem maps (B, C, R, R) → (B, (S/patch)^2, d_model) per-patch features, row-major like the ViT's tokens."""
         return self.to_tokens(stem).flatten(2).transpose(1, 2)
 
     def forward(self, stem: torch.Tensor, maps: torch.Tensor, text: torch.Tensor,
                 image_index: torch.Tensor | None) -> torch.Tensor:
-        """stem (B, C, S, S) = self.stem(pixels), maps (P, C_up, S, S), text (P, text_dim) → logits (P, 1, S, S)."""
+        """stem (B, C, R, R) = self.stem(pixels), maps (P, C_up, R, R), text (P, text_dim) → logits (P, 1, R, R)."""
         x = stem
         if image_index is not None:
             x = x.index_select(0, image_index.to(x.device))
@@ -241,8 +247,12 @@ class FilmDecoderModel(SegmentationModel):
                                                 config.n_layers, enable_nested_tensor=False)
         self.positions = PositionFeatures(config.d_model) if config.decoder_positions else None
         self.relative_bias = RelativePositionBias(config.n_heads) if config.relative_positions else None
+        if config.pixel_channels and self.patch_size % config.pixel_stride:
+            raise ValueError(f"pixel_stride {config.pixel_stride} does not divide the patch size {self.patch_size}")
         if config.learned_upsampler:
-            self.upsampler: LearnedUpsampler | None = LearnedUpsampler(config.d_model, self.patch_size,
+            # With a pixel branch the upsampler stops at the branch's resolution (input side / pixel_stride).
+            scale = self.patch_size // config.pixel_stride if config.pixel_channels else self.patch_size
+            self.upsampler: LearnedUpsampler | None = LearnedUpsampler(config.d_model, scale,
                                                                        head=not config.pixel_channels)
             self.head = None
         else:
@@ -250,7 +260,7 @@ class FilmDecoderModel(SegmentationModel):
             self.head = nn.Linear(config.d_model, 1)
         self.pixel_branch = (PixelBranch(text_dim, config.pixel_channels, self.upsampler.out_channels,
                                          self.patch_size if config.pixel_tokens else 0, config.d_model,
-                                         config.pixel_coordinates)
+                                         config.pixel_coordinates, config.pixel_stride)
                              if config.pixel_channels else None)
         # Text-token alignment (training only): image tokens → text-embedding space, see `alignment_loss`.
         self.align_head = nn.Linear(config.d_model, text_dim) if config.text_alignment else None
@@ -305,7 +315,7 @@ class FilmDecoderModel(SegmentationModel):
 
     def image_tokens(self, features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decoder's phrase-independent input, once per image: tokens (B, 1 + N, d_model) (CLS first) and,
-        with a pixel branch, its stem maps (B, C, S, S) (else None)."""
+        with a pixel branch, its stem maps (B, C, R, R) (R = S / pixel_stride; else None)."""
         tokens = features.layers[: len(self.reduces)]
         x = sum(reduce(h) for reduce, h in zip(self.reduces, tokens))  # (B, 1 + N, d_model)
         if self.positions is not None:
@@ -313,7 +323,7 @@ class FilmDecoderModel(SegmentationModel):
             x = torch.cat([x[:, :1], x[:, 1:] + position], 1)
         stem = None
         if self.pixel_branch is not None:
-            stem = self.pixel_branch.stem(features.layers[-1].to(x.dtype))  # (B, C, S, S)
+            stem = self.pixel_branch.stem(features.layers[-1].to(x.dtype))  # (B, C, R, R)
             if self.pixel_branch.to_tokens is not None:
                 x = torch.cat([x[:, :1], x[:, 1:] + self.pixel_branch.tokens(stem)], 1)
         return x, stem
@@ -347,15 +357,16 @@ class FilmDecoderModel(SegmentationModel):
         logits = self.align_logit_scale.clamp(max=math.log(100)).exp() * cosine + ALIGN_BIAS
         return F.binary_cross_entropy_with_logits(logits, covered.float())
 
-    def forward_with_alignment(self, pixel_values: torch.Tensor, prompts: Sequence[str],
-                               masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training path with text-token alignment: B images, B phrases, (B, H, W) target masks →
-        (logits (B, S_out, S_out), alignment loss scalar)."""
+    def forward_with_alignment(self, pixel_values: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor,
+                               image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training path with text-token alignment: B images, P phrases (phrase p on image `image_index[p]`,
+        default p), (P, H, W) target masks → (logits (P, S_out, S_out), alignment loss scalar)."""
         if self.align_head is None:
-            return super().forward_with_alignment(pixel_values, prompts, masks)  # raises: no head
+            return super().forward_with_alignment(pixel_values, prompts, masks, image_index)  # raises: no head
         text = self.encode_text(prompts)
         x, stem = self.image_tokens(self.encode_images(pixel_values))
-        return self.decode_tokens(x, stem, text), self.alignment_loss(x, text, masks.to(x.device))
+        rows = x if image_index is None else x.index_select(0, image_index.to(x.device))  # (P, 1 + N, d_model)
+        return self.decode_tokens(x, stem, text, image_index), self.alignment_loss(rows, text, masks.to(x.device))
 
     def decode_tokens(self, x: torch.Tensor, stem: torch.Tensor | None, text: torch.Tensor,
                       image_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -376,10 +387,10 @@ class FilmDecoderModel(SegmentationModel):
             x = self.film(x, text.to(x.dtype))
             x = self.blocks(x, mask=bias)[:, 1:]  # drop CLS: (P, N, d_model)
         if self.upsampler is not None:
-            # (P, 1, g*patch, g*patch); with a pixel branch (P, C, g*patch, g*patch) maps, which it turns into logits
+            # (P, 1, g*patch, g*patch); with a pixel branch (P, C, R, R) maps, which it turns into logits (P, 1, R, R)
             maps = self.upsampler(x.transpose(1, 2).reshape(x.shape[0], -1, grid, grid))
             if self.pixel_branch is not None:
-                maps = self.pixel_branch(stem, maps, text.to(x.dtype), image_index)  # (P, 1, S, S)
+                maps = self.pixel_branch(stem, maps, text.to(x.dtype), image_index)  # (P, 1, R, R)
         else:
             maps = self.head(x).transpose(1, 2).reshape(x.shape[0], 1, grid, grid)  # (P, 1, g, g)
         size = self.config.output_size

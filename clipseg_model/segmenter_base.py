@@ -89,6 +89,18 @@ class TrainableState:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def check_image_index(n_images: int, n_prompts: int, image_index: torch.Tensor | None) -> None:
+    """Raise ValueError unless P prompts fit B images: P == B without an index, else a (P,) index into [0, B)."""
+    if image_index is None:
+        if n_prompts != n_images:
+            raise ValueError(f"{n_images} images but {n_prompts} prompts (and no image_index)")
+        return
+    if image_index.shape != (n_prompts,):
+        raise ValueError(f"image_index has shape {tuple(image_index.shape)}, expected ({n_prompts},)")
+    if n_prompts and not (0 <= int(image_index.min()) and int(image_index.max()) < n_images):
+        raise ValueError(f"image_index must lie in [0, {n_images})")
+
+
 class SegmentationModel(nn.Module):
     """Base class of the model family. Subclasses build `self.vision_layers` etc. and implement the hooks."""
 
@@ -138,20 +150,20 @@ class SegmentationModel(nn.Module):
         return torch.is_grad_enabled() and (self.config.unfreeze_last > 0 or self.config.train_embeddings)
 
     # ---- shared behaviour ----------------------------------------------------------------------------
-    def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str],
-                masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Training path: B images and B phrases (one each) → logits (B, S_out, S_out).
+    def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor | None = None,
+                image_index: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Training path: B images and P phrases → logits (P, S_out, S_out). Phrase p refers to image
+        `image_index[p]` ((P,) long); without it P == B, one phrase per image.
 
-        With `masks` (B, H, W) (the targets): (logits, text-token alignment loss), for models that have the
+        With `masks` (P, H, W) (the targets): (logits, text-token alignment loss), for models that have the
         alignment head (see `forward_with_alignment`)."""
-        if len(prompts) != pixel_values.shape[0]:
-            raise ValueError(f"{pixel_values.shape[0]} images but {len(prompts)} prompts")
+        check_image_index(pixel_values.shape[0], len(prompts), image_index)
         if masks is not None:
-            return self.forward_with_alignment(pixel_values, prompts, masks)
-        return self.decode(self.encode_images(pixel_values), self.encode_text(prompts))
+            return self.forward_with_alignment(pixel_values, prompts, masks, image_index)
+        return self.decode(self.encode_images(pixel_values), self.encode_text(prompts), image_index)
 
-    def forward_with_alignment(self, pixel_values: torch.Tensor, prompts: Sequence[str],
-                               masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_alignment(self, pixel_values: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor,
+                               image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` with masks (prompts already checked against images): (logits, alignment loss); only the
         film-decoder built with `text_alignment` has it."""
         raise ValueError(f"{type(self).__name__} has no text-token alignment head (text_alignment)")

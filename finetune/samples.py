@@ -46,9 +46,15 @@ class ReferringSample:
         self.mask = mask
 
 
+# Several phrases of ONE image (the same image object in every sample), as a training item: the image is encoded
+# once for all of them, and the model must tell its objects apart by the phrase alone (`finetune.training.collate`).
+SceneGroup = list[ReferringSample]
+
+
 @runtime_checkable
 class ReferringDataset(Protocol):
-    """Anything indexable that yields `ReferringSample` (map-style, like a torch Dataset)."""
+    """Anything indexable that yields `ReferringSample` (map-style, like a torch Dataset). A training set may also
+    yield `SceneGroup`s (`ShapesDataset(phrases_per_scene=k)`); evaluation takes samples only."""
 
     def __len__(self) -> int: ...
 

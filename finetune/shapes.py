@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finetune.samples import ReferringSample
+from finetune.samples import ReferringSample, SceneGroup
 
 # Saturated colours far apart in RGB, so jittered instances never look like a neighbour.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -432,34 +432,55 @@ def generate(seed: int, index: int, cfg: ShapesConfig) -> ReferringSample:
     Raises:
         RuntimeError: if the filters leave no valid phrase in `cfg.max_tries` scenes.
     """
+    return generate_scene(seed, index, cfg, 1)[0]
+
+
+def _choose(rng: np.random.Generator, cands: Sequence[Candidate]) -> Candidate:
+    """One candidate, the family first, so rare families (size) are not drowned by common ones."""
+    kinds = sorted({c.kind for c in cands})
+    kind = kinds[int(rng.integers(len(kinds)))]
+    pool = [c for c in cands if c.kind == kind]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def generate_scene(seed: int, index: int, cfg: ShapesConfig, phrases: int) -> list[ReferringSample]:
+    """Scene `index` of the stream `seed` with up to `phrases` different phrases about it, all sharing one image
+    object (a `SceneGroup`); a pure function of its arguments. The first phrase is `generate`'s; the others refer
+    to objects no earlier phrase picked while there are such, then to any object by a phrase not used yet.
+
+    Returns:
+        1 to `phrases` ReferringSamples (fewer where the scene has fewer valid phrases).
+    Raises:
+        RuntimeError: if the filters leave no valid phrase in `cfg.max_tries` scenes.
+    """
+    if phrases < 1:
+        raise ValueError(f"phrases must be >= 1, got {phrases}")
     rng = np.random.default_rng([int(seed), int(index)])
     for attempt in range(cfg.max_tries):
         scene = render_scene(rng, cfg, force=_forced_attributes(rng, cfg))
         cands = candidate_phrases(scene, cfg)
         if not cands:
             continue
-        # Choose the family first, so rare families (size) are not drowned by common ones.
-        kinds = sorted({c.kind for c in cands})
-        kind = kinds[int(rng.integers(len(kinds)))]
-        pool = [c for c in cands if c.kind == kind]
-        choice = pool[int(rng.integers(len(pool)))]
-        target = scene.objects[choice.target]
-        meta = {
-            "seed": int(seed),
-            "index": int(index),
-            "kind": choice.kind,
-            "words": sorted(choice.words),
-            "target": choice.target,
-            "objects": [o.describe() for o in scene.objects],
-            "attempts": attempt + 1,
-        }
-        return ReferringSample(
-            image=Image.fromarray(scene.image, "RGB"),
-            phrase=choice.phrase,
-            mask=target.mask.copy(),
-            source="shapes",
-            meta=meta,
-        )
+        chosen = [_choose(rng, cands)]
+        while len(chosen) < phrases:
+            unused = [c for c in cands if c.phrase not in {x.phrase for x in chosen}]
+            fresh = [c for c in unused if c.target not in {x.target for x in chosen}]
+            if not unused:
+                break
+            chosen.append(_choose(rng, fresh or unused))
+        image = Image.fromarray(scene.image, "RGB")
+        objects = [o.describe() for o in scene.objects]
+        return [
+            ReferringSample(
+                image=image,
+                phrase=choice.phrase,
+                mask=scene.objects[choice.target].mask.copy(),
+                source="shapes",
+                meta={"seed": int(seed), "index": int(index), "kind": choice.kind, "words": sorted(choice.words),
+                      "target": choice.target, "objects": objects, "attempts": attempt + 1},
+            )
+            for choice in chosen
+        ]
     raise RuntimeError(
         f"no phrase satisfies the filters after {cfg.max_tries} scenes (seed={seed}, index={index}); "
         "loosen exclude_words / require_words / exclude_targets"
@@ -474,26 +495,34 @@ class ShapesDataset:
         teach = ShapesDataset(32, seed=1, require_words={"green"})
     """
 
-    def __init__(self, length: int, seed: int = 0, config: ShapesConfig | None = None, **options: Any) -> None:
-        """Args: length (number of samples), seed, and either a ShapesConfig or its fields as keywords."""
+    def __init__(self, length: int, seed: int = 0, config: ShapesConfig | None = None, phrases_per_scene: int = 0,
+                 **options: Any) -> None:
+        """Args: length (number of items), seed, either a ShapesConfig or its fields as keywords, and
+        `phrases_per_scene`: 0 (default) yields one ReferringSample per item; k >= 1 yields a `SceneGroup` of up to
+        k phrases of one scene per item (for training; `generate_scene`)."""
         if length < 0:
             raise ValueError("length must be >= 0")
+        if phrases_per_scene < 0:
+            raise ValueError("phrases_per_scene must be >= 0")
         base = config or ShapesConfig()
         self.config = replace(base, **options) if options else base
         self.length = int(length)
         self.seed = int(seed)
+        self.phrases_per_scene = int(phrases_per_scene)
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> ReferringSample:
+    def __getitem__(self, index: int) -> ReferringSample | SceneGroup:
         if index < 0:
             index += self.length
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for length {self.length}")
+        if self.phrases_per_scene:
+            return generate_scene(self.seed, index, self.config, self.phrases_per_scene)
         return generate(self.seed, index, self.config)
 
-    def __iter__(self) -> Iterator[ReferringSample]:
+    def __iter__(self) -> Iterator[ReferringSample | SceneGroup]:
         return (self[i] for i in range(self.length))
 
 

@@ -46,7 +46,7 @@ from clipseg_model.losses import segmentation_loss
 from clipseg_model.segmenter_base import SegmentationModel
 from finetune.metrics import MetricAccumulator, ThresholdSweep
 from finetune.report import CSVMetricsLogger, GridRow, write_loss_curve
-from finetune.samples import ReferringDataset, ReferringSample
+from finetune.samples import ReferringDataset, ReferringSample, SceneGroup
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,17 @@ class Batch:
 
     Attributes:
         pixel_values: (B, 3, S, S) float32, normalised (S = model.config.image_size).
-        phrases: B referring phrases.
-        masks: (B, S_out, S_out) float32 in [0, 1] (S_out = model.config.output_size); area-resized, so
+        phrases: P referring phrases.
+        masks: (P, S_out, S_out) float32 in [0, 1] (S_out = model.config.output_size); area-resized, so
             boundary pixels carry the covered fraction (a soft target BCE handles).
+        image_index: (P,) long, the image each phrase refers to, where some image has several phrases (items
+            that are scene groups); None when P == B, phrase p on image p.
     """
 
     pixel_values: torch.Tensor
     phrases: list[str]
     masks: torch.Tensor
+    image_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -94,12 +97,20 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     return out[0, 0]
 
 
-def collate(samples: Sequence[ReferringSample], model: SegmentationModel) -> Batch:
-    """Samples → `Batch` with images through `model.preprocess` and masks at the model's output size."""
+def collate(items: Sequence[ReferringSample | SceneGroup], model: SegmentationModel) -> Batch:
+    """Samples or scene groups (several phrases of one image) → `Batch`: each image once through
+    `model.preprocess`, masks at the model's output size, `image_index` where a group has more than one phrase."""
     size = model.config.output_size
-    pixel_values = model.preprocess([s.image for s in samples])
+    groups = [list(item) if isinstance(item, (list, tuple)) else [item] for item in items]
+    if any(not group for group in groups):
+        raise ValueError("a scene group holds no samples")
+    samples = [s for group in groups for s in group]
+    pixel_values = model.preprocess([group[0].image for group in groups])
     masks = torch.stack([resize_mask(s.mask, size) for s in samples]) if samples else torch.zeros(0, size, size)
-    return Batch(pixel_values, [s.phrase for s in samples], masks)
+    image_index = None
+    if len(samples) != len(groups):
+        image_index = torch.tensor([i for i, group in enumerate(groups) for _ in group], dtype=torch.long)
+    return Batch(pixel_values, [s.phrase for s in samples], masks, image_index)
 
 
 def mirror_phrase(phrase: str) -> str:
@@ -127,10 +138,16 @@ class _Augmented:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> ReferringSample:
-        sample = self.dataset[index]
+    def __getitem__(self, index: int) -> ReferringSample | SceneGroup:
+        item = self.dataset[index]
         if self.hflip <= 0 or np.random.default_rng([self.seed, self.epoch, index]).random() >= self.hflip:
-            return sample
+            return item
+        if isinstance(item, (list, tuple)):  # a scene group: one image, so one decision for all its phrases
+            return [self.flip(sample) for sample in item]
+        return self.flip(item)
+
+    @staticmethod
+    def flip(sample: ReferringSample) -> ReferringSample:
         return dataclasses.replace(sample, image=sample.image.transpose(Image.FLIP_LEFT_RIGHT),
                                    mask=np.ascontiguousarray(sample.mask[:, ::-1]), phrase=mirror_phrase(sample.phrase))
 
@@ -310,9 +327,12 @@ def precision_policy(device: str | torch.device, amp: bool = True) -> Precision:
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW over `params` as `cfg` says."""
+    """Adam or AdamW over `params` as `cfg` says; the fused kernel where every parameter is a float tensor on the
+    CPU or CUDA (one kernel for all parameters: 0.53 -> 0.50 s per cpu-scratch step on 2 CPU threads)."""
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -719,10 +739,9 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
             for batch in loader:
                 masks = batch.masks.to(device)
                 pixels = batch.pixel_values.to(device, non_blocking=True)
-                if cfg.align_weight:
-                    forward = functools.partial(ddp_model, pixels, batch.phrases, masks)
-                else:
-                    forward = functools.partial(ddp_model, pixels, batch.phrases)
+                image_index = batch.image_index.to(device) if batch.image_index is not None else None
+                forward = functools.partial(ddp_model, pixels, batch.phrases, masks if cfg.align_weight else None,
+                                            image_index)
                 loss, lr = training_step(forward, masks, optimizer, scheduler, scaler, params, precision, cfg)
                 step += 1
                 value = float(loss.detach())

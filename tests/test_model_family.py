@@ -500,3 +500,53 @@ def test_pixel_coordinates_let_the_phrase_prefer_a_side():
         assert torch.allclose(branch(stem.repeat(2, 1, 1, 1), maps.repeat(2, 1, 1, 1), text.repeat(2, 1), None)[1, 0, 2:-2, 2:-2], out)
     with pytest.raises(ValueError, match="pixel_coordinates needs a pixel branch"):
         ModelConfig(pixel_coordinates=True)
+
+
+def test_pixel_stride_two_works_at_half_the_side(tiny_model_factory):
+    """pixel_stride 2: the stem's maps and the pixel branch's logits are at half the input side (a quarter of the
+    convolution work), the model still returns output_size logits that the pixels move; 3 and a branchless
+    stride are refused."""
+    from clipseg_model.film_decoder import FilmDecoderModel
+
+    base = load_model(tiny_model_factory("tiny-pixel"), "cpu")
+    torch.manual_seed(0)
+    model = FilmDecoderModel(base.config.replace(pixel_stride=2), base.clip, base.tokenizer).eval()
+    s = model.config.image_size
+    pixels = torch.randn(1, 3, s, s)
+    with torch.no_grad():
+        tokens, stem = model.image_tokens(model.encode_images(pixels))
+        assert stem.shape[-2:] == (s // 2, s // 2)
+        assert tokens.shape[1] == 1 + (s // model.patch_size) ** 2
+        text = model.encode_text(["the leftmost one"])
+        base_logits = model.decode(model.encode_images(pixels), text)
+        changed = pixels.clone()
+        changed[:, :, 5, 5] += 3.0
+        moved = model.decode(model.encode_images(changed), text)
+    assert base_logits.shape == (1, model.config.output_size, model.config.output_size)
+    assert (moved - base_logits).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="pixel_stride must be 1 or 2"):
+        ModelConfig(pixel_channels=4, learned_upsampler=True, pixel_stride=3)
+    with pytest.raises(ValueError, match="pixel_stride needs a pixel branch"):
+        ModelConfig(pixel_stride=2)
+
+
+@pytest.mark.parametrize("preset", ["tiny-pixel", "tiny-words"])
+def test_phrases_sharing_an_image_equal_the_image_repeated(tiny_model_factory, preset):
+    """forward with image_index (B images, P phrases) gives the logits and alignment loss of the images repeated
+    per phrase (what a scene group saves is the repeated encoding), and a bad index is one clear error."""
+    model = load_model(tiny_model_factory(preset), "cpu").eval()
+    s = model.config.image_size
+    torch.manual_seed(2)
+    pixels = torch.randn(2, 3, s, s)
+    prompts = ["the red circle", "the leftmost one", "blue", "the bigger shape"]
+    index = torch.tensor([0, 0, 1, 0])
+    masks = (torch.rand(4, model.config.output_size, model.config.output_size) > 0.7).float()
+    with torch.no_grad():
+        grouped, grouped_align = model(pixels, prompts, masks, index)
+        repeated, repeated_align = model(pixels[index], prompts, masks)
+    assert torch.allclose(grouped, repeated, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(grouped_align, repeated_align, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="image_index must lie in"):
+        model(pixels, prompts, None, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="2 images but 4 prompts"):
+        model(pixels, prompts)

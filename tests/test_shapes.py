@@ -201,3 +201,29 @@ def test_sample_validates_mask() -> None:
     assert s.image.mode == "RGB" and s.mask.dtype == bool
     with pytest.raises(ValueError):
         ReferringSample(img, "x", np.ones((4, 3), bool), "t")
+
+
+def test_scene_groups_share_one_image_and_refer_to_different_objects():
+    """generate_scene: its first phrase is generate's, the others refer to other objects of the same image while
+    there are any (else a phrase not used yet), every phrase unambiguous; deterministic."""
+    from finetune.shapes import generate, generate_scene
+
+    cfg = ShapesConfig(image_size=64, min_objects=3, max_objects=4)
+    apart = 0
+    for index in range(40):
+        group = generate_scene(7, index, cfg, 3)
+        single = generate(7, index, cfg)
+        assert group[0].phrase == single.phrase and np.array_equal(group[0].mask, single.mask)
+        assert len({s.phrase for s in group}) == len(group) and 1 <= len(group) <= 3
+        assert all(s.image is group[0].image for s in group)
+        targets = [s.meta["target"] for s in group]
+        apart += len(set(targets)) == len(targets)
+        for s in group:
+            assert resolve(s.phrase, s.meta["objects"], cfg.size, cfg) == s.meta["target"], s.phrase
+        again = generate_scene(7, index, cfg, 3)
+        assert [s.phrase for s in again] == [s.phrase for s in group]
+    assert apart >= 36  # different objects wherever the scene has phrases for them
+    data = ShapesDataset(5, seed=7, config=cfg, phrases_per_scene=2)
+    assert isinstance(data[0], list) and data[0][0].phrase == generate(7, 0, cfg).phrase
+    with pytest.raises(ValueError, match="phrases must be >= 1"):
+        generate_scene(7, 0, cfg, 0)

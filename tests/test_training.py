@@ -53,6 +53,50 @@ def test_collate_shapes_and_mask_resizing(tiny_model_factory):
     assert small.shape == (16, 16) and small.sum().item() == pytest.approx(16 * 0.25)
 
 
+def test_collate_scene_groups_encode_each_image_once(tiny_model_factory):
+    """Items that are scene groups (several phrases of one image) become one image row each, a mask and phrase per
+    phrase, and the image_index that maps phrases to images; plain samples keep image_index None."""
+    model = load_model(tiny_model_factory("tiny-pixel"), "cpu")
+    groups = ShapesDataset(3, seed=4, image_size=64, phrases_per_scene=2)
+    items = [groups[i] for i in range(3)]
+    assert all(isinstance(item, list) and len(item) == 2 for item in items)
+    batch = collate(items + [_samples(1)[0]], model)
+    assert batch.pixel_values.shape == (4, 3, 64, 64) and batch.masks.shape == (7, 64, 64)
+    assert batch.image_index.tolist() == [0, 0, 1, 1, 2, 2, 3]
+    assert batch.phrases[:2] == [s.phrase for s in items[0]] and len(batch) == 7
+    assert collate([_samples(2)[i] for i in range(2)], model).image_index is None
+    with pytest.raises(ValueError, match="holds no samples"):
+        collate([[]], model)
+
+
+def test_augmented_flips_a_scene_group_as_one_image():
+    """One flip decision per item: every phrase of a group is mirrored with its image, or none is."""
+    groups = ShapesDataset(30, seed=3, image_size=32, phrases_per_scene=2,
+                           kinds=("position",), min_objects=3)
+    plain = [groups[i] for i in range(30)]
+    augmented = [_Augmented(groups, 0.5, seed=1, epoch=0)[i] for i in range(30)]
+    flipped = 0
+    for before, after in zip(plain, augmented):
+        states = [np.array_equal(b.mask[:, ::-1], a.mask) and not np.array_equal(b.mask, a.mask)
+                  for b, a in zip(before, after)]
+        assert len(set(states)) == 1, "a group was flipped only in part"
+        assert after[0].image is after[1].image or np.array_equal(np.asarray(after[0].image), np.asarray(after[1].image))
+        if states[0]:
+            flipped += 1
+            assert [a.phrase for a in after] == [mirror_phrase(b.phrase) for b in before]
+    assert 5 < flipped < 25
+
+
+def test_train_on_scene_groups(tiny_model_factory, tmp_path):
+    """A training set of scene groups trains (phrases per step = the groups' phrases) with the alignment loss."""
+    model = load_model(tiny_model_factory("tiny-pixel"), "cpu")
+    data = ShapesDataset(8, seed=5, image_size=64, phrases_per_scene=2)
+    cfg = TrainConfig(optimizer="adam", lr=3e-3, batch_size=4, steps=4, align_weight=1.0, log_every=1)
+    result = train(model, data, _samples(4), cfg, tmp_path / "run", progress=False)
+    assert result.steps == 4 and all(math.isfinite(x) for _, x in result.loss_history)
+    assert 0.0 <= result.last_metrics["miou"] <= 1.0 and result.last_metrics["n"] == 4
+
+
 def test_flip_swaps_left_and_right_in_the_phrase():
     for phrase in ("the leftmost circle", "man on the Right", "rightmost"):
         assert mirror_phrase(phrase) != phrase
