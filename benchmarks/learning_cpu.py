@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-objects", type=int, default=2)
     parser.add_argument("--max-objects", type=int, default=4)
     parser.add_argument("--train-samples", type=int, default=200_000, help="length of the generated training stream")
-    parser.add_argument("--phrases-per-scene", type=int, default=0,
+    parser.add_argument("--phrases-per-scene", type=int, default=recipe.phrases_per_image,
                         help="k >= 1: each training item is one scene with up to k phrases about different objects "
                              "(the image encoded once; --batch-size counts scenes); 0: one phrase per scene")
     parser.add_argument("--val-samples", type=int, default=500)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     val_data = ShapesDataset(args.val_samples, seed=2000 + args.seed, config=shapes)
     cfg = recipe.replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps, warmup_fraction=args.warmup,
                          dice_weight=args.dice_weight, eval_every=args.eval_every, align_weight=args.align_weight,
-                         seed=args.seed, num_workers=args.num_workers)
+                         seed=args.seed, num_workers=args.num_workers, phrases_per_image=args.phrases_per_scene)
     tokenizer = word_level_tokenizer(phrase_words()) if args.tokenizer == "word" else build_tokenizer(None)[0]
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="learning-cpu-"))
     started, cpu_started = time.time(), time.process_time()
@@ -194,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
                    for k, v in dataclasses.asdict(shapes).items() if not isinstance(v, frozenset) or v}
     summary = {"model": dataclasses.asdict(preset.config) | {"backbone": dataclasses.asdict(preset.backbone)},
                "tokenizer": args.tokenizer, "shapes": shapes_desc, "train": cfg.to_dict(),
-               "phrases_per_scene": args.phrases_per_scene,
                "boost": {"kind": args.boost_kind, "share": args.boost_share, "train_stream_length": len(train_data)},
                "final_loss": result.final_loss, "heldout": metrics, "breakdown": breakdown(evaluation, val_data), "train_seconds": round(trained - started, 1),
                "total_seconds": round(total, 1), "cpu_seconds": round(cpu, 1),

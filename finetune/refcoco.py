@@ -239,6 +239,14 @@ class HFRefCOCO(_IndexedRows):
             return self.image_root / rel
         return find_image_folder(self.image_root, info["file_name"]) / info["file_name"]
 
+    def image_keys(self) -> list[Any]:
+        """The COCO image id of every sample, in index order (read from a text column; no image is read)."""
+        if "image_id" in self.rows.column_names:
+            ids = self.rows["image_id"]
+        else:
+            ids = [json.loads(info)["id"] for info in self.rows["raw_image_info"]]
+        return [ids[r] for r, _ in self.index]
+
     def __getitem__(self, index: int) -> ReferringSample:
         r, s = self._position(index)
         row = self.rows[r]
@@ -417,6 +425,10 @@ class ReferRefCOCO(_IndexedRows):
         self.image_root = (find_image_folder(search, self.images[int(self.refs[0]["image_id"])]["file_name"])
                            if self.refs else search)
         log.info("loaded %s(%s) split %s: %d refs, %d samples", dataset, split_by, split, len(self.refs), len(self))
+
+    def image_keys(self) -> list[int]:
+        """The COCO image id of every sample, in index order (no image is read)."""
+        return [int(self.refs[r]["image_id"]) for r, _ in self.index]
 
     def __getitem__(self, index: int) -> ReferringSample:
         r, s = self._position(index)

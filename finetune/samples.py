@@ -6,8 +6,8 @@ so training and evaluation never need to know where a sample came from.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import Any, Hashable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -90,6 +90,56 @@ class Subset:
 
     def __getitem__(self, index: int) -> ReferringSample:
         return self.dataset[self.indices[index]]
+
+
+def image_keys(dataset: ReferringDataset) -> list[Hashable]:
+    """Which image each sample of `dataset` shows, listed without loading any image: the dataset's own
+    `image_keys()` (RefCOCO loaders: the COCO image id), through `Subset` and `Concat` views.
+
+    Raises:
+        ValueError: the dataset cannot list its images.
+    """
+    if isinstance(dataset, Subset):
+        inner = image_keys(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, Concat):
+        return [(part, key) for part, ds in enumerate(dataset.datasets) for key in image_keys(ds)]
+    lister = getattr(dataset, "image_keys", None)
+    if lister is None:
+        raise ValueError(f"{type(dataset).__name__} cannot list which image each sample shows, so its samples "
+                         "cannot be grouped by image")
+    keys = list(lister())
+    if len(keys) != len(dataset):
+        raise ValueError(f"{type(dataset).__name__}.image_keys() gave {len(keys)} keys for {len(dataset)} samples")
+    return keys
+
+
+class ImageGroups:
+    """A training view of `dataset` whose items are `SceneGroup`s: the samples of one image, at most `k` at a
+    time, so an image's phrases share a step and one encoding. Every sample is in exactly one group; an image with
+    more than `k` samples gives several groups, each spread over its samples (with refs A and B of three sentences
+    each and k = 2: (A1, B1), (A2, B2), (A3, B3)), so a group tends to name different objects.
+    """
+
+    def __init__(self, dataset: ReferringDataset, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.dataset, self.k = dataset, int(k)
+        by_image: dict[Hashable, list[int]] = {}
+        for index, key in enumerate(image_keys(dataset)):
+            by_image.setdefault(key, []).append(index)
+        self.groups: list[list[int]] = []
+        for indices in by_image.values():
+            chunks = -(-len(indices) // self.k)
+            self.groups += [indices[j::chunks] for j in range(chunks)]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> SceneGroup:
+        samples = [self.dataset[i] for i in self.groups[index]]
+        # One image object for the group (the collate encodes group[0].image for all of them).
+        return [samples[0]] + [replace(s, image=samples[0].image) for s in samples[1:]]
 
 
 class Concat:

@@ -106,6 +106,24 @@ def open_dataset(args: argparse.Namespace, split: str, max_samples: int, model_i
     return ds
 
 
+def group_by_image(dataset, k: int):
+    """The training set as scene groups of up to `k` phrases of one image (`TrainConfig.phrases_per_image`):
+    generated shapes make k phrases per scene, RefCOCO loaders group their samples by image (`ImageGroups`);
+    k < 2 leaves `dataset` as it is."""
+    from clipseg_model.errors import ClipsegError
+    from finetune.samples import ImageGroups
+    from finetune.shapes import ShapesDataset
+
+    if k < 2:
+        return dataset
+    if isinstance(dataset, ShapesDataset):
+        return ShapesDataset(len(dataset), seed=dataset.seed, config=dataset.config, phrases_per_scene=k)
+    try:
+        return ImageGroups(dataset, k)
+    except ValueError as exc:
+        raise ClipsegError(f"--phrases-per-image {k}: {exc}") from exc
+
+
 def configure(parser: argparse.ArgumentParser, settings) -> None:
     """Arguments of `clipseg train`; the device default comes from `settings` (DEVICE)."""
     from clipseg_model.config import PRESETS
@@ -148,6 +166,9 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
                        help="add this x the text-token alignment loss (a model with text_alignment, e.g. tiny-pixel)")
     train.add_argument("--hflip", type=float, default=None,
                        help="probability of a horizontal flip per sample (left/right words in the phrase are swapped)")
+    train.add_argument("--phrases-per-image", type=int, default=None,
+                       help="k >= 2: train on up to k phrases of one image together (the image encoded once; "
+                            "--batch-size then counts images); 0: one phrase per item")
     train.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too")
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.csv, loss.png)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -160,7 +181,8 @@ def _train_config(args: argparse.Namespace):
 
     cfg = train_preset(args.preset)
     changes: dict[str, Any] = {}
-    for name in ("steps", "epochs", "batch_size", "lr", "eval_every", "num_workers", "seed", "align_weight", "hflip"):
+    for name in ("steps", "epochs", "batch_size", "lr", "eval_every", "num_workers", "seed", "align_weight", "hflip",
+                 "phrases_per_image"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -275,11 +297,12 @@ def run(args: argparse.Namespace, settings) -> int:
     try:
         model = _build_start_model(args, device, dist_info.main, dist_info.barrier)
         size = model.config.image_size
-        train_data = open_dataset(args, args.split, args.max_samples, size)
+        train_data = group_by_image(open_dataset(args, args.split, args.max_samples, size), cfg.phrases_per_image)
         val_data = None
         if args.val_split.lower() != "none":
             val_data = open_dataset(args, args.val_split, args.max_val_samples, size, spread=True)
-        log.info("training on %d samples (%s/%s), validating on %s", len(train_data), args.data, args.split,
+        log.info("training on %d %s (%s/%s), validating on %s", len(train_data),
+                 "images (scene groups)" if cfg.phrases_per_image >= 2 else "samples", args.data, args.split,
                  len(val_data) if val_data is not None else "none")
         metadata = {"version": args.out.name, "parent": model.version, "data": args.data, "split": args.split,
                     "train_preset": args.preset, "threads": threads}

@@ -193,6 +193,8 @@ class TrainConfig:
     max_eval_samples: int = 0  # validate on N samples spread over the validation set; 0: all
     num_workers: int = 0  # DataLoader workers (0 or 1 on a 2-core machine: the main process needs the other)
     hflip: float = 0.0  # probability of a horizontal flip (left/right words swapped); off by default
+    phrases_per_image: int = 0  # k >= 2: a training item is up to k phrases of one image (a SceneGroup, encoded
+    # once; the step must tell the image's objects apart by phrase alone) and batch_size counts images; 0: one each
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32
     seed: int = 0
 

@@ -491,3 +491,23 @@ def test_image_root_is_searched(refer_all, coco_images, where) -> None:
     _check(ds[0], 11, "left box")
     # no --image-root: refer's own layout under the data root
     assert ReferRefCOCO(refer_all, split="val").image_root == refer_all / "images" / "mscoco" / "images" / "train2014"
+
+
+def test_image_groups_put_an_images_phrases_together(refer_all) -> None:
+    """ImageGroups (training with --phrases-per-image): each sample in exactly one group, a group's samples on one
+    image (one image object), spread over the image's refs so a group names different objects; through Subset and
+    Concat views; a dataset that cannot list its images is refused in one line."""
+    from finetune.samples import ImageGroups, SampleList, Subset, concat
+
+    val = ReferRefCOCO(refer_all, split="val")  # refs 1 (two sentences) and 2, both on image 1
+    assert val.image_keys() == [1, 1, 1]
+    groups = ImageGroups(val, 2)
+    assert [[s.phrase for s in g] for g in groups] == [["left box", "two parts thing"], ["the small square"]]
+    first = groups[0]
+    assert first[1].image is first[0].image and first[1].meta["ref_id"] == 2
+    both = ImageGroups(concat(val, ReferRefCOCO(refer_all, split="test")), 3)
+    assert sorted(i for g in both.groups for i in g) == list(range(6))
+    assert all(len({s.meta["image_id"] for s in g}) == 1 for g in both) and sorted(map(len, both)) == [3, 3]
+    assert [[s.phrase for s in g] for g in ImageGroups(Subset(val, [2, 0]), 2)] == [["two parts thing", "left box"]]
+    with pytest.raises(ValueError, match="cannot list which image"):
+        ImageGroups(SampleList([val[0]]), 2)

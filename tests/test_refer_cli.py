@@ -75,3 +75,17 @@ def test_wrong_data_paths_are_one_line_errors(refer_root, tmp_path):
         assert done.returncode == 1, (name, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
         assert len([line for line in done.stderr.splitlines() if "error" in line]) == 1, (name, done.stderr)
+
+
+def test_train_groups_an_images_phrases_with_phrases_per_image(refer_root, tmp_path):
+    """--phrases-per-image 2 on refer data: the run trains on scene groups (the log says images) and records the
+    setting in its recipe."""
+    data = ["--data", "refer", "--data-path", str(refer_root / "refer"), "--dataset", "refcocog", "--split-by", "umd",
+            "--image-root", str(refer_root), "--threads", "1"]
+    done = _clipseg("train", "--model-preset", "tiny-pixel", "--init-random", *data, "--phrases-per-image", "2",
+                    "--steps", "2", "--batch-size", "2", "--align-weight", "1", "--out", "run", "--no-progress",
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "images (scene groups)" in done.stderr
+    meta = json.loads((tmp_path / "run" / "last" / "clipseg_config.json").read_text())["metadata"]
+    assert meta["train_config"]["phrases_per_image"] == 2
