@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--n-layers", type=int, default=None, help=f"decoder layers (default {model_cfg.n_layers})")
     model.add_argument("--dropout", type=float, default=None, help="decoder dropout")
     model.add_argument("--pixel-channels", type=int, default=None, help="width of the pixel branch (0: off)")
+    model.add_argument("--pixel-token-layers", type=int, default=None,
+                       help=f"3x3 convolutions at the patch grid in the pixel tokens (default {model_cfg.pixel_token_layers})")
     model.add_argument("--pixel-stride", type=int, default=None, choices=(1, 2),
                        help=f"2: the pixel branch works at half the side (default {model_cfg.pixel_stride})")
     flags = {"train_embeddings": "train the vision patch/position embeddings too",
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = bench_preset(args.hidden, image_size=args.image_size, d_model=args.d_model, n_layers=args.n_layers,
                           dropout=args.dropout, pixel_channels=args.pixel_channels, pixel_stride=args.pixel_stride,
+                          pixel_token_layers=args.pixel_token_layers,
                           text_alignment=args.align_weight > 0,
                           **{name: getattr(args, name) for name in flags})
     image_size = preset.config.image_size

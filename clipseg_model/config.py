@@ -45,6 +45,8 @@ class ModelConfig:
     # direction word ("left", "top") gets a one-step path to the logits, as a colour word has through the stem
     pixel_stride: int = 1  # 1: the pixel branch works at the input resolution; 2: its stem is a stride-2 conv and it
     # works at half the side (a quarter of the convolution work; its logits are resized to `output_size`)
+    pixel_token_layers: int = 0  # with pixel_tokens: 3x3 convolutions at the patch grid after the strided ones;
+    # each widens what a pixel token sees by a patch on every side (0: 19 px at patch 8, less than a large object)
     pixel_tokens: bool = False  # the pixel branch also feeds the decoder: strided convs down to the patch grid,
     # added to the image tokens before FiLM (local shape evidence a ViT trained from scratch learns slowly)
     text_alignment: bool = False  # a head for text-token alignment training (`align_weight` of the recipe)
@@ -75,6 +77,8 @@ class ModelConfig:
             raise ValueError("pixel_tokens needs a pixel branch (pixel_channels > 0)")
         if self.pixel_coordinates and not self.pixel_channels:
             raise ValueError("pixel_coordinates needs a pixel branch (pixel_channels > 0)")
+        if self.pixel_token_layers < 0 or (self.pixel_token_layers and not self.pixel_tokens):
+            raise ValueError("pixel_token_layers needs pixel_tokens and must be >= 0")
         if self.pixel_stride not in (1, 2):
             raise ValueError(f"pixel_stride must be 1 or 2, got {self.pixel_stride}")
         if self.pixel_stride != 1 and not self.pixel_channels:

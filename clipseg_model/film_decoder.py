@@ -156,7 +156,7 @@ class PixelBranch(nn.Module):
     """
 
     def __init__(self, text_dim: int, channels: int, upsampler_channels: int, patch: int = 0, d_model: int = 0,
-                 coordinates: bool = False, stride: int = 1):
+                 coordinates: bool = False, stride: int = 1, token_layers: int = 0):
         super().__init__()
         # With `coordinates`, two maps of each pixel's (x, y) in [-1, 1] join the stem's maps before the phrase's
         # FiLM: gelu(gamma(t) * x + beta(t)) is then a soft half-plane ("left of here"), one step from the logits.
@@ -178,6 +178,8 @@ class PixelBranch(nn.Module):
                 out = d_model if patch == 2 else min(2 * width, d_model)
                 layers += [nn.GELU(), nn.Conv2d(width, out, 3, stride=2, padding=1)]
                 width, patch = out, patch // 2
+            for _ in range(token_layers):  # at the patch grid: each sees one more patch on every side
+                layers += [nn.GELU(), nn.Conv2d(width, width, 3, padding=1)]
             self.to_tokens = nn.Sequential(*layers)
         self.film = FiLM(text_dim, film_channels)
         self.fuse = nn.Sequential(nn.Conv2d(film_channels + upsampler_channels, channels, 3, padding=1), nn.GELU(),
@@ -260,7 +262,7 @@ class FilmDecoderModel(SegmentationModel):
             self.head = nn.Linear(config.d_model, 1)
         self.pixel_branch = (PixelBranch(text_dim, config.pixel_channels, self.upsampler.out_channels,
                                          self.patch_size if config.pixel_tokens else 0, config.d_model,
-                                         config.pixel_coordinates, config.pixel_stride)
+                                         config.pixel_coordinates, config.pixel_stride, config.pixel_token_layers)
                              if config.pixel_channels else None)
         # Text-token alignment (training only): image tokens → text-embedding space, see `alignment_loss`.
         self.align_head = nn.Linear(config.d_model, text_dim) if config.text_alignment else None

@@ -550,3 +550,22 @@ def test_phrases_sharing_an_image_equal_the_image_repeated(tiny_model_factory, p
         model(pixels, prompts, None, torch.tensor([0, 1, 2, 0]))
     with pytest.raises(ValueError, match="2 images but 4 prompts"):
         model(pixels, prompts)
+
+
+@pytest.mark.parametrize("token_layers", [0, 1])
+def test_pixel_token_layers_widen_what_a_pixel_token_sees(token_layers):
+    """A 3x3 convolution at the patch grid lets a pixel token see the next patch over: a stem change at row 4,
+    column 8 (patch (0, 1) at patch 8) reaches token (0, 2) only with pixel_token_layers 1, token (0, 3) never."""
+    from clipseg_model.film_decoder import PixelBranch
+
+    torch.manual_seed(0)
+    branch = PixelBranch(8, 4, 8, patch=8, d_model=16, token_layers=token_layers)
+    stem = torch.randn(1, 4, 64, 64)
+    changed = stem.clone()
+    changed[:, :, 4, 8] += 5.0
+    with torch.no_grad():
+        moved = (branch.tokens(changed) - branch.tokens(stem)).abs().amax(-1)[0]  # (64,) per token
+    assert moved[1] > 1e-4  # its own patch
+    assert (moved[2] > 1e-6) == bool(token_layers) and moved[3] == 0
+    with pytest.raises(ValueError, match="pixel_token_layers needs pixel_tokens"):
+        ModelConfig(pixel_channels=4, learned_upsampler=True, pixel_token_layers=1)
