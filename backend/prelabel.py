@@ -51,6 +51,8 @@ PREFETCH_THREADS = 4  # image downloads overlapped with inference
 BATCH_CPU, BATCH_CUDA = 8, 32  # images per predict call
 WAIT_POLL_S = 1.0
 API_TIMEOUT_S = 60.0
+JOB_RETRIES = (2, [5, 30])  # RQ retries of a plan or work job: count, waits in seconds
+STALL_GRACE_S = 30.0  # a run younger than this is never judged stalled (its first job may not be queued yet)
 
 _CLAIM = """
 local n = tonumber(ARGV[3])
@@ -131,7 +133,7 @@ class PrelabelRuns:
                 break
             current = self.conn.get(self.active_key(project))
             if current is not None:
-                info = self.info(current.decode())
+                info = self.current(current.decode())
                 if info is not None and info.state in ("planning", "running"):
                     return info.run_id, False
                 self.conn.delete(self.active_key(project))  # a finished or vanished run: stale
@@ -150,6 +152,28 @@ class PrelabelRuns:
     def info(self, run_id: str) -> RunInfo | None:
         raw = self.conn.hgetall(self.key(run_id))
         return RunInfo.from_hash(run_id, raw) if raw else None
+
+    def current(self, run_id: str) -> RunInfo | None:
+        """The run's record, after settling a run that can no longer move: planning or running, yet none of its RQ
+        jobs is queued, running or waiting for a retry (each failed for good, or expired). Without this a run whose
+        every job failed would stay "running" and hold its project's slot for ever."""
+        from rq.job import Job, JobStatus
+
+        info = self.info(run_id)
+        if info is None or info.state not in ("planning", "running") or time.time() - info.created < STALL_GRACE_S:
+            return info
+        ids = [plan_job_id(run_id)] + [work_job_id(run_id, i) for i in range(info.chunks)]
+        jobs = [j for j in Job.fetch_many(ids, connection=self.conn) if j is not None]
+        live = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
+        if any(j.get_status(refresh=False) in live for j in jobs):
+            return info
+        if info.state == "running" and self.settle(run_id):  # every chunk is done or failed already
+            return self.info(run_id)
+        errors = [_last_line(r.exc_string) for j in jobs if (r := j.latest_result()) is not None and r.exc_string]
+        reason = f"; last error: {errors[-1]}" if errors else ""
+        self.fail(run_id, f"every job of the run stopped before it finished{reason}")
+        log.warning("pre-label run %s: every job stopped before it finished; marked failed%s", run_id, reason)
+        return self.info(run_id)
 
     def runs(self, limit: int = 20) -> list[str]:
         return [r.decode() for r in self.conn.zrevrange(f"{self.ns}:prelabel:runs", 0, limit - 1)]
@@ -221,7 +245,7 @@ class PrelabelRuns:
 
     def summary(self, run_id: str) -> dict[str, Any]:
         """The run's record plus totals over its chunks and every task that got no prediction (with the reason)."""
-        info = self.info(run_id)
+        info = self.current(run_id)
         if info is None:
             raise KeyError(run_id)
         chunks = self.progress(run_id)
@@ -235,20 +259,41 @@ class PrelabelRuns:
                                    for i, c in chunks.items()}}
 
 
+def plan_job_id(run_id: str) -> str:
+    return f"prelabel-{run_id}-plan"
+
+
+def work_job_id(run_id: str, index: int) -> str:
+    return f"prelabel-{run_id}-w{index}"
+
+
+def _retry():
+    """RQ's retry policy of a pre-label job (JOB_RETRIES), or None for none."""
+    from rq import Retry
+
+    count, waits = JOB_RETRIES
+    return Retry(max=count, interval=waits) if count else None
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
 def queue_prelabel(conn: Redis, project: int | str, *, task_ids: Sequence[int] | None = None,
                    unlabeled_only: bool = False, chunk_size: int = 100, version: str | None = None,
                    reason: str = "manual", job_timeout: int = 3600, namespace: str = "clipseg") -> tuple[str, bool]:
     """Queue a pre-label run of `project` (all its tasks, or `task_ids`); (run id, created). A project has at most
     one unfinished run: asking again returns that run. `version`: the run waits until the worker serves it."""
-    from rq import Queue, Retry
+    from rq import Queue
 
     runs = PrelabelRuns(conn, namespace)
     run_id, created = runs.create(str(project), task_ids=task_ids, unlabeled_only=unlabeled_only,
                                   chunk_size=max(1, int(chunk_size)), version=version, reason=reason)
     if created:
         Queue(PRELABEL_QUEUE, connection=conn).enqueue(
-            "backend.prelabel.plan_job", run_id, namespace=namespace, job_id=f"prelabel-{run_id}-plan",
-            job_timeout=job_timeout, retry=Retry(max=2, interval=[5, 30]),
+            "backend.prelabel.plan_job", run_id, namespace=namespace, job_id=plan_job_id(run_id),
+            job_timeout=job_timeout, retry=_retry(),
             meta={"kind": "prelabel", "run": run_id, "project": str(project), "stage": "planning"},
             description=f"pre-label project {project}: plan ({reason})")
     return run_id, created
@@ -509,7 +554,7 @@ def _job_settings():
 
 def plan_job(run_id: str, namespace: str = "clipseg") -> dict[str, Any]:
     """RQ job: check Label Studio access, list the run's tasks, split them into chunks, queue one work job each."""
-    from rq import Queue, Retry, get_current_job
+    from rq import Queue, get_current_job
 
     job = get_current_job()
     conn = job.connection
@@ -530,8 +575,9 @@ def plan_job(run_id: str, namespace: str = "clipseg") -> dict[str, Any]:
     runs.plan(run_id, chunks)
     queue = Queue(PRELABEL_QUEUE, connection=conn)
     for i in range(len(chunks)):
-        queue.enqueue("backend.prelabel.work_job", run_id, namespace=namespace, job_id=f"prelabel-{run_id}-w{i}",
-                      job_timeout=settings.job_timeout, retry=Retry(max=2, interval=[5, 30]),
+        queue.enqueue("backend.prelabel.work_job", run_id, namespace=namespace, job_id=work_job_id(run_id, i),
+                      job_timeout=settings.job_timeout,
+                      retry=_retry(),
                       meta={"kind": "prelabel", "run": run_id, "project": info.project, "stage": "queued"},
                       description=f"pre-label project {info.project}: work ({len(chunks)} chunks)")
     log.info("pre-label run %s: project %s, %d tasks in %d chunks", run_id, info.project, len(task_ids), len(chunks))

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, settings) -> int:
     if not args.wait:
         return 0
     while True:
-        info = runs.info(run_id)
+        info = runs.current(run_id)  # settles a run whose every job failed, so this loop ends
         summary = runs.summary(run_id) if info.state != "planning" or info.error else None
         if summary is not None:
             print(f"\r{_bar(summary)}", end="", file=sys.stderr, flush=True)

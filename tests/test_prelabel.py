@@ -177,3 +177,29 @@ def test_prelabel_wait_follows_the_run_to_its_end(redis_url, redis_conn, tiny_mo
     assert "queued pre-label run" in out and "failed" in out
     assert "cannot reach Label Studio at LABEL_STUDIO_URL=http://127.0.0.1:9" in out
     assert "tasks," in err and "chunks" in err  # the progress line
+
+
+def test_a_run_whose_every_job_failed_is_marked_failed_and_frees_its_project(redis_conn, monkeypatch):
+    """Label Studio goes away after planning: every work job fails for good. Before, the run stayed "running" for
+    ever and each later request for the project got that dead run back."""
+    monkeypatch.setattr(prelabel, "JOB_RETRIES", (0, []))
+    monkeypatch.setattr(prelabel, "STALL_GRACE_S", 0.0)
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k" * 40)
+    runs = PrelabelRuns(redis_conn)
+    run, _ = queue_prelabel(redis_conn, 8, task_ids=[1, 2, 3], chunk_size=2)
+    queue = Queue(PRELABEL_QUEUE, connection=redis_conn)
+    queue.fetch_job(prelabel.plan_job_id(run)).delete()  # planned as plan_job would, without Label Studio
+    runs.plan(run, [[1, 2], [3]])
+    for i in range(2):
+        queue.enqueue("backend.prelabel.work_job", run, job_id=prelabel.work_job_id(run, i), retry=prelabel._retry())
+    assert runs.current(run).state == "running"  # its jobs are queued: not stalled
+    assert runs.create("8", task_ids=None, unlabeled_only=False, chunk_size=2, version=None, reason="t") == (run, False)
+    SimpleWorker([queue], connection=redis_conn).work(burst=True)
+    assert runs.info(run).state == "running"  # nobody has looked yet
+    info = runs.current(run)
+    assert info.state == "failed", info
+    assert "every job of the run stopped" in info.error and "cannot reach Label Studio" in info.error
+    assert runs.summary(run)["state"] == "failed"
+    new, created = runs.create("8", task_ids=None, unlabeled_only=False, chunk_size=2, version=None, reason="t")
+    assert created and new != run
