@@ -106,10 +106,11 @@ def open_dataset(args: argparse.Namespace, split: str, max_samples: int, model_i
     return ds
 
 
-def group_by_image(dataset, k: int):
+def group_by_image(dataset, k: int, strict: bool = True):
     """The training set as scene groups of up to `k` phrases of one image (`TrainConfig.phrases_per_image`):
     generated shapes make k phrases per scene, RefCOCO loaders group their samples by image (`ImageGroups`);
-    k < 2 leaves `dataset` as it is."""
+    k < 2 leaves `dataset` as it is. A loader that cannot list its images is an error when `strict` (the user asked
+    for k), else (k came from a preset) a warning and one phrase per item."""
     from clipseg_model.errors import ClipsegError
     from finetune.samples import ImageGroups
     from finetune.shapes import ShapesDataset
@@ -121,6 +122,10 @@ def group_by_image(dataset, k: int):
     try:
         return ImageGroups(dataset, k)
     except ValueError as exc:
+        if not strict:
+            log.warning("the recipe trains %d phrases per image, but %s; training one phrase per item "
+                        "(--phrases-per-image 0 silences this)", k, exc)
+            return dataset
         raise ClipsegError(f"--phrases-per-image {k}: {exc}") from exc
 
 
@@ -297,12 +302,13 @@ def run(args: argparse.Namespace, settings) -> int:
     try:
         model = _build_start_model(args, device, dist_info.main, dist_info.barrier)
         size = model.config.image_size
-        train_data = group_by_image(open_dataset(args, args.split, args.max_samples, size), cfg.phrases_per_image)
+        samples = open_dataset(args, args.split, args.max_samples, size)
+        train_data = group_by_image(samples, cfg.phrases_per_image, strict=args.phrases_per_image is not None)
         val_data = None
         if args.val_split.lower() != "none":
             val_data = open_dataset(args, args.val_split, args.max_val_samples, size, spread=True)
         log.info("training on %d %s (%s/%s), validating on %s", len(train_data),
-                 "images (scene groups)" if cfg.phrases_per_image >= 2 else "samples", args.data, args.split,
+                 "images (scene groups)" if train_data is not samples else "samples", args.data, args.split,
                  len(val_data) if val_data is not None else "none")
         metadata = {"version": args.out.name, "parent": model.version, "data": args.data, "split": args.split,
                     "train_preset": args.preset, "threads": threads}

@@ -511,3 +511,18 @@ def test_image_groups_put_an_images_phrases_together(refer_all) -> None:
     assert [[s.phrase for s in g] for g in ImageGroups(Subset(val, [2, 0]), 2)] == [["two parts thing", "left box"]]
     with pytest.raises(ValueError, match="cannot list which image"):
         ImageGroups(SampleList([val[0]]), 2)
+
+
+def test_a_presets_phrases_per_image_falls_back_on_a_loader_that_cannot_group(refer_all, caplog) -> None:
+    """cpu-scratch's recipe groups 2 phrases per image; on a loader without image keys (lmms-lab's) that is a warning
+    and one phrase per item, while an explicit --phrases-per-image stays a one-line error."""
+    from clipseg_model.errors import ClipsegError
+    from finetune.samples import SampleList
+    from finetune.train_command import group_by_image
+
+    plain = SampleList([ReferRefCOCO(refer_all, split="val")[0]])
+    with caplog.at_level("WARNING"):
+        assert group_by_image(plain, 2, strict=False) is plain
+    assert "training one phrase per item" in caplog.text
+    with pytest.raises(ClipsegError, match="--phrases-per-image 2: SampleList cannot list"):
+        group_by_image(plain, 2)
