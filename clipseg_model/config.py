@@ -197,12 +197,12 @@ PRESETS: dict[str, Preset] = {
     # pixel coordinates + relative-position bias (together: position phrases 0.42 -> 0.77, docs/training.md).
     "cpu-scratch": Preset(
         ModelConfig(image_size=64, d_model=64, n_heads=4, n_layers=2, dropout=0.0, extract_layers=(2, 4),
-                    learned_upsampler=True, output_size=64, pixel_channels=16, pixel_tokens=True,
-                    pixel_coordinates=True, relative_positions=True,
+                    learned_upsampler=True, output_size=64, pixel_channels=16, pixel_tokens=True, pixel_stride=2,
+                    pixel_token_layers=2, pixel_coordinates=True, relative_positions=True,
                     text_alignment=True, word_attention=True, decoder_positions=True, unfreeze_last=4,
                     train_text=True, train_embeddings=True),
-        "CPU learning benchmark: small random CLIP (patch 8, 64 px) trained from scratch, pixel branch with "
-        "coordinates, text-token alignment, word attention, decoder positions, relative-position bias "
+        "CPU learning benchmark: small random CLIP (patch 8, 64 px) trained from scratch, pixel branch (stride 2, "
+        "2 token layers) with coordinates, text-token alignment, word attention, decoder positions, relative-position bias "
         "(train with --preset cpu-scratch)",
         TinyBackbone(hidden=64, layers=4, heads=4, patch=8, image=64, projection=64, text_layers=2),
     ),
