@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=recipe.num_workers,
                         help="DataLoader worker processes generating scenes while the model trains")
-    parser.add_argument("--eval-every", type=int, default=recipe.eval_every,
-                        help=f"validate on {recipe.max_eval_samples} held-out samples every N steps")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help=f"also validate on {recipe.max_eval_samples} held-out samples every N steps (default 0: "
+                             "only the final evaluation, which is what the 10-minute budget counts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temp dir)")
     args = parser.parse_args(argv)

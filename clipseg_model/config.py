@@ -197,7 +197,7 @@ PRESETS: dict[str, Preset] = {
     # pixel coordinates + relative-position bias (together: position phrases 0.42 -> 0.77, docs/training.md).
     "cpu-scratch": Preset(
         ModelConfig(image_size=64, d_model=64, n_heads=4, n_layers=2, dropout=0.0, extract_layers=(2, 4),
-                    learned_upsampler=True, output_size=64, pixel_channels=16, pixel_tokens=True, pixel_stride=2,
+                    learned_upsampler=True, output_size=64, pixel_channels=32, pixel_tokens=True, pixel_stride=2,
                     pixel_token_layers=2, pixel_coordinates=True, relative_positions=True,
                     text_alignment=True, word_attention=True, decoder_positions=True, unfreeze_last=4,
                     train_text=True, train_embeddings=True),
