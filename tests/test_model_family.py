@@ -276,7 +276,7 @@ def test_alignment_loss_trains_image_tokens_towards_their_phrases(tiny_model_fac
     for _ in range(30):
         logits, loss = model(pixels, phrases, masks)
         assert logits.shape == (4, 64, 64)
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         for name, param in (("pixel tokens", model.pixel_branch.to_tokens[1].weight),
