@@ -157,19 +157,20 @@ class PrelabelRuns:
         """The run's record, after settling a run that can no longer move: planning or running, yet none of its RQ
         jobs is queued, running or waiting for a retry (each failed for good, or expired). Without this a run whose
         every job failed would stay "running" and hold its project's slot for ever."""
-        from rq.job import Job, JobStatus
+        from rq.job import Job
+
+        from finetune.triggers import ACTIVE_STATUSES, failure_line
 
         info = self.info(run_id)
         if info is None or info.state not in ("planning", "running") or time.time() - info.created < STALL_GRACE_S:
             return info
         ids = [plan_job_id(run_id)] + [work_job_id(run_id, i) for i in range(info.chunks)]
         jobs = [j for j in Job.fetch_many(ids, connection=self.conn) if j is not None]
-        live = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
-        if any(j.get_status(refresh=False) in live for j in jobs):
+        if any(j.get_status(refresh=False) in ACTIVE_STATUSES for j in jobs):
             return info
         if info.state == "running" and self.settle(run_id):  # every chunk is done or failed already
             return self.info(run_id)
-        errors = [_last_line(r.exc_string) for j in jobs if (r := j.latest_result()) is not None and r.exc_string]
+        errors = [e for e in map(failure_line, jobs) if e]
         reason = f"; last error: {errors[-1]}" if errors else ""
         self.fail(run_id, f"every job of the run stopped before it finished{reason}")
         log.warning("pre-label run %s: every job stopped before it finished; marked failed%s", run_id, reason)
@@ -273,11 +274,6 @@ def _retry():
 
     count, waits = JOB_RETRIES
     return Retry(max=count, interval=waits) if count else None
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
 
 
 def queue_prelabel(conn: Redis, project: int | str, *, task_ids: Sequence[int] | None = None,
@@ -576,8 +572,7 @@ def plan_job(run_id: str, namespace: str = "clipseg") -> dict[str, Any]:
     queue = Queue(PRELABEL_QUEUE, connection=conn)
     for i in range(len(chunks)):
         queue.enqueue("backend.prelabel.work_job", run_id, namespace=namespace, job_id=work_job_id(run_id, i),
-                      job_timeout=settings.job_timeout,
-                      retry=_retry(),
+                      job_timeout=settings.job_timeout, retry=_retry(),
                       meta={"kind": "prelabel", "run": run_id, "project": info.project, "stage": "queued"},
                       description=f"pre-label project {info.project}: work ({len(chunks)} chunks)")
     log.info("pre-label run %s: project %s, %d tasks in %d chunks", run_id, info.project, len(task_ids), len(chunks))

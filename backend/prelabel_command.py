@@ -66,9 +66,8 @@ def run(args: argparse.Namespace, settings) -> int:
     if not args.wait:
         return 0
     while True:
-        info = runs.current(run_id)  # settles a run whose every job failed, so this loop ends
-        summary = runs.summary(run_id) if info.state != "planning" or info.error else None
-        if summary is not None:
+        summary = runs.summary(run_id)  # settles a run whose every job failed, so this loop ends
+        if summary["state"] != "planning" or summary["error"]:
             print(f"\r{_bar(summary)}", end="", file=sys.stderr, flush=True)
             if summary["state"] in ("done", "failed"):
                 print(file=sys.stderr)

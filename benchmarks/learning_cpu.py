@@ -17,7 +17,7 @@ position, size). The configuration is printed with the result, and a table of mI
     .venv/bin/python benchmarks/learning_cpu.py --steps 300 --eval-every 100   # a quick look
 
 Target: held-out mIoU >= 0.85 and every kind >= 0.75 in under 10 minutes on 2 CPU cores (measured in
-docs/training.md: 3,400 steps take about 7 minutes with 2 threads on this project's Intel Xeon machine).
+docs/training.md: 3,400 steps took 10.2-11.4 minutes with 2 threads on this project's shared Intel Xeon machine).
 """
 from __future__ import annotations
 

@@ -140,7 +140,7 @@ def job_rows(conn) -> list[dict]:
     from rq import Queue
     from rq.job import Job
 
-    from finetune.triggers import PRELABEL_QUEUE, QUEUE_NAME
+    from finetune.triggers import PRELABEL_QUEUE, QUEUE_NAME, failure_line
 
     ids: list[tuple[str, str]] = []
     for queue in (Queue(QUEUE_NAME, connection=conn), Queue(PRELABEL_QUEUE, connection=conn)):
@@ -155,10 +155,7 @@ def job_rows(conn) -> list[dict]:
         except Exception:  # noqa: BLE001 - expired between listing and fetching
             continue
         meta = job.meta or {}
-        failure = ""
-        if where == "failed":
-            latest = job.latest_result()
-            failure = (latest.exc_string or "").strip().splitlines()[-1] if latest and latest.exc_string else ""
+        failure = failure_line(job) if where == "failed" else ""
         kind = "periodic-check" if job.func_name == "finetune.triggers.periodic_check" else "finetune"
         result = job.return_value() if where == "finished" else None
         rows.append({"id": job_id, "kind": kind, "state": where, "project": meta.get("project"), "stage": meta.get("stage"),

@@ -198,6 +198,13 @@ class WorkerHeartbeat:
                 logger.warning("worker heartbeat: %s", exc)
 
 
+def failure_line(job: Job) -> str:
+    """The last line of the job's latest failure (the exception and its message); "" if it has none."""
+    latest = job.latest_result()
+    lines = (latest.exc_string or "").strip().splitlines() if latest is not None else []
+    return lines[-1].strip() if lines else ""
+
+
 def _status(conn: Redis, job_id: str, queue_name: str) -> JobStatus | None:
     """The job's real status in RQ; None if the job is gone. Abandoned executions are failed or retried first."""
     try:
