@@ -60,7 +60,7 @@ def run_worker(args: argparse.Namespace, settings) -> int:
     worker = cls(queues, connection=conn, name=name)
     # Heartbeats let others find this worker's job abandoned in seconds if it dies; its first sweep recovers the
     # jobs of workers that died before it started (a restart).
-    heartbeat = WorkerHeartbeat(redis_conn_for_thread(settings), name).start()
+    heartbeat = WorkerHeartbeat(redis_conn_for_thread(settings), name, queue_names=queues).start()
     try:
         # with_scheduler: RQ's scheduler moves delayed retries (Retry intervals) back onto the queue.
         worker.work(burst=args.burst, with_scheduler=True, logging_level=settings.log_level)

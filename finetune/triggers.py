@@ -151,17 +151,19 @@ def recover_abandoned(conn: Redis, queue_name: str = QUEUE_NAME, namespace: str 
     if abandoned:
         conn.zadd(registry.key, {m: 1 for members in abandoned.values() for m in members}, xx=True)
         for job_id in abandoned:
-            logger.warning("fine-tune job %s abandoned: its worker stopped sending heartbeats", job_id)
+            logger.warning("job %s on queue %s abandoned: its worker stopped sending heartbeats", job_id, queue_name)
     registry.cleanup()
     return list(abandoned)
 
 
 class WorkerHeartbeat:
-    """A daemon thread that tells the others this worker lives, and sweeps the jobs of workers that do not."""
+    """A daemon thread that tells the others this worker lives, and sweeps the jobs of workers that do not on every
+    queue it serves (`queue_names`: a pre-label chunk of a killed worker is recovered like a fine-tune)."""
 
-    def __init__(self, conn: Redis, worker_name: str, *, queue_name: str = QUEUE_NAME, namespace: str = "clipseg",
-                 interval: float = HEARTBEAT_S, ttl: int = ALIVE_TTL, sweep: float = SWEEP_S) -> None:
-        self.conn, self.name, self.queue_name, self.namespace = conn, worker_name, queue_name, namespace
+    def __init__(self, conn: Redis, worker_name: str, *, queue_names: Sequence[str] = (QUEUE_NAME, PRELABEL_QUEUE),
+                 namespace: str = "clipseg", interval: float = HEARTBEAT_S, ttl: int = ALIVE_TTL,
+                 sweep: float = SWEEP_S) -> None:
+        self.conn, self.name, self.queue_names, self.namespace = conn, worker_name, tuple(queue_names), namespace
         self.interval, self.ttl, self.sweep = interval, ttl, sweep
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
@@ -173,11 +175,15 @@ class WorkerHeartbeat:
     def start(self) -> "WorkerHeartbeat":
         self.beat()
         try:
-            recover_abandoned(self.conn, self.queue_name, self.namespace)  # jobs of a worker that died before us
+            self.sweep_abandoned()  # jobs of a worker that died before us
         except Exception as exc:  # noqa: BLE001 - the next sweep tries again
             logger.warning("abandoned-job sweep: %s", exc)
         self._thread.start()
         return self
+
+    def sweep_abandoned(self) -> list[str]:
+        """`recover_abandoned` on each of this worker's queues; the ids it failed or scheduled for retry."""
+        return [job_id for queue in self.queue_names for job_id in recover_abandoned(self.conn, queue, self.namespace)]
 
     def stop(self) -> None:
         self._stop.set()
@@ -193,7 +199,7 @@ class WorkerHeartbeat:
                 self.beat()
                 if time.monotonic() - last_sweep >= self.sweep:
                     last_sweep = time.monotonic()
-                    recover_abandoned(self.conn, self.queue_name, self.namespace)
+                    self.sweep_abandoned()
             except Exception as exc:  # noqa: BLE001 - Redis down for a while: keep beating when it is back
                 logger.warning("worker heartbeat: %s", exc)
 

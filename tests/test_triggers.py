@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from rq import Queue
+from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
@@ -43,6 +43,22 @@ def add_corrections(store: CorrectionStore, n: int, project: int = 1, start: int
 
 def jobs_in_queue(conn) -> list[Job]:
     return Queue("clipseg", connection=conn).get_jobs()
+
+
+def kill_worker_mid_job(redis_url: str, job: Job) -> None:
+    """Start `clipseg worker` (both queues), wait until it runs `job`, then SIGKILL it and its work horse: no
+    clean-up at all, the job stays STARTED in RQ."""
+    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env={**ENV, "REDIS_URL": redis_url},
+                              cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while job.get_status(refresh=True) != JobStatus.STARTED:
+            assert time.time() < deadline, "worker did not start the job"
+            time.sleep(0.1)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert job.get_status(refresh=True) == JobStatus.STARTED
 
 
 def test_nth_correction_enqueues_exactly_one_job(redis_conn, redis_url):
@@ -160,18 +176,8 @@ def test_killed_worker_releases_the_project_in_seconds(redis_conn, redis_url, re
     add_corrections(CorrectionStore(redis_conn), 1)
     r = maybe_enqueue_finetune(redis_conn, 1, "manual", job_func="tests.fixtures.jobs.sleeping_finetune",
                                retry_max=retries, retry_intervals=[1], job_kwargs={"seconds": 60})
-    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env={**ENV, "REDIS_URL": redis_url},
-                              cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        job = Job.fetch(r.job_id, connection=redis_conn)
-        deadline = time.time() + 60
-        while job.get_status(refresh=True) != JobStatus.STARTED:
-            assert time.time() < deadline, "worker did not start the job"
-            time.sleep(0.1)
-    finally:
-        os.killpg(worker.pid, signal.SIGKILL)  # worker and work horse die without any clean-up
-        worker.wait()
-    assert job.get_status(refresh=True) == JobStatus.STARTED
+    job = Job.fetch(r.job_id, connection=redis_conn)
+    kill_worker_mid_job(redis_url, job)
     killed = time.monotonic()
     again = maybe_enqueue_finetune(redis_conn, 1, "manual", job_func=JOB)
     assert time.monotonic() - killed < 5
@@ -181,6 +187,23 @@ def test_killed_worker_releases_the_project_in_seconds(redis_conn, redis_url, re
     else:
         assert again.enqueued and again.job_id != r.job_id
         assert job.get_status(refresh=True) == JobStatus.FAILED
+
+
+@pytest.mark.slow
+def test_next_worker_recovers_a_killed_workers_prelabel_job(redis_conn, redis_url):
+    """The heartbeat's sweep covers every queue a worker serves: a pre-label job whose worker was SIGKILLed is
+    scheduled for its retry by the next worker's first sweep, not left STARTED until RQ's hour-long timeout."""
+    from finetune.triggers import PRELABEL_QUEUE, WorkerHeartbeat
+
+    job = Queue(PRELABEL_QUEUE, connection=redis_conn).enqueue(
+        "tests.fixtures.jobs.sleeping_finetune", "1", seconds=60, retry=Retry(max=1, interval=[30]))
+    kill_worker_mid_job(redis_url, job)
+    beat = WorkerHeartbeat(redis_conn, "w-next").start()
+    try:
+        job.refresh()
+        assert job.get_status(refresh=False) == JobStatus.SCHEDULED and job.retries_left == 0
+    finally:
+        beat.stop()
 
 
 def test_heartbeat_expiry_marks_a_silent_worker_gone(redis_conn):
