@@ -41,7 +41,7 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection as _u3_connection
 
 from backend.labelstudio.image_refs import reference_kind
-from backend.settings import Settings
+from backend.settings import MB, Settings
 from clipseg_model.caches import LRUCache
 from clipseg_model.image_io import to_display_rgb
 
@@ -252,7 +252,7 @@ class ImageFetcher:
             allow_private_networks=settings.allow_private_networks,
             timeout=settings.image_timeout,
             max_image_pixels=settings.max_image_pixels,
-            **kwargs,
+            **{"cache_bytes": settings.image_cache_mb * MB, **kwargs},
         )
         fetcher.use_setup_credentials(hostname, access_token)
         return fetcher

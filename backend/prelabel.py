@@ -392,9 +392,7 @@ def serving_segmenter(settings, conn: Redis, version: str | None = None, timeout
     key = (settings.model, settings.device, settings.threshold, settings.bf16, str(settings.data_dir))
     model = _MODELS.get(key)
     if model is None:
-        model = ServingModel(settings.model, settings.device, settings.threshold, settings.bf16,
-                             registry_factory=lambda: VersionRegistry(conn), check_interval=0.0,
-                             models_dir=str(Path(settings.data_dir) / "models"))
+        model = ServingModel.from_settings(settings, registry_factory=lambda: VersionRegistry(conn), check_interval=0.0)
         model.start()
         _MODELS[key] = model
     deadline = time.monotonic() + timeout

@@ -26,9 +26,7 @@ class BackendRuntime:
         self.metrics = BackendMetrics()
         self.fetcher = ImageFetcher.from_settings(settings)
         self.configs = LabelConfigs(settings)
-        self.model = ServingModel(settings.model, settings.device, settings.threshold, settings.bf16,
-                                  registry_factory=self.registry if settings.redis_url else None,
-                                  models_dir=str(Path(settings.data_dir) / "models"))
+        self.model = ServingModel.from_settings(settings, registry_factory=self.registry if settings.redis_url else None)
         self.recorder = PredictionRecorder(self.store) if settings.redis_url else None
         self.predict_service = PredictService(self.fetcher, self.metrics,
                                               on_prediction=self._record_prediction if self.recorder else None)

@@ -21,13 +21,15 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
+from backend.settings import MB, Settings
 from clipseg_model.caches import LRUCache
 from clipseg_model.checkpoint import is_checkpoint, read_checkpoint_config, read_trainable_state
 from clipseg_model.loading import load_model
 from clipseg_model.predictor import Segmenter, StateSegmenter
-from clipseg_model.segmenter_base import TrainableState
+from clipseg_model.segmenter_base import SegmentationModel, TrainableState
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,10 @@ class ServingModel:
 
     def __init__(self, base_model: str, device: str = "auto", threshold: float | None = None, bf16: bool = False,
                  registry_factory: Callable[[], object] | None = None, check_interval: float = 1.0,
-                 models_dir: str = "data/models", state_cache_bytes: int = 512 * 1024 * 1024):
+                 models_dir: str = "data/models", state_cache_bytes: int = 512 * MB,
+                 feature_cache_bytes: int = 512 * MB):
         self.base_model = base_model
+        self.feature_cache_bytes = feature_cache_bytes  # each loaded backbone's in-memory image-feature cache
         self.models_dir = models_dir
         self.device = device
         self.threshold = threshold
@@ -122,6 +126,18 @@ class ServingModel:
         return self._segmenter.version if self._segmenter is not None else None
 
     # ---- the backbone --------------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings, registry_factory: Callable[[], object] | None = None,
+                      check_interval: float = 1.0) -> "ServingModel":
+        """The serving model `settings` describe (MODEL, DEVICE, THRESHOLD, BF16, DATA_DIR/models, cache budgets)."""
+        return cls(settings.model, settings.device, settings.threshold, settings.bf16,
+                   registry_factory=registry_factory, check_interval=check_interval,
+                   models_dir=str(Path(settings.data_dir) / "models"), state_cache_bytes=settings.model_cache_mb * MB,
+                   feature_cache_bytes=settings.feature_cache_mb * MB)
+
+    def _segmenter_for(self, model: SegmentationModel) -> Segmenter:
+        return Segmenter(model, threshold=self.threshold, bf16=self.bf16, feature_cache_bytes=self.feature_cache_bytes)
+
     def _load_backbone(self) -> None:
         started = time.perf_counter()
         try:
@@ -130,7 +146,7 @@ class ServingModel:
             self.error = f"cannot load model {self.base_model}: {exc}"
             log.error("%s", self.error)
             return
-        self._segmenter = Segmenter(model, threshold=self.threshold, bf16=self.bf16)
+        self._segmenter = self._segmenter_for(model)
         self._backbones[_config_key(model.config)] = self._segmenter
         self.error = None
         self.check_for_update(force=True)
@@ -261,7 +277,7 @@ class ServingModel:
             log.warning("%s was not trained over the backbone %s: loading its own backbone (a whole model's memory, "
                         "shared by every version trained over it)", path, self.base_model)
             model = load_model(path, self.device)
-            self._backbones[key] = Segmenter(model, threshold=self.threshold, bf16=self.bf16)
+            self._backbones[key] = self._segmenter_for(model)
         return self._backbones[key]
 
     def forget_broken(self, version: str) -> None:

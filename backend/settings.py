@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+MB = 1024 * 1024  # the *_CACHE_MB settings' unit
 
 
 def _bool(value: str) -> bool:
@@ -68,6 +69,9 @@ class Settings:
     prelabel_chunk: int = field(default=100, metadata={"env": "PRELABEL_CHUNK", "help": "tasks per pre-label chunk (the unit workers share and retry)"})
     prelabel_on_promote: bool = field(default=True, metadata={"env": "PRELABEL_ON_PROMOTE", "help": "pre-label a project's unannotated tasks when its new version is promoted"})
     prelabel_replace_older: bool = field(default=True, metadata={"env": "PRELABEL_REPLACE_OLDER", "help": "a pre-label run deletes older versions' predictions of unannotated tasks it predicts"})
+    image_cache_mb: int = field(default=256, metadata={"env": "IMAGE_CACHE_MB", "help": "downloaded images kept in memory per process, MB (0: off)"})
+    feature_cache_mb: int = field(default=512, metadata={"env": "FEATURE_CACHE_MB", "help": "image features kept in memory per loaded backbone, MB: another phrase on a recent image skips the image encoder (0: off)"})
+    model_cache_mb: int = field(default=512, metadata={"env": "MODEL_CACHE_MB", "help": "projects' fine-tuned weights kept in memory, MB; the least recently used are read from disk again when asked for"})
     job_timeout: int = field(default=3600, metadata={"env": "JOB_TIMEOUT", "help": "seconds before an RQ job is killed"})
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "help": "DEBUG, INFO, WARNING"})
     log_json: bool = field(default=False, metadata={"env": "LOG_JSON", "help": "one JSON object per log line"})

@@ -274,3 +274,30 @@ def test_each_version_is_binarised_at_its_calibrated_threshold_unless_threshold_
     for pred in fixed.predict(image, prompts, state):
         np.testing.assert_array_equal(pred.mask, pred.probability > 0.3)
     assert load_model(str(tuned), "cpu").calibrated_threshold == 0.55
+
+
+def test_cache_budgets_come_from_the_environment(tiny_model_factory, tmp_path):
+    """IMAGE_CACHE_MB, FEATURE_CACHE_MB and MODEL_CACHE_MB size the three in-memory caches (0 turns one off)."""
+    from backend.images import ImageFetcher
+    from backend.serving_model import ServingModel
+
+    env = {"MODEL": str(tiny_model_factory(PRESET)), "DEVICE": "cpu", "DATA_DIR": str(tmp_path),
+           "IMAGE_CACHE_MB": "0", "FEATURE_CACHE_MB": "0", "MODEL_CACHE_MB": "3"}
+    settings = Settings.from_env(env)
+    assert ImageFetcher.from_settings(settings)._cache.capacity == 0
+    served = ServingModel.from_settings(settings)
+    served.start()
+    assert served.wait_ready(60)
+    assert served._states.capacity == 3 * 1024 * 1024 and served.models_dir == str(tmp_path / "models")
+    segmenter = served.segmenter
+    for _ in range(2):
+        segmenter.predict_batch([_image(0)], [["cat"]])
+    assert segmenter.feature_cache.capacity == 0 and segmenter.feature_cache.misses == 2  # the encoder ran twice
+    served.stop()
+    default = ServingModel.from_settings(Settings.from_env({**env, "FEATURE_CACHE_MB": "1"}))
+    default.start()
+    assert default.wait_ready(60)
+    for _ in range(2):
+        default.segmenter.predict_batch([_image(0)], [["cat"]])
+    assert default.segmenter.feature_cache.hits == 1
+    default.stop()
