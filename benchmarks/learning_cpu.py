@@ -5,7 +5,7 @@ text tower (`train_text`) and decoder. The model and the recipe are the presets 
 --model-preset cpu-scratch --preset cpu-scratch --init-random` builds the same): a small random CLIP at 64 px (8 x 8
 patch grid), the film-decoder's pixel branch (stride 2, pixel tokens with 2 patch-grid convolutions, pixel
 coordinates), word attention, decoder positions, relative-position bias and the text-token alignment head trained
-alongside the masks (`--align-weight 3`); batches of 16 scenes with 2 phrases each (`phrases_per_image`: one
+alongside the masks (`--align-weight 3`); batches of 12 scenes with 3 phrases each (`phrases_per_image`: one
 encoding per scene), 3,400 steps. Phrases are tokenised by a word-level CLIP-compatible BPE vocabulary built from
 the shapes vocabulary (each word one token). The held-out set is generated with the same `ShapesConfig` as the
 training stream and a different seed (training 1000 + seed, held-out 2000 + seed), so no held-out scene was seen in
@@ -17,7 +17,8 @@ position, size). The configuration is printed with the result, and a table of mI
     .venv/bin/python benchmarks/learning_cpu.py --steps 300 --eval-every 100   # a quick look
 
 Target: held-out mIoU >= 0.85 and every kind >= 0.75 in under 10 minutes on 2 CPU cores (measured in
-docs/training.md: 3,400 steps took 10.2-11.4 minutes with 2 threads on this project's shared Intel Xeon machine).
+docs/training.md: 8.6 minutes with 2 threads on an AMD EPYC 2-vCPU machine; the same step cost took 10.2-11.4
+minutes on a shared Intel Xeon machine).
 """
 from __future__ import annotations
 

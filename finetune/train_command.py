@@ -136,7 +136,7 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
 
     parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="improved",
                         help="training recipe: seed (BCE, Adam 1e-3), improved (AdamW, cosine, Dice+BCE) or "
-                             "cpu-scratch (the CPU learning benchmark's: improved, 16 images x 2 phrases, 3,400 "
+                             "cpu-scratch (the CPU learning benchmark's: improved, 12 images x 3 phrases, 3,400 "
                              "steps, alignment loss 3; with --model-preset cpu-scratch --init-random)")
     start = parser.add_mutually_exclusive_group(required=True)
     start.add_argument("--model", help="start from this checkpoint directory or hub id")

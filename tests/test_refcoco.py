@@ -514,7 +514,7 @@ def test_image_groups_put_an_images_phrases_together(refer_all) -> None:
 
 
 def test_a_presets_phrases_per_image_falls_back_on_a_loader_that_cannot_group(refer_all, caplog) -> None:
-    """cpu-scratch's recipe groups 2 phrases per image; on a loader without image keys (lmms-lab's) that is a warning
+    """cpu-scratch's recipe groups phrases by image; on a loader without image keys (lmms-lab's) that is a warning
     and one phrase per item, while an explicit --phrases-per-image stays a one-line error."""
     from clipseg_model.errors import ClipsegError
     from finetune.samples import SampleList
