@@ -311,5 +311,9 @@ class ServingModel:
                 log.debug("version listener: %s; retrying", exc)
                 self._stop.wait(2.0)
 
-    def stop(self) -> None:
+    def stop(self, load_grace: float = 5.0) -> None:
+        """Stop listening for promotions; give a backbone load still under way up to `load_grace` seconds to end (it
+        cannot be interrupted; a daemon thread, it dies with the process), so no load outlives its owner's stop."""
         self._stop.set()
+        if self._loading is not None and self._loading is not threading.current_thread():
+            self._loading.join(load_grace)
