@@ -252,7 +252,7 @@ class ImageFetcher:
             allow_private_networks=settings.allow_private_networks,
             timeout=settings.image_timeout,
             max_image_pixels=settings.max_image_pixels,
-            **{"cache_bytes": settings.image_cache_mb * MB, **kwargs},
+            **{"cache_bytes": settings.image_cache_mb * MB} | kwargs,  # an explicit cache_bytes wins
         )
         fetcher.use_setup_credentials(hostname, access_token)
         return fetcher

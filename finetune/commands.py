@@ -47,7 +47,7 @@ def configure_worker(parser: argparse.ArgumentParser, settings) -> None:
 def run_worker(args: argparse.Namespace, settings) -> int:
     from rq.worker import SimpleWorker, SpawnWorker
 
-    from finetune.triggers import PRELABEL_QUEUE, QUEUE_NAME, WorkerHeartbeat
+    from finetune.triggers import WORKER_QUEUES, WorkerHeartbeat
 
     from finetune.jobs import set_worker_context
 
@@ -56,7 +56,7 @@ def run_worker(args: argparse.Namespace, settings) -> int:
     set_worker_context(settings.data_dir, settings.device)
     cls = SimpleWorker if args.worker_class == "simple" else SpawnWorker
     name = args.name or f"clipseg-{socket.gethostname()}-{os.getpid()}"
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else [QUEUE_NAME, PRELABEL_QUEUE]
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else list(WORKER_QUEUES)
     worker = cls(queues, connection=conn, name=name)
     # Heartbeats let others find this worker's job abandoned in seconds if it dies; its first sweep recovers the
     # jobs of workers that died before it started (a restart).
@@ -140,10 +140,10 @@ def job_rows(conn) -> list[dict]:
     from rq import Queue
     from rq.job import Job
 
-    from finetune.triggers import PRELABEL_QUEUE, QUEUE_NAME, failure_line
+    from finetune.triggers import WORKER_QUEUES, failure_line
 
     ids: list[tuple[str, str]] = []
-    for queue in (Queue(QUEUE_NAME, connection=conn), Queue(PRELABEL_QUEUE, connection=conn)):
+    for queue in (Queue(queue_name, connection=conn) for queue_name in WORKER_QUEUES):
         ids += [(i, "queued") for i in queue.get_job_ids()]
         for name, registry in (("scheduled", queue.scheduled_job_registry), ("running", queue.started_job_registry),
                                ("finished", queue.finished_job_registry), ("failed", queue.failed_job_registry)):

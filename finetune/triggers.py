@@ -60,6 +60,7 @@ QUEUE_NAME = "clipseg"
 # Pre-label chunks (backend.prelabel) have a queue of their own: `clipseg worker` serves QUEUE_NAME first, so a
 # fine-tune waits at most for one chunk, and a big pre-label run never sits behind (or starves) fine-tunes.
 PRELABEL_QUEUE = "clipseg-prelabel"
+WORKER_QUEUES = (QUEUE_NAME, PRELABEL_QUEUE)  # what `clipseg worker` serves, in priority order
 DEFAULT_JOB = "finetune.jobs.finetune_project"
 REASONS = ("correction", "start_training", "manual", "periodic")
 ACTIVE_STATUSES = frozenset({
@@ -160,7 +161,7 @@ class WorkerHeartbeat:
     """A daemon thread that tells the others this worker lives, and sweeps the jobs of workers that do not on every
     queue it serves (`queue_names`: a pre-label chunk of a killed worker is recovered like a fine-tune)."""
 
-    def __init__(self, conn: Redis, worker_name: str, *, queue_names: Sequence[str] = (QUEUE_NAME, PRELABEL_QUEUE),
+    def __init__(self, conn: Redis, worker_name: str, *, queue_names: Sequence[str] = WORKER_QUEUES,
                  namespace: str = "clipseg", interval: float = HEARTBEAT_S, ttl: int = ALIVE_TTL,
                  sweep: float = SWEEP_S) -> None:
         self.conn, self.name, self.queue_names, self.namespace = conn, worker_name, tuple(queue_names), namespace
