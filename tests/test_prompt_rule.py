@@ -24,10 +24,11 @@ def view(*tags: str) -> str:
     return "<View>" + "".join(tags) + "</View>"
 
 
-def typed(text: str, region_id: str | None = None, label: str | None = None) -> dict:
-    """/predict's params.context when an annotator typed `text` (for region `region_id` with `label` selected)."""
+def typed(text: str | list[str], region_id: str | None = None, label: str | None = None) -> dict:
+    """/predict's params.context when an annotator typed `text` (one line, or several: a restored draft's older
+    lines first) for region `region_id` with `label` selected."""
     items = [{"id": region_id or "typed1", "from_name": "prompt", "to_name": "image", "type": "textarea",
-              "value": {"text": [text]}}]
+              "value": {"text": text if isinstance(text, list) else [text]}}]
     if label is not None:
         items.append({"id": region_id, "from_name": "tag", "to_name": "image", "type": "brushlabels",
                       "value": {"brushlabels": [label]}})
@@ -39,6 +40,13 @@ def typed(text: str, region_id: str | None = None, label: str | None = None) -> 
 CASES = [
     ("typed TextArea", view(IMAGE, CAT_DOG, '<TextArea name="prompt" toName="image" editable="true"/>'), {},
      {}, typed("the sleeping cat"), "cat", None, "the sleeping cat", "the sleeping cat"),
+    # Label Studio 1.23.2 restores an unsubmitted draft: the TextArea holds the older line first, the one just typed
+    # last; both paths must use the last (the rule took the first: the correction was trained as "the green circle").
+    ("draft TextArea, newest line last", view(IMAGE, CAT_DOG, '<TextArea name="prompt" toName="image" editable="true"/>'),
+     {}, {}, typed(["the green cat", "the red cat"]), "cat", None, ["the green cat", "the red cat"], "the red cat"),
+    ("several typed lines", view(IMAGE, CAT_DOG, '<TextArea name="prompt" toName="image" editable="true"/>'), {},
+     {}, typed(["the dog", "the sleeping cat", "the cat on the left"]), "cat", None,
+     ["the dog", "the sleeping cat", "the cat on the left"], "the cat on the left"),
     ("per-region TextArea", view(IMAGE, CAT_DOG, '<TextArea name="prompt" toName="image" perRegion="true"/>'), {},
      {}, typed("the dog on the right", "r1", "dog"), "dog", "the dog on the right", None, "the dog on the right"),
     ("PROMPT_FIELD", view(IMAGE, CAT_DOG), {"prompt_field": "ref"},
@@ -105,7 +113,10 @@ def test_stored_prompt_is_the_phrase_predict_used(case, model_dir, tmp_path, red
         if region_text:
             result.append(textarea_region(region_text, "r1", 56, 40))
         if whole_text:
-            result.append(textarea_region(whole_text, "t9", 56, 40))
+            lines = whole_text if isinstance(whole_text, list) else [whole_text]
+            item = textarea_region(lines[0], "t9", 56, 40)
+            item["value"]["text"] = lines
+            result.append(item)
         event = annotation_event(result, project_id=7, task_id=21, annotation_id=31, data=task["data"])
         event["project"]["label_config"] = config
         assert client.post("/webhook", json=event).status_code == 201

@@ -98,7 +98,7 @@ def region_prompt(config: LabelConfig | None, task: Mapping[str, Any], result: S
     label = _region_label(region)
     whole = [r for r in result if r.get("type") == "textarea" and r.get("id") not in shape_ids]
     if config is None:
-        typed = _texts(v for r in whole for v in _as_list(_value(r).get("text")))
+        typed = _latest(_texts(v for r in whole for v in _as_list(_value(r).get("text"))))
         field = _texts(_as_list((task.get("data") or {}).get(fallback.prompt_field))) if fallback.prompt_field else []
         for source, texts in (("typed", typed), ("field", field)):
             if texts:
@@ -175,10 +175,16 @@ def field_texts(config: LabelConfig, task: Mapping[str, Any]) -> list[str]:
 
 
 def _typed_texts(config: LabelConfig, items: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Rule step 2: text of textarea items; the config's own TextAreas first, any when names don't match."""
+    """Rule step 2: the most recent typed line; the config's own TextAreas first, any when names don't match."""
     textareas = [i for i in items if i.get("type") == "textarea"]
     own = [i for i in textareas if i.get("from_name") in config.textareas]
-    return _texts(v for i in (own or textareas) for v in _as_list(_value(i).get("text")))
+    return _latest(_texts(v for i in (own or textareas) for v in _as_list(_value(i).get("text"))))
+
+
+def _latest(typed: list[str]) -> list[str]:
+    """The last typed line alone: Label Studio's editor restores an unsubmitted draft, so a TextArea can hold older
+    lines first and the phrase the annotator just typed last (measured in 1.23.2); older lines are never prompts."""
+    return typed[-1:]
 
 
 def _selected_label(config: LabelConfig, items: Sequence[Mapping[str, Any]]) -> tuple[LabelControl, str] | None:
