@@ -118,8 +118,8 @@ def test_selected_label_in_context_is_used():
 def test_several_typed_texts_and_unknown_textarea_name():
     cfg = parse_label_config(INTERACTIVE)
     prompts = cfg.prompts({"data": {"image": "x"}}, textarea_context("cat", "", "  dog ", "cat", from_name="renamed"))
-    # Only the most recent distinct line is a prompt (issue 26: older lines are a restored draft, never prompts).
-    assert [p.text for p in prompts] == ["dog"]
+    # Only the most recent line is a prompt (issue 26: older lines are a restored draft), even one repeating an older.
+    assert [p.text for p in prompts] == ["cat"]
     # A bare string (not a list) in value.text is accepted too.
     ctx = {"result": [{"from_name": "prompt", "type": "textarea", "value": {"text": "tree"}}]}
     assert [p.text for p in cfg.prompts({"data": {}}, ctx)] == ["tree"]

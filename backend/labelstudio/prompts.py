@@ -98,7 +98,7 @@ def region_prompt(config: LabelConfig | None, task: Mapping[str, Any], result: S
     label = _region_label(region)
     whole = [r for r in result if r.get("type") == "textarea" and r.get("id") not in shape_ids]
     if config is None:
-        typed = _latest(_texts(v for r in whole for v in _as_list(_value(r).get("text"))))
+        typed = _latest_line(whole)
         field = _texts(_as_list((task.get("data") or {}).get(fallback.prompt_field))) if fallback.prompt_field else []
         for source, texts in (("typed", typed), ("field", field)):
             if texts:
@@ -178,13 +178,15 @@ def _typed_texts(config: LabelConfig, items: Sequence[Mapping[str, Any]]) -> lis
     """Rule step 2: the most recent typed line; the config's own TextAreas first, any when names don't match."""
     textareas = [i for i in items if i.get("type") == "textarea"]
     own = [i for i in textareas if i.get("from_name") in config.textareas]
-    return _latest(_texts(v for i in (own or textareas) for v in _as_list(_value(i).get("text"))))
+    return _latest_line(own or textareas)
 
 
-def _latest(typed: list[str]) -> list[str]:
-    """The last typed line alone: Label Studio's editor restores an unsubmitted draft, so a TextArea can hold older
-    lines first and the phrase the annotator just typed last (measured in 1.23.2); older lines are never prompts."""
-    return typed[-1:]
+def _latest_line(textareas: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The last non-empty line of the textarea items, alone (or []): Label Studio's editor restores an unsubmitted
+    draft, so a TextArea can hold older lines first and the phrase just typed last (1.23.2); older lines are never
+    prompts, even when the newest repeats one of them."""
+    lines = [v.strip() for i in textareas for v in _as_list(_value(i).get("text")) if isinstance(v, str) and v.strip()]
+    return lines[-1:]
 
 
 def _selected_label(config: LabelConfig, items: Sequence[Mapping[str, Any]]) -> tuple[LabelControl, str] | None:
