@@ -1,6 +1,6 @@
 """Everything a server process holds, built once from `Settings`: Redis, the served model, the image fetcher, the
 labeling configs, the predict service, the prediction recorder, the corrections inbox and the metrics. Routes
-(backend.app) only talk to this object and its verbs (`setup`, `config_for_predict`, `start_training`)."""
+(backend.http.app) only talk to this object and its verbs (`setup`, `config_for_predict`, `start_training`)."""
 from __future__ import annotations
 
 import logging
@@ -11,10 +11,10 @@ from typing import Any, Mapping, Sequence
 from backend.images import ImageFetcher
 from backend.labelstudio.config import LabelConfig, LabelConfigs
 from backend.metrics import BackendMetrics, gauge
-from backend.prediction_log import PredictionRecord, PredictionRecorder
+from backend.serving.prediction_log import PredictionRecord, PredictionRecorder
 from backend.labelstudio.protocol import BadRequest
-from backend.predictions import PredictService
-from backend.serving_model import ServingModel
+from backend.serving.predict_service import PredictService
+from backend.serving.model import ServingModel
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class BackendRuntime:
         self.inbox = None
         self.refresher = None
         if settings.redis_url:
-            from backend.corrections_inbox import CorrectionsInbox
+            from backend.intake.inbox import CorrectionsInbox
 
             self.inbox = CorrectionsInbox(str(Path(settings.data_dir) / "spool"), self.ingester, self.fetcher.fetch_bytes,
                                           self._corrections_arrived)
@@ -58,7 +58,7 @@ class BackendRuntime:
         return CorrectionStore(self.redis)
 
     def ingester(self):
-        from backend.ingest import CorrectionIngester
+        from backend.intake.ingest import CorrectionIngester
 
         return CorrectionIngester(self.store(), self.configs, self.fetcher.fetch_bytes)
 

@@ -3,7 +3,7 @@ from clipseg_model.numerics import flush_denormals
 
 flush_denormals()  # before torch starts threads (see clipseg_model.numerics)
 
-from backend.app import create_app  # noqa: E402
+from backend.http.app import create_app  # noqa: E402
 from backend.logs import setup_logging  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 

@@ -248,7 +248,7 @@ def row_poison_spooled(base: Path, model: Path, limit_mb: int = 2048) -> dict:
     """A poison event already in the spool (accepted by an older version), serve under a memory limit."""
     data = base / "poison_spooled"
     (data / "spool").mkdir(parents=True)
-    from backend.spool import Spool
+    from backend.intake.spool import Spool
 
     spool = Spool(data / "spool")
     spool.append(_noise_event(998, 4))

@@ -126,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("backend.prelabel").setLevel(logging.INFO)  # the per-chunk time split
-    from backend.bench_command import build_or_reuse
+    from backend.cli.bench import build_or_reuse
 
     preset = "tiny-clipseg" if args.tiny else "clipseg-rd64"
     model_dir = build_or_reuse(preset, args.work_dir, 0, None)
     w, h = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory(prefix="prelabel-bench-") as tmp, contextlib.ExitStack() as stack:
         if not args.redis_url:
-            from backend.embedded_redis import EmbeddedRedis
+            from backend.cli.embedded_redis import EmbeddedRedis
 
             args.redis_url = stack.enter_context(EmbeddedRedis(Path(tmp) / "redis")).url
         folder = Path(tmp) / "files" / "images"

@@ -1,7 +1,7 @@
 """Corrections store: annotators' final masks, kept in Redis for fine-tuning.
 
 A *correction* is one annotation (one submit/update by an annotator); it yields one *sample* per region: (prompt,
-mask, image). The store is handed plain regions (`Region`: prompt, label, mask) by `backend.ingest`, which reads
+mask, image). The store is handed plain regions (`Region`: prompt, label, mask) by `backend.intake.ingest`, which reads
 Label Studio's webhooks; it knows nothing of Label Studio's formats. Samples are keyed by project, task and annotation, so a repeated or updated event
 replaces the annotation's samples instead of adding more; every write is one Lua script (atomic).
 
@@ -268,7 +268,7 @@ class CorrectionStore:
         prediction_ttl: seconds our recorded predictions are kept.
 
     The store persists plain regions (prompt, label, mask) it is handed; turning Label Studio's webhooks into
-    regions is `backend.ingest`'s job.
+    regions is `backend.intake.ingest`'s job.
     """
 
     def __init__(self, redis_conn: Any, namespace: str = "clipseg", *, prediction_ttl: int = 30 * 24 * 3600) -> None:

@@ -13,7 +13,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from backend.app import create_app
+from backend.http.app import create_app
 from backend.settings import Settings
 from clipseg_model.loading import load_model
 from clipseg_model.predictor import Segmenter

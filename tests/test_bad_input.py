@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from backend.app import create_app
+from backend.http.app import create_app
 from backend.labelstudio.results import result_to_mask
 from backend.settings import Settings
 from backend.labelstudio.rle import rle_to_mask
@@ -83,7 +83,7 @@ def _assert_answered(result: dict, size: tuple[int, int] | None = None) -> None:
 def test_bad_image_fails_only_its_own_task(client, caplog, name):
     data, status = corpus_bad()[name]
     tasks = [_good(1), {"id": 2, "data": {"image": data_uri(data)}}, _good(3)]
-    with caplog.at_level(logging.ERROR, logger="backend.predictions"):
+    with caplog.at_level(logging.ERROR, logger="backend.serving.predict_service"):
         response = _predict(client, tasks)
     assert response.status_code == 200, response.get_data(as_text=True)
     results = response.get_json()["results"]
@@ -112,7 +112,7 @@ def test_images_from_a_misbehaving_host(client, host, caplog):
         {"id": 4, "data": {"image": host.url("/missing.jpg")}},
         {"id": 5, "data": {"image": host.add("/good.jpg", jpeg(80, 60), "image/jpeg")}},
     ]
-    with caplog.at_level(logging.ERROR, logger="backend.predictions"):
+    with caplog.at_level(logging.ERROR, logger="backend.serving.predict_service"):
         response = _predict(client, tasks)
     assert response.status_code == 200
     results = response.get_json()["results"]

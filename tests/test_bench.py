@@ -49,7 +49,7 @@ def test_bench_tiny_quick_prints_every_row(tmp_path):
 
 def test_bench_answer_check_fails_on_wrong_answers():
     """The benchmark's check of each /predict answer can fail: every kind of wrong answer is refused."""
-    from backend.bench_command import check_predict_answer
+    from backend.cli.bench import check_predict_answer
 
     region = {"type": "brushlabels", "value": {"brushlabels": ["a cat"], "rle": [0]}, "original_width": 64,
               "original_height": 48}

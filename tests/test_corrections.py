@@ -10,7 +10,7 @@ import pytest
 
 from backend.labelstudio.results import result_to_mask
 from backend.labelstudio.rle import rle_to_mask
-from backend.ingest import CorrectionIngester
+from backend.intake.ingest import CorrectionIngester
 from backend.labelstudio.config import LabelConfigs
 from backend.settings import Settings
 from finetune.corrections import CorrectionStore, mask_iou, mask_to_png, png_to_mask

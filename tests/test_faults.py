@@ -20,8 +20,8 @@ import pytest
 import redis
 import requests
 
-from backend.app import create_app
-from backend.embedded_redis import redis_server_binary
+from backend.http.app import create_app
+from backend.cli.embedded_redis import redis_server_binary
 from backend.settings import Settings
 from finetune.corrections import CorrectionStore
 from finetune.versions import VersionRecord, VersionRegistry
@@ -187,7 +187,7 @@ def test_corrupt_checkpoint_is_refused_and_the_old_version_keeps_serving(tmp_pat
         client = app.test_client()
         assert _wait(lambda: client.post("/setup", json={"schema": CONFIG}).get_json().get("model_version") == "v-good", 30)
         registry.record(VersionRecord("v-corrupt", str(bad), parent="v-good"))  # falls back to its parent
-        with caplog.at_level(logging.ERROR, logger="backend.serving_model"):
+        with caplog.at_level(logging.ERROR, logger="backend.serving.model"):
             registry.activate("v-corrupt")
             assert _wait(lambda: client.get("/health").get_json()["error"], 15)
             for _ in range(15):  # requests keep coming; each checks for updates at most once a second

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from backend.json_provider import dumps_bytes, loads
+from backend.http.json_provider import dumps_bytes, loads
 
 
 def test_answers_round_trip_including_numpy_and_big_integers():

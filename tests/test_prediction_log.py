@@ -6,7 +6,7 @@ import time
 import numpy as np
 import redis
 
-from backend.prediction_log import PredictionRecord, PredictionRecorder
+from backend.serving.prediction_log import PredictionRecord, PredictionRecorder
 from finetune.corrections import CorrectionStore
 
 

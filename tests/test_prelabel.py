@@ -9,7 +9,7 @@ from rq import Queue
 from rq.worker import SimpleWorker
 
 from backend import prelabel
-from backend.predict_budget import PredictBudget
+from backend.serving.budget import PredictBudget
 from backend.prelabel import PrelabelRuns, PromotionRefresher, queue_prelabel
 from backend.settings import Settings
 from finetune.triggers import PRELABEL_QUEUE
@@ -91,7 +91,7 @@ def test_promotion_queues_one_refresh_of_unannotated_tasks(redis_conn, tmp_path)
 
 
 def test_over_budget_predict_queues_a_run_and_answers_at_once(tiny_model_factory, tmp_path, redis_url, redis_conn):
-    from backend.app import create_app
+    from backend.http.app import create_app
 
     settings = Settings(model=str(tiny_model_factory("tiny-clipseg")), data_dir=tmp_path, redis_url=redis_url,
                         predict_budget=0.5, prelabel_chunk=4)

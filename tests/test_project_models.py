@@ -17,7 +17,7 @@ import requests
 import torch
 from PIL import Image
 
-from backend.app import create_app
+from backend.http.app import create_app
 from backend.settings import Settings
 from clipseg_model.checkpoint import read_trainable_state, save_checkpoint
 from clipseg_model.loading import load_model
@@ -279,7 +279,7 @@ def test_each_version_is_binarised_at_its_calibrated_threshold_unless_threshold_
 def test_cache_budgets_come_from_the_environment(tiny_model_factory, tmp_path):
     """IMAGE_CACHE_MB, FEATURE_CACHE_MB and MODEL_CACHE_MB size the three in-memory caches (0 turns one off)."""
     from backend.images import ImageFetcher
-    from backend.serving_model import ServingModel
+    from backend.serving.model import ServingModel
 
     env = {"MODEL": str(tiny_model_factory(PRESET)), "DEVICE": "cpu", "DATA_DIR": str(tmp_path),
            "IMAGE_CACHE_MB": "0", "FEATURE_CACHE_MB": "0", "MODEL_CACHE_MB": "3"}

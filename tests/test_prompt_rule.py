@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.app import create_app
+from backend.http.app import create_app
 from backend.settings import Settings
 from finetune.corrections import CorrectionStore
 from tests.fixtures.webhooks import annotation_event, brush_region, textarea_region

@@ -134,7 +134,7 @@ def test_job_records_its_replay_source_and_evidence(redis_conn, redis_url, tiny_
 
 
 def test_serve_says_at_start_which_replay_a_fine_tune_uses(tmp_path, caplog):
-    from backend.serve_command import _log_replay_source
+    from backend.cli.serve import _log_replay_source
     from backend.settings import Settings
 
     with caplog.at_level("INFO", logger="clipseg.serve"):

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import backend.app
-from backend.app import create_app
+import backend.http.app
+from backend.http.app import create_app
 from backend.settings import Settings
 from clipseg_model.errors import CheckpointMismatchError, ModelNotAvailableError
 from clipseg_model.loading import load_model
@@ -88,7 +88,7 @@ def _predict_one(client, ref: str, **kw):
 ])
 def test_forbidden_image_references_are_refused(open_app, host, caplog, ref, status):
     hits = len(host.hits)
-    with caplog.at_level(logging.ERROR, logger="backend.predictions"):
+    with caplog.at_level(logging.ERROR, logger="backend.serving.predict_service"):
         result = _predict_one(open_app.test_client(), ref)
     assert result["result"] == []
     assert f"(status {status})" in caplog.text, caplog.text
@@ -167,7 +167,7 @@ def test_right_password_opens_every_endpoint(locked):
 
 def test_credentials_are_compared_in_constant_time():
     """The auth hook compares user and password with hmac.compare_digest, both always, and never with ==."""
-    source = inspect.getsource(backend.app.create_app)
+    source = inspect.getsource(backend.http.app.create_app)
     tree = ast.parse(source.lstrip())
     compare_digest = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "compare_digest"]
     assert len(compare_digest) >= 2

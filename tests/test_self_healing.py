@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from backend.app import create_app
+from backend.http.app import create_app
 from backend.labelstudio.rle import mask_to_rle
 from backend.settings import Settings
 from tests.fixtures.webhooks import annotation_event, brush_region, scene

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from finetune.corrections import CorrectionStore
-from backend.spool import Spool, accept_event
+from backend.intake.spool import Spool, accept_event
 from tests.fixtures.webhooks import annotation_event, brush_region, deleted_event, ingester, scene
 
 DEAD_URL = "redis://127.0.0.1:1/13"  # nothing listens on port 1
@@ -98,7 +98,7 @@ def test_real_redis_restart_loses_nothing(tmp_path):
     port = _free_port()
     data = tmp_path / "redis"
     data.mkdir()
-    from backend.embedded_redis import redis_server_binary
+    from backend.cli.embedded_redis import redis_server_binary
 
     cmd = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
            "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
@@ -142,7 +142,7 @@ class _OwnRedis:
     """A redis-server of the test's own (unix socket), so it can be made to refuse writes."""
 
     def __init__(self, directory):
-        from backend.embedded_redis import EmbeddedRedis
+        from backend.cli.embedded_redis import EmbeddedRedis
 
         self.server = EmbeddedRedis(directory).start()
         self.url = self.server.url
@@ -228,7 +228,7 @@ def test_event_failing_n_times_is_quarantined_and_does_not_block_the_rest(tmp_pa
 
 _CRASHING_REPLAY = """
 import os, signal, sys, redis
-from backend.spool import Spool
+from backend.intake.spool import Spool
 from finetune.corrections import CorrectionStore
 from tests.fixtures.webhooks import ingester, scene
 

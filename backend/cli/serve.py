@@ -233,8 +233,8 @@ def _stop_child(proc: subprocess.Popen) -> None:
 
 
 def run(args: argparse.Namespace, settings) -> int:
-    from backend.embedded_redis import EmbeddedRedis
-    from backend.health import PARTS_FILE
+    from backend.cli.embedded_redis import EmbeddedRedis
+    from backend.http.health import PARTS_FILE
 
     embedded = not settings.redis_url
     _log_replay_source(settings)
@@ -295,7 +295,7 @@ def _run_gunicorn(args: argparse.Namespace, settings) -> None:
             self.cfg.set("loglevel", "warning")
 
         def load(self):  # runs in each gunicorn process after the fork: the model loads there, in the background
-            from backend.app import create_app
+            from backend.http.app import create_app
 
             return create_app(settings)
 

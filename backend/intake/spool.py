@@ -4,7 +4,7 @@ Label Studio does not resend a webhook that failed (its timeout is 1 s), so an e
 written to `<dir>/<time_ns>-<pid>-<n>.json`, one file per event, atomically (temp file, fsync, rename, fsync of
 the directory): a crash leaves either the whole event or nothing. `replay()` ingests the files oldest first and
 deletes each one only after its ingest succeeded. What happens on a failure is decided by the error's kind
-(`backend.spool_errors.classify`): a transient one (Redis down, MISCONF/OOM/READONLY, a timeout, Label Studio down)
+(`backend.intake.errors.classify`): a transient one (Redis down, MISCONF/OOM/READONLY, a timeout, Label Studio down)
 stops the replay, keeping that file and the later ones, so order is kept; a payload invalid in itself is moved to
 `<dir>/rejected/`; an event that fails in any other way (or kills the process while being ingested) `MAX_ATTEMPTS`
 times is moved to `<dir>/quarantine/`. Neither blocks the others, both are listed (`clipseg status`, /metrics) with
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from backend.spool_errors import INVALID, MAX_ATTEMPTS, TRANSIENT, TransientLoaderError, classify, describe
+from backend.intake.errors import INVALID, MAX_ATTEMPTS, TRANSIENT, TransientLoaderError, classify, describe
 
 if TYPE_CHECKING:
-    from backend.ingest import CorrectionIngester, ImageLoader
+    from backend.intake.ingest import CorrectionIngester, ImageLoader
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from backend.spool import QUARANTINE, REJECTED, Spool
+from backend.intake.spool import QUARANTINE, REJECTED, Spool
 from finetune.commands import configure_status  # noqa: F401 - `clipseg status` takes the same options
 from finetune.commands import run_status as _queue_status
 

@@ -1,6 +1,6 @@
 """A Label Studio webhook event → the corrections store: parse it, fetch the task's image, store plain regions.
 
-This is the step between the webhook spool (`backend.spool`, which decides retry vs reject) and the corrections
+This is the step between the webhook spool (`backend.intake.spool`, which decides retry vs reject) and the corrections
 store (`finetune.corrections`, which knows nothing of Label Studio). The project's labeling config comes from the
 payload itself (`project.label_config`), else from the last /setup or /predict of that project in this process,
 so prompts and the image key are resolved by the same rules /predict uses, also for a project this process has

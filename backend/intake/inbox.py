@@ -12,10 +12,10 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
-from backend.ingest import CorrectionIngester, ImageLoader, IngestResult
+from backend.intake.ingest import CorrectionIngester, ImageLoader, IngestResult
 from backend.labelstudio.webhooks import HANDLED_ACTIONS
-from backend.spool import QUARANTINE, REJECTED, ReplayResult, Spool
-from backend.spool_errors import describe
+from backend.intake.spool import QUARANTINE, REJECTED, ReplayResult, Spool
+from backend.intake.errors import describe
 
 log = logging.getLogger(__name__)
 

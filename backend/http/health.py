@@ -3,7 +3,7 @@
 
 Parts: Redis (pinged with a short timeout: Label Studio gives /health 1 s), the webhook spool (a write that failed,
 events waiting behind a transient fault, events set aside), and the processes `clipseg serve` supervises, which it
-describes in `DATA_DIR/run/parts.json` (written by `backend.serve_command.Supervisor`).
+describes in `DATA_DIR/run/parts.json` (written by `backend.cli.serve.Supervisor`).
 """
 from __future__ import annotations
 

@@ -656,7 +656,7 @@ def bench_projects(report: Report, model_dir: Path, work_dir: Path, image, repea
     import psutil
     import torch
 
-    from backend.serving_model import ServingModel
+    from backend.serving.model import ServingModel
     from clipseg_model.checkpoint import save_checkpoint
     from clipseg_model.loading import load_model
 

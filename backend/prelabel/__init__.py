@@ -385,7 +385,7 @@ def serving_segmenter(settings, conn: Redis, version: str | None = None, timeout
                       project: str | None = None):
     """The segmenter of the version every server serves `project` (its active one, else the default, else MODEL),
     loaded once per worker process and following promotions; with `version`, wait until that one is served."""
-    from backend.serving_model import ServingModel
+    from backend.serving.model import ServingModel
     from finetune.versions import VersionRegistry
 
     key = (settings.model, settings.device, settings.threshold, settings.bf16, str(settings.data_dir))
@@ -610,7 +610,7 @@ def work_job(run_id: str, namespace: str = "clipseg") -> dict[str, Any]:
     from backend.labelstudio.config import LabelConfig
     from backend.metrics import BackendMetrics
     from backend.images import ImageFetcher
-    from backend.predictions import PredictService
+    from backend.serving.predict_service import PredictService
     from finetune.versions import VersionRegistry
 
     job = get_current_job()

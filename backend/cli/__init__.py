@@ -18,21 +18,21 @@ from clipseg_model.errors import ClipsegError
 COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("clipseg_model.commands", "model utilities: `clipseg model init --preset P --out DIR`"),
     "predict": ("clipseg_model.predict_command", "segment an image with phrases; writes mask PNGs and an overlay"),
-    "serve": ("backend.serve_command", "run the Label Studio ML backend (embedded Redis + worker when REDIS_URL is unset)"),
+    "serve": ("backend.cli.serve", "run the Label Studio ML backend (embedded Redis + worker when REDIS_URL is unset)"),
     "worker": ("finetune.commands", "run an RQ worker for fine-tuning jobs"),
     "scheduler": ("finetune.commands", "run the periodic fine-tune scheduler"),
     "finetune": ("finetune.commands", "queue (or run) a fine-tune for a project"),
-    "prelabel": ("backend.prelabel_command", "pre-annotate a whole project in the background through Label Studio's API"),
+    "prelabel": ("backend.cli.prelabel", "pre-annotate a whole project in the background through Label Studio's API"),
     "jobs": ("finetune.commands", "list queued, running and failed jobs with progress"),
     "versions": ("finetune.commands", "list model versions with metrics"),
     "rollback": ("finetune.commands", "make an earlier model version active again"),
-    "status": ("backend.spool_command", "Redis, queue, workers, versions and the webhook spool at a glance"),
-    "spool": ("backend.spool_command", "webhook events set aside (rejected, quarantined); --replay-rejected"),
-    "corrections": ("backend.corrections_command", "list a project's stored corrections and their phrases; --reprompt"),
+    "status": ("backend.cli.status", "Redis, queue, workers, versions and the webhook spool at a glance"),
+    "spool": ("backend.cli.status", "webhook events set aside (rejected, quarantined); --replay-rejected"),
+    "corrections": ("backend.cli.corrections", "list a project's stored corrections and their phrases; --reprompt"),
     "data": ("finetune.commands", "replay data for fine-tunes: `clipseg data fetch-replay`"),
     "train": ("finetune.train_command", "train a model (RefCOCO or generated data)"),
     "eval": ("finetune.eval_command", "evaluate a model: Dice, mIoU, oIoU, Prec@X, HTML report"),
-    "bench": ("backend.bench_command", "inference benchmark against HF CLIPSeg (random full-size weights)"),
+    "bench": ("backend.cli.bench", "inference benchmark against HF CLIPSeg (random full-size weights)"),
 }
 # Subcommands that run torch: they flush subnormal floats before torch starts any thread (clipseg_model.numerics).
 TORCH_COMMANDS = frozenset({"model", "predict", "serve", "worker", "finetune", "train", "eval", "bench"})

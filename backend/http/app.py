@@ -11,18 +11,18 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from backend.corrections_inbox import SpoolUnavailable
-from backend.health import health_report
-from backend.json_provider import OrjsonProvider, loads as json_loads
+from backend.intake.inbox import SpoolUnavailable
+from backend.http.health import health_report
+from backend.http.json_provider import OrjsonProvider, loads as json_loads
 from backend.labelstudio.config import UnsupportedConfigError
 from backend.metrics import CONTENT_TYPE, spool_gauges
 from backend.labelstudio.protocol import BadRequest, parse_predict_request, project_id
-from backend.predict_budget import PredictBudget
+from backend.serving.budget import PredictBudget
 from backend.runtime import BackendRuntime
-from backend.serving_model import ModelNotReady
+from backend.serving.model import ModelNotReady
 from backend.settings import Settings
-from backend.spool_errors import TRANSIENT, classify, describe
-from backend.webhook_limits import EventTooLarge, check_body_size, check_correction_size
+from backend.intake.errors import TRANSIENT, classify, describe
+from backend.http.webhook_limits import EventTooLarge, check_body_size, check_correction_size
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
 
 def rows(store, configs, project: str) -> list[dict[str, Any]]:
     """One dict per stored region of `project`, with `now`: the (phrase, source) the current settings give."""
-    from backend.ingest import project_label_config
+    from backend.intake.ingest import project_label_config
     from backend.labelstudio.prompts import PromptSettings
     from backend.labelstudio.webhooks import reprompt
 
