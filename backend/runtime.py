@@ -15,6 +15,7 @@ from backend.labelstudio.protocol import BadRequest
 from backend.serving.predict_service import PredictService
 from backend.serving.model import ServingModel
 from backend.settings import Settings
+from clipseg_model.checkpoint import base_version_name
 from finetune.version_events import VersionEvents
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,12 @@ class BackendRuntime:
             self.model.check_for_update(force=True)
         return self.model.for_project(project)
 
+    @property
+    def base_version(self) -> str:
+        """The version served where no version is active: the loaded MODEL's own (a checkpoint names itself),
+        else the base-model name of MODEL (`clipseg_model.checkpoint.base_version_name`)."""
+        return self.model.base_version or base_version_name(self.settings.model)
+
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self.model.start()  # subscribes to self.events
@@ -150,7 +157,7 @@ class BackendRuntime:
                 families.append(gauge("clipseg_review_count", "Corrections with a review IoU", stats.get("n", 0), labels))
             active = pointers.get(project, default)
             families.append(gauge("clipseg_active_version", "Active model version of a project (label)", 1.0,
-                                  {"project": project, "version": active[0] if active else f"base:{self.settings.model}"}))
+                                  {"project": project, "version": active[0] if active else self.base_version}))
         families.append(gauge("clipseg_active_version", "Active model version of a project (label)", 1.0,
-                              {"project": "", "version": default[0] if default else f"base:{self.settings.model}"}))
+                              {"project": "", "version": default[0] if default else self.base_version}))
         return families

@@ -124,6 +124,11 @@ class ServingModel:
                          f"({self.broken.get(f['wanted'], 'see the log')}), serving {f['serving']}"
                          for p, f in sorted(fallbacks.items()))
 
+    @property
+    def base_version(self) -> str | None:
+        """MODEL's own version once loaded (not `model.version`: that names whichever state was copied in last)."""
+        return self._base_version()
+
     def _base_version(self) -> str | None:
         """MODEL's own version (not `model.version`: that names whichever state was copied in last)."""
         return self._segmenter.version if self._segmenter is not None else None
