@@ -141,9 +141,11 @@ class BackendRuntime:
             families.append(gauge("clipseg_spooled_events", "Webhook events waiting in the local spool", self.inbox.pending()))
         if not self.settings.redis_url:
             return families
+        from rq import Queue
+
         from finetune.triggers import QUEUE_NAME
 
-        families.append(gauge("clipseg_queue_depth", "Jobs waiting in the fine-tune queue", self.redis.llen(f"rq:queue:{QUEUE_NAME}")))
+        families.append(gauge("clipseg_queue_depth", "Jobs waiting in the fine-tune queue", Queue(QUEUE_NAME, connection=self.redis).count))
         store = self.store()
         for project in store.projects():
             families.append(gauge("clipseg_corrections", "Corrections stored", store.count(project), {"project": project}))
