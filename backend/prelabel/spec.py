@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from backend.labelstudio.prompts import PromptSettings
+from finetune.spec import spec_from_dict
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,7 @@ class PrelabelSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PrelabelSpec":
         """Rebuild a spec; keys this code does not know (a newer queuer's) go to `extra`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in data.items() if k in names}
-        unknown = {k: v for k, v in data.items() if k not in names}
-        if unknown:
-            known["extra"] = {**known.get("extra", {}), **unknown}
-        return cls(**known)
+        return spec_from_dict(cls, data)
 
     def replace(self, **changes: Any) -> "PrelabelSpec":
         return dataclasses.replace(self, **changes)
