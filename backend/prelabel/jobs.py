@@ -64,7 +64,7 @@ def _spec_of(info: RunInfo, spec: Mapping[str, Any] | None, context: WorkerConte
         return PrelabelSpec.from_dict(data)
     log.warning("pre-label run %s carries no spec (queued by the previous release): using this worker's settings",
                 info.run_id)
-    return context.settings.prelabel_spec(info.project, version=info.version, unlabeled_only=info.unlabeled_only,
+    return PrelabelSpec.from_settings(context.settings, info.project, version=info.version, unlabeled_only=info.unlabeled_only,
                                           chunk_size=info.chunk_size)
 
 

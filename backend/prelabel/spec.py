@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from backend.labelstudio.prompts import PromptSettings
+from backend.settings import Settings
 from finetune.spec import spec_from_dict
 
 
@@ -52,6 +53,15 @@ class PrelabelSpec:
         object.__setattr__(self, "project", str(self.project))
         object.__setattr__(self, "chunk_size", int(self.chunk_size))
         object.__setattr__(self, "label_prompts", dict(self.label_prompts or {}))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, project: str | int, **changes: Any) -> "PrelabelSpec":
+        """The spec the queuer's `settings` describe (MODEL, THRESHOLD, PROMPT_FIELD, LABEL_PROMPTS, POLYGONS,
+        PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT); `changes` override fields."""
+        return cls(project=str(project), model=settings.model, threshold=settings.threshold,
+                   prompt_field=settings.prompt_field, label_prompts=dict(settings.label_prompts),
+                   polygon=settings.polygon, replace_older=settings.prelabel_replace_older,
+                   chunk_size=settings.prelabel_chunk, job_timeout=settings.job_timeout, **changes)
 
     @property
     def prompt_settings(self) -> PromptSettings:
