@@ -58,10 +58,11 @@ class PrelabelSpec:
     def from_settings(cls, settings: Settings, project: str | int, **changes: Any) -> "PrelabelSpec":
         """The spec the queuer's `settings` describe (MODEL, THRESHOLD, PROMPT_FIELD, LABEL_PROMPTS, POLYGONS,
         PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT); `changes` override fields."""
-        return cls(project=str(project), model=settings.model, threshold=settings.threshold,
-                   prompt_field=settings.prompt_field, label_prompts=dict(settings.label_prompts),
-                   polygon=settings.polygon, replace_older=settings.prelabel_replace_older,
-                   chunk_size=settings.prelabel_chunk, job_timeout=settings.job_timeout, **changes)
+        fields = dict(project=str(project), model=settings.model, threshold=settings.threshold,
+                      prompt_field=settings.prompt_field, label_prompts=dict(settings.label_prompts),
+                      polygon=settings.polygon, replace_older=settings.prelabel_replace_older,
+                      chunk_size=settings.prelabel_chunk, job_timeout=settings.job_timeout)
+        return cls(**{**fields, **changes})
 
     @property
     def prompt_settings(self) -> PromptSettings:
