@@ -179,8 +179,8 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
         from finetune.triggers import PRELABEL_QUEUE
 
         ids = [t["id"] for t in tasks if isinstance(t.get("id"), int)]
-        run_id, created = queue_prelabel(runtime.redis, project, task_ids=ids, chunk_size=settings.prelabel_chunk,
-                                         reason="/predict over budget", job_timeout=settings.job_timeout)
+        run_id, created = queue_prelabel(runtime.redis, settings.prelabel_spec(project), task_ids=ids,
+                                         reason="/predict over budget")
         message = (f"{len(tasks)} tasks would take about {budget.estimate(len(tasks)):.0f} s, more than this backend's "
                    f"/predict budget of {settings.predict_budget:.0f} s (PREDICT_BUDGET; Label Studio waits 100 s): "
                    f"{'queued' if created else 'already running as'} pre-label run {run_id} on the "
