@@ -76,3 +76,26 @@ def test_film_decoder_decodes_a_visual_prompt_and_mix_interpolates(tiny_model_fa
         assert torch.isfinite(only_visual).all()
     with pytest.raises(ValueError):
         mix(text, visual, 1.5)
+
+
+@pytest.mark.parametrize("preset", ["tiny-seed", "tiny-clipseg"])
+def test_exemplar_segmenter_caches_the_example_and_returns_an_image_sized_mask(tiny_model_factory, preset):
+    from PIL import Image
+
+    from clipseg_model.exemplar_segmenter import ExemplarSegmenter
+    from clipseg_model.predictor import Segmenter
+
+    image, mask = _scene()
+    picture = Image.fromarray(image)
+    seg = ExemplarSegmenter(Segmenter(load_model(tiny_model_factory(preset), "cpu")))
+    first = seg.predict(picture, [(picture, mask)])
+    assert first.mask.shape == (60, 80) and first.probability.shape == (60, 80)
+    again = seg.predict(picture, [(picture, mask)], text="the red circle", visual_weight=0.5)
+    assert seg.vision_passes == 1  # the example's crop was encoded once, then served from the cache
+    assert not np.allclose(first.probability, again.probability)  # the phrase moved the result
+    other = mask.copy()
+    other[0:5, 0:5] = True
+    seg.predict(picture, [(picture, mask), (picture, other)])
+    assert seg.vision_passes == 2 and len(seg.cache) == 2
+    with pytest.raises(ValueError):
+        seg.predict(picture, [])
