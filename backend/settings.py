@@ -124,18 +124,6 @@ class Settings:
             data_dir=str(self.data_dir), device=self.device,
         )
 
-    def prelabel_spec(self, project: str | int, **changes):
-        """The `backend.prelabel.spec.PrelabelSpec` this process's settings describe: a pre-label job carries it, so
-        the worker's own PROMPT_FIELD, THRESHOLD, ... never change what it writes. `changes` override fields."""
-        from backend.prelabel.spec import PrelabelSpec
-
-        spec = PrelabelSpec(
-            project=str(project), model=self.model, threshold=self.threshold, prompt_field=self.prompt_field,
-            label_prompts=dict(self.label_prompts), polygon=self.polygon, replace_older=self.prelabel_replace_older,
-            chunk_size=self.prelabel_chunk, job_timeout=self.job_timeout,
-        )
-        return spec.replace(**changes) if changes else spec
-
 
 def settings_table() -> list[tuple[str, str, str]]:
     """(variable, default, help) for every setting: the docs/configuration.md table and the compose-file test use it."""

@@ -48,7 +48,7 @@ def test_one_run_per_project_and_chunks_are_claimed_once(redis_conn):
 
 
 def test_queue_prelabel_enqueues_the_plan_job_on_its_own_queue(redis_conn):
-    spec = Settings(threshold=0.7, prompt_field="expression").prelabel_spec(3, chunk_size=1)
+    spec = PrelabelSpec.from_settings(Settings(threshold=0.7, prompt_field="expression"), 3, chunk_size=1)
     run, created = queue_prelabel(redis_conn, spec, task_ids=[7, 8])
     assert created
     (job,) = Queue(PRELABEL_QUEUE, connection=redis_conn).get_jobs()

@@ -64,19 +64,24 @@ def _spec_of(info: RunInfo, spec: Mapping[str, Any] | None, context: WorkerConte
         return PrelabelSpec.from_dict(data)
     log.warning("pre-label run %s carries no spec (queued by the previous release): using this worker's settings",
                 info.run_id)
-    return context.settings.prelabel_spec(info.project, version=info.version, unlabeled_only=info.unlabeled_only,
+    return PrelabelSpec.from_settings(context.settings, info.project, version=info.version, unlabeled_only=info.unlabeled_only,
                                           chunk_size=info.chunk_size)
+
+
+def _job_start(run_id: str, namespace: str):
+    """(the current RQ job, its connection, this worker's context, the runs, the run's record or None)."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    runs = PrelabelRuns(job.connection, namespace)
+    return job, job.connection, WorkerContext.current(), runs, runs.info(run_id)
 
 
 def plan_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """RQ job: check Label Studio access, list the run's tasks, split them into chunks, queue one work job each."""
-    from rq import Queue, get_current_job
+    from rq import Queue
 
-    job = get_current_job()
-    conn = job.connection
-    context = WorkerContext.current()
-    runs = PrelabelRuns(conn, namespace)
-    info = runs.info(run_id)
+    job, conn, context, runs, info = _job_start(run_id, namespace)
     if info is None:
         raise PrelabelError(f"pre-label run {run_id} does not exist")
     if info.state != "planning":  # an RQ retry of a plan that failed for good or already went through
@@ -131,16 +136,10 @@ class _Lease:
 
 def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """RQ job: claim chunks of the run until none is left (waiting for others' leases to finish or run out)."""
-    from rq import get_current_job
-
     from backend.labelstudio.config import parse_label_config
     from finetune.versions import VersionRegistry
 
-    job = get_current_job()
-    conn = job.connection
-    context = WorkerContext.current()
-    runs = PrelabelRuns(conn, namespace)
-    info = runs.info(run_id)
+    job, conn, context, runs, info = _job_start(run_id, namespace)
     if info is None or info.state in ("done", "failed"):
         return {"run": run_id, "chunks": [], "note": "run already settled"}
     recipe = _spec_of(info, spec, context)

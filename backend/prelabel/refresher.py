@@ -7,6 +7,7 @@ from redis import Redis
 
 from backend.prelabel.jobs import queue_prelabel
 from backend.prelabel.runs import PrelabelRuns
+from backend.prelabel.spec import PrelabelSpec
 from finetune.version_events import VersionActivated, VersionEvents
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class PromotionRefresher:
             return None
         if not self.runs.mark_refreshed(event.version):
             return None  # another server queued it
-        spec = self.settings.prelabel_spec(project, unlabeled_only=True, version=event.version)
+        spec = PrelabelSpec.from_settings(self.settings, project, unlabeled_only=True, version=event.version)
         run_id, _ = queue_prelabel(self.conn, spec, reason=f"promoted {event.version}", namespace=self.ns)
         log.info("version %s of project %s is active: pre-label run %s queued for its unannotated tasks",
                  event.version, project, run_id)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from backend.labelstudio.prompts import PromptSettings
+from backend.settings import Settings
+from finetune.spec import spec_from_dict
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,15 @@ class PrelabelSpec:
         object.__setattr__(self, "chunk_size", int(self.chunk_size))
         object.__setattr__(self, "label_prompts", dict(self.label_prompts or {}))
 
+    @classmethod
+    def from_settings(cls, settings: Settings, project: str | int, **changes: Any) -> "PrelabelSpec":
+        """The spec the queuer's `settings` describe (MODEL, THRESHOLD, PROMPT_FIELD, LABEL_PROMPTS, POLYGONS,
+        PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT); `changes` override fields."""
+        return cls(project=str(project), model=settings.model, threshold=settings.threshold,
+                   prompt_field=settings.prompt_field, label_prompts=dict(settings.label_prompts),
+                   polygon=settings.polygon, replace_older=settings.prelabel_replace_older,
+                   chunk_size=settings.prelabel_chunk, job_timeout=settings.job_timeout, **changes)
+
     @property
     def prompt_settings(self) -> PromptSettings:
         """The prompt rule's settings input (`backend.labelstudio.prompts`)."""
@@ -63,12 +74,7 @@ class PrelabelSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PrelabelSpec":
         """Rebuild a spec; keys this code does not know (a newer queuer's) go to `extra`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in data.items() if k in names}
-        unknown = {k: v for k, v in data.items() if k not in names}
-        if unknown:
-            known["extra"] = {**known.get("extra", {}), **unknown}
-        return cls(**known)
+        return spec_from_dict(cls, data)
 
     def replace(self, **changes: Any) -> "PrelabelSpec":
         return dataclasses.replace(self, **changes)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 from backend.images import FetchedImage, ImageFetchError, ImageFetcher
 from backend.labelstudio.config import LabelConfig
 from backend.labelstudio.image_refs import task_image_ref
-from backend.labelstudio.prompts import PromptRequest
+from backend.labelstudio.prompts import PromptRequest, predict_prompts
 from backend.labelstudio.protocol import prediction_json
 from backend.metrics import BackendMetrics
 from backend.labelstudio.results import mask_to_results
@@ -86,7 +86,7 @@ class PredictService:
                     self.metrics.tasks.labels("error").inc()
                     answers[i] = TaskAnswer([], 0.0, str(item))
                     continue
-                prompts = [p for p in config.prompts(tasks[i], context) if p.text.strip()]
+                prompts = [p for p in predict_prompts(config, tasks[i], context) if p.text.strip()]
                 ok.append((i, item, prompts))
             if not ok:
                 continue
