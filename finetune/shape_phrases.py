@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from finetune.shape_config import ShapesConfig
 from finetune.shape_render import Scene, SceneObject
-
-if TYPE_CHECKING:
-    from finetune.shapes import ShapesConfig
 
 # Words for each direction: (superlative used with 3+ candidates, phrase forms valid with 2).
 _DIRECTIONS: dict[str, tuple[str, ...]] = {

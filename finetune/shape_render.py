@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:
-    from finetune.shapes import ShapesConfig
-
-# Saturated colours far apart in RGB, so jittered instances never look like a neighbour.
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "green": (35, 165, 55),
-    "blue": (35, 75, 215),
-    "yellow": (235, 210, 35),
-    "orange": (245, 135, 25),
-    "purple": (135, 50, 185),
-    "pink": (245, 125, 195),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ellipse")
-BACKGROUNDS: tuple[str, ...] = ("solid", "gradient", "noise")
-
+from finetune.shape_config import COLORS, ShapesConfig
 
 @dataclass
 class SceneObject:

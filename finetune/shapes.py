@@ -22,7 +22,7 @@ Shapes never overlap, so each mask is exactly the pixels painted in the target's
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -30,78 +30,14 @@ from PIL import Image
 
 from finetune.samples import ReferringSample, SceneGroup
 from finetune.shape_phrases import _DIRECTIONS, _SIZE_WORDS, Candidate, candidate_phrases
-from finetune.shape_render import BACKGROUNDS, COLORS, SHAPES, Scene, SceneObject, render_scene
+from finetune.shape_config import BACKGROUNDS, COLORS, KINDS, SHAPES, ShapesConfig
+from finetune.shape_render import Scene, SceneObject, render_scene
 
 __all__ = [  # the public names, re-exported from the render and phrase modules too
     "BACKGROUNDS", "COLORS", "FILLER_WORDS", "KINDS", "SHAPES", "Candidate", "Scene", "SceneObject", "ShapesConfig",
     "ShapesDataset", "candidate_phrases", "concept_vocabulary", "generate", "generate_scene", "phrase_words",
     "render_scene",
 ]
-
-# Phrase families; a config may restrict generation to some of them.
-KINDS: tuple[str, ...] = ("color_shape", "color", "shape", "position", "size")
-
-
-@dataclass(frozen=True)
-class ShapesConfig:
-    """Options of the generator; every field has a usable default.
-
-    Concept options (words are matched as whole, lower-case tokens of the phrase):
-        exclude_words: no phrase contains any of these words (objects may still show the concept,
-            e.g. green shapes appear but are never called "green").
-        require_words: every phrase contains at least one of these words (generate ONLY a concept).
-        exclude_targets: colour or shape names the referred object never has (may be distractors).
-        exclude_from_scenes: colour or shape names that never appear in any scene.
-        kinds: phrase families allowed, a subset of `KINDS`.
-    """
-
-    image_size: int | tuple[int, int] = 224  # int → square; tuple → (W, H)
-    min_objects: int = 2
-    max_objects: int = 5
-    colors: tuple[str, ...] = tuple(COLORS)
-    shapes: tuple[str, ...] = SHAPES
-    backgrounds: tuple[str, ...] = BACKGROUNDS
-    kinds: tuple[str, ...] = KINDS
-    exclude_words: frozenset[str] = field(default_factory=frozenset)
-    require_words: frozenset[str] = field(default_factory=frozenset)
-    exclude_targets: frozenset[str] = field(default_factory=frozenset)
-    exclude_from_scenes: frozenset[str] = field(default_factory=frozenset)
-    min_radius: float = 0.07  # bounding-circle radius, as a fraction of min(W, H)
-    max_radius: float = 0.17
-    position_margin: float = 0.08  # fraction of min(W, H) a position word needs
-    size_ratio: float = 1.5  # area ratio a size word needs
-    color_jitter: int = 12  # max per-channel offset from the named colour
-    max_tries: int = 100  # scenes to draw before giving up on the filters
-
-    def __post_init__(self) -> None:
-        # Accept any iterable of words for convenience; store lower-case frozensets.
-        for name in ("exclude_words", "require_words", "exclude_targets", "exclude_from_scenes"):
-            object.__setattr__(self, name, frozenset(w.lower() for w in getattr(self, name)))
-        unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
-        if unknown:
-            raise ValueError(f"unknown colours/shapes: {unknown}")
-        if not set(self.kinds) <= set(KINDS):
-            raise ValueError(f"kinds must be a subset of {KINDS}")
-        if not 1 <= self.min_objects <= self.max_objects:
-            raise ValueError("need 1 <= min_objects <= max_objects")
-        if not self.scene_colors or not self.scene_shapes:
-            raise ValueError("exclude_from_scenes removes every colour or every shape")
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(W, H) of generated images."""
-        if isinstance(self.image_size, int):
-            return (self.image_size, self.image_size)
-        return (int(self.image_size[0]), int(self.image_size[1]))
-
-    @property
-    def scene_colors(self) -> tuple[str, ...]:
-        return tuple(c for c in self.colors if c not in self.exclude_from_scenes)
-
-    @property
-    def scene_shapes(self) -> tuple[str, ...]:
-        return tuple(s for s in self.shapes if s not in self.exclude_from_scenes)
-
 
 def _forced_attributes(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[str | None, str | None]:
     """Pick a required colour/shape for one object so `require_words` can be satisfied quickly."""
