@@ -38,222 +38,29 @@ and `refs` entries under 100 B each. So ~1.5 KB per extra annotation of an alrea
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from finetune import metrics
+from finetune.correction_scripts import _DELETE, _MARK, _PUT, _SET_PROMPTS
+from finetune.correction_types import (
+    CorrectionSample,
+    PutResult,
+    Region,
+    StoredAnnotation,
+    _as_mask,
+    mask_iou,
+    mask_to_png,
+    png_to_mask,
+)
+
+__all__ = ["CorrectionSample", "CorrectionStore", "PutResult", "Region", "StoredAnnotation", "mask_iou",
+           "mask_to_png", "png_to_mask"]
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Lua scripts: each write is one script, so readers never see half an annotation and counts stay consistent.
-
-_PUT = """
--- KEYS: 1 ann, 2 idx, 3 seq, 4 projects, 5 where, 6 refs, 7 img(new), 8 review
--- ARGV: 1 member, 2 project, 3 ann id, 4 where value, 5 sha, 6 image bytes, 7 meta json, 8 img prefix,
---       9 now, 10 context json (kept verbatim: cjson would turn its empty lists into objects), 11.. mask bytes
-local new = cjson.decode(ARGV[7])
-local old_raw = redis.call('HGET', KEYS[1], 'meta')
-local old = nil
-local seq = nil
-local created = ARGV[9]
-if old_raw then
-  old = cjson.decode(old_raw)
-  if tonumber(old.updated) > tonumber(new.updated) then return {'stale', 0} end
-  if tonumber(old.updated) == tonumber(new.updated) and tonumber(new.updated) > 0 then
-    seq = redis.call('HGET', KEYS[1], 'seq')   -- same annotation version delivered again: not a new correction
-  end
-  created = tostring(old.created)
-  for _, r in ipairs(old.review) do
-    local left = redis.call('HINCRBY', KEYS[8], r[1] .. '|n', -1)
-    redis.call('HINCRBYFLOAT', KEYS[8], r[1] .. '|sum', -r[2])
-    if left <= 0 then redis.call('HDEL', KEYS[8], r[1] .. '|n', r[1] .. '|sum') end
-  end
-end
-if (not old) or old.image ~= ARGV[5] then
-  redis.call('SET', KEYS[7], ARGV[6], 'NX')
-  redis.call('HINCRBY', KEYS[6], ARGV[5], 1)
-  if old then
-    if redis.call('HINCRBY', KEYS[6], old.image, -1) <= 0 then
-      redis.call('HDEL', KEYS[6], old.image)
-      redis.call('DEL', ARGV[8] .. old.image)
-    end
-  end
-end
-if not seq then seq = redis.call('INCR', KEYS[3]) end
-new.created = tonumber(created)
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'meta', cjson.encode(new), 'seq', seq, 'context', ARGV[10])
-for i = 11, #ARGV do redis.call('HSET', KEYS[1], 'm:' .. (i - 11), ARGV[i]) end
-for _, r in ipairs(new.review) do
-  redis.call('HINCRBY', KEYS[8], r[1] .. '|n', 1)
-  redis.call('HINCRBYFLOAT', KEYS[8], r[1] .. '|sum', r[2])
-end
-redis.call('ZADD', KEYS[2], seq, ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[2])
-redis.call('HSET', KEYS[5], ARGV[3], ARGV[4])
-if old then return {'replaced', seq} end
-return {'stored', seq}
-"""
-
-_DELETE = """
--- KEYS: 1 ann, 2 idx, 3 where, 4 refs, 5 review, 6 projects ; ARGV: 1 member, 2 ann id, 3 img prefix, 4 project
-local old_raw = redis.call('HGET', KEYS[1], 'meta')
-redis.call('HDEL', KEYS[3], ARGV[2])
-if not old_raw then return 0 end
-local old = cjson.decode(old_raw)
-if redis.call('HINCRBY', KEYS[4], old.image, -1) <= 0 then
-  redis.call('HDEL', KEYS[4], old.image)
-  redis.call('DEL', ARGV[3] .. old.image)
-end
-for _, r in ipairs(old.review) do
-  local left = redis.call('HINCRBY', KEYS[5], r[1] .. '|n', -1)
-  redis.call('HINCRBYFLOAT', KEYS[5], r[1] .. '|sum', -r[2])
-  if left <= 0 then redis.call('HDEL', KEYS[5], r[1] .. '|n', r[1] .. '|sum') end
-end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[6], ARGV[4]) end
-return 1
-"""
-
-_SET_PROMPTS = """
--- KEYS: 1 ann ; ARGV: 1 prompts json (one per region, in order). Returns 1, or 0 when the annotation is gone or
--- its region count changed since it was read.
-local raw = redis.call('HGET', KEYS[1], 'meta')
-if not raw then return 0 end
-local meta = cjson.decode(raw)
-local prompts = cjson.decode(ARGV[1])
-if #prompts ~= #meta.regions then return 0 end
-for i, p in ipairs(prompts) do meta.regions[i].prompt = p end
-redis.call('HSET', KEYS[1], 'meta', cjson.encode(meta))
-return 1
-"""
-
-_MARK = """
--- KEYS: 1 trained ; ARGV: 1 upto. The watermark only moves forward.
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-local upto = tonumber(ARGV[1])
-if upto > cur then redis.call('SET', KEYS[1], ARGV[1]); return upto end
-return cur
-"""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Masks
-
-
-def mask_to_png(mask: np.ndarray) -> bytes:
-    """Encode a (H, W) mask (bool or 0/255 uint8) as a 1-bit PNG."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
-
-
-def png_to_mask(data: bytes) -> np.ndarray:
-    """Decode PNG bytes to a (H, W) np.bool_ mask (any non-zero pixel is in the mask)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode == "1":
-            return np.array(img, dtype=bool)
-        return np.array(img.convert("L")) > 0
-
-
-def _as_mask(mask: np.ndarray | bytes) -> np.ndarray:
-    if isinstance(mask, np.ndarray):
-        return mask.astype(bool)
-    return png_to_mask(bytes(mask))
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two boolean masks; b is resized (nearest) to a's (H, W) if they differ; 1.0 when both are empty."""
-    if a.shape != b.shape:
-        import cv2
-
-        b = cv2.resize(b.astype(np.uint8), (a.shape[1], a.shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
-    return metrics.iou(a, b)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Types
-
-
-@dataclass(frozen=True)
-class Region:
-    """One region of an annotation turned into a training target: prompt and (H, W) np.bool_ mask.
-
-    `source` says where the prompt came from and `key` names the region in its annotation; both are opaque to the
-    store (the caller that resolves prompts uses them to re-resolve stored prompts after a settings change).
-    """
-
-    prompt: str
-    mask: np.ndarray
-    label: str | None = None
-    kind: str = "brush"
-    source: str | None = None
-    key: str | None = None
-
-
-@dataclass(frozen=True)
-class CorrectionSample:
-    """One (prompt, mask, image) training sample: one region of one stored annotation.
-
-    `mask` is (H, W) np.bool_; `load_image()` returns the image bytes (from Redis, by `image_sha256`).
-    `iou` compares our recorded prediction for (task, label) with the annotator's final mask of that label.
-    """
-
-    project: str
-    task_id: int
-    annotation_id: int
-    region: int
-    prompt: str
-    label: str | None
-    mask: np.ndarray = field(repr=False, compare=False)
-    image_sha256: str
-    created: float
-    updated: float
-    seq: int
-    iou: float | None
-    model_version: str | None
-    load_image: Callable[[], bytes] = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class PutResult:
-    """What `put_annotation` did: status "stored", "replaced" or "stale"; the correction's sequence number; and the
-    review IoU per label (our recorded prediction vs the final mask)."""
-
-    status: str
-    seq: int
-    ious: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StoredAnnotation:
-    """One stored annotation as `CorrectionStore.annotations` lists it (masks not decoded).
-
-    `regions` are dicts with prompt, label, kind, shape [H, W], area (mask pixels), source and key; `context` is
-    what the caller stored with it (e.g. the task data the prompts were resolved from).
-    """
-
-    project: str
-    task_id: int
-    annotation_id: int
-    seq: int
-    image_sha256: str
-    updated: float
-    regions: list[dict[str, Any]]
-    context: dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -69,3 +69,27 @@ def test_byte_level_tokenizer_handles_any_text():
     ids = tok("Katze 🐱")["input_ids"]
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) > 8
     assert np.all(np.array(ids) < 514)
+
+
+def test_predict_with_an_exemplar(tmp_path):
+    """`clipseg predict IMAGE --exemplar EXAMPLE MASK`: a mask from the example alone, then mixed with a phrase;
+    a missing prompt and an empty example mask are refused with a message."""
+    done = clipseg("model", "init", "--preset", "tiny-seed", "--out", str(tmp_path / "m"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    Image.new("RGB", (64, 48), "green").save(tmp_path / "photo.png")
+    mask = np.zeros((48, 64), dtype=np.uint8)
+    mask[10:30, 20:40] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "example_mask.png")
+    done = clipseg("predict", "photo.png", "--exemplar", "photo.png", "example_mask.png", "--model", "m",
+                   "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [m.name for m in sorted((tmp_path / "out").glob("mask_*.png"))] == ["mask_00_exemplar.png"]
+    assert Image.open(tmp_path / "out" / "mask_00_exemplar.png").size == (64, 48)
+    done = clipseg("predict", "photo.png", "green thing", "--exemplar", "photo.png", "example_mask.png",
+                   "--visual-weight", "0.3", "--model", "m", "--out", "mixed", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [m.name for m in sorted((tmp_path / "mixed").glob("mask_*.png"))] == ["mask_00_green-thing.png"]
+    assert clipseg("predict", "photo.png", "--model", "m", cwd=tmp_path).returncode != 0
+    Image.fromarray(np.zeros((48, 64), dtype=np.uint8), "L").save(tmp_path / "empty.png")
+    done = clipseg("predict", "photo.png", "--exemplar", "photo.png", "empty.png", "--model", "m", cwd=tmp_path)
+    assert done.returncode != 0 and "non-empty" in done.stderr

@@ -1,0 +1,78 @@
+"""Regions in the interactive-annotating context Label Studio sends with /predict (formats only, no torch).
+
+Shapes as label-studio-ml-backend's SAM examples read them: `context.result` items with `type` "rectanglelabels",
+"keypointlabels" or "brushlabels", `value.x/y/width/height` in percent of the image, `original_width/height` in
+pixels, `is_positive` on clicks, `value.rle` on brush strokes. Each becomes an (H, W) bool mask of the example
+region (a click: a disc of `click_radius` x min(H, W) around it), which is what a visual prompt is built from.
+Negative clicks are returned apart, so a caller can subtract them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from backend.labelstudio.rle import rle_to_mask
+
+CONTEXT_TYPES = ("rectanglelabels", "keypointlabels", "brushlabels")
+
+
+@dataclass(frozen=True)
+class ContextRegion:
+    """One region of the context: its type, label (or None), positive flag and (H, W) bool mask."""
+
+    kind: str
+    label: str | None
+    positive: bool
+    mask: np.ndarray
+
+
+def _percent_box(value: Mapping[str, Any], width: int, height: int) -> tuple[int, int, int, int]:
+    x0 = float(value["x"]) * width / 100.0
+    y0 = float(value["y"]) * height / 100.0
+    x1 = x0 + float(value.get("width", 0.0)) * width / 100.0
+    y1 = y0 + float(value.get("height", 0.0)) * height / 100.0
+    clip = lambda v, hi: int(min(max(round(v), 0), hi))  # noqa: E731
+    return clip(x0, width), clip(y0, height), clip(x1, width), clip(y1, height)
+
+
+def context_regions(context: Mapping[str, Any] | None, width: int, height: int, *,
+                    click_radius: float = 0.03) -> list[ContextRegion]:
+    """Every usable region of an interactive context as masks of a `width` x `height` image.
+
+    Items of other types, or without coordinates, are skipped; an empty or missing context gives [].
+    """
+    out: list[ContextRegion] = []
+    for item in (context or {}).get("result") or []:
+        kind = item.get("type")
+        value = item.get("value") or {}
+        if kind not in CONTEXT_TYPES:
+            continue
+        labels = value.get(kind) or []
+        label = str(labels[0]) if labels else None
+        positive = bool(item.get("is_positive", True))
+        mask = np.zeros((height, width), dtype=bool)
+        if kind == "brushlabels":
+            if not value.get("rle"):
+                continue
+            h = int(item.get("original_height") or height)
+            w = int(item.get("original_width") or width)
+            stroke = rle_to_mask(value["rle"], h, w)
+            if (h, w) != (height, width):
+                ys = (np.arange(height) * h // height)[:, None]
+                xs = (np.arange(width) * w // width)[None, :]
+                stroke = stroke[ys, xs]
+            mask = stroke.astype(bool)
+        elif "x" in value and "y" in value:
+            if kind == "rectanglelabels":
+                x0, y0, x1, y1 = _percent_box(value, width, height)
+                mask[y0:y1, x0:x1] = True
+            else:
+                cx, cy = float(value["x"]) * width / 100.0, float(value["y"]) * height / 100.0
+                r = max(click_radius * min(width, height), 1.0)
+                ys, xs = np.ogrid[:height, :width]
+                mask = (xs + 0.5 - cx) ** 2 + (ys + 0.5 - cy) ** 2 <= r * r
+        if mask.any():
+            out.append(ContextRegion(kind, label, positive, mask))
+    return out

@@ -1,0 +1,62 @@
+"""Segment "things like this example" with a `Segmenter`: the example's embedding costs one extra vision pass of
+the engineered crop, cached by content (image, mask, mode, model version), and the target image's features come
+from the segmenter's own feature cache, so encode-once holds for text and visual prompts alike."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipseg_model.caches import LRUCache
+from clipseg_model.predictor import MaskPrediction, Segmenter
+from clipseg_model.visual_prompt import encode_visual, engineer_prompt, mix, prompt_key
+
+
+class ExemplarSegmenter:
+    """Visual prompts on top of a `Segmenter` (which it shares, caches included).
+
+    Args:
+        segmenter: the text-prompt segmenter whose model and caches are used.
+        mode: visual-prompt engineering (`visual_prompt.ENGINEERING`).
+        cache_entries: embeddings of examples kept (each (projection_dim,) float32).
+    """
+
+    def __init__(self, segmenter: Segmenter, mode: str = "crop_blur_darken", cache_entries: int = 1024) -> None:
+        self.segmenter = segmenter
+        self.mode = mode
+        self.cache: LRUCache[torch.Tensor] = LRUCache(cache_entries)
+        self.vision_passes = 0  # example crops encoded (cache misses), for tests and metrics
+
+    def embed(self, image: Image.Image, mask: np.ndarray) -> torch.Tensor:
+        """One example (RGB image, (H, W) bool mask) → (projection_dim,) float32 embedding, cached by content."""
+        rgb = np.asarray(image.convert("RGB"))
+        model = self.segmenter.model
+        key = (model.version, prompt_key(rgb, mask, self.mode))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        crop = Image.fromarray(engineer_prompt(rgb, np.asarray(mask, dtype=bool), self.mode))
+        pixels = model.preprocess([crop]).to(model.device)
+        row = encode_visual(model, pixels)[0].float().cpu()
+        self.vision_passes += 1
+        self.cache.put(key, row)
+        return row
+
+    def predict(self, image: Image.Image, examples: Sequence[tuple[Image.Image, np.ndarray]],
+                text: str | None = None, visual_weight: float = 1.0, name: str = "exemplar") -> MaskPrediction:
+        """Mask of `image` for the concept shown by `examples` (k-shot: their embeddings are averaged), mixed with
+        the phrase `text` when given ((1 - w) * text + w * visual). The MaskPrediction's probability and mask are (H, W)."""
+        if not examples:
+            raise ValueError("at least one example is needed")
+        seg, model = self.segmenter, self.segmenter.model
+        visual = torch.stack([self.embed(im, m) for im, m in examples])  # (V, D)
+        text_row = seg._text_embeddings([text])[0] if text else None
+        if getattr(model.config, "word_attention", False):
+            raise NotImplementedError("visual prompts with word_attention models are not supported yet")
+        condition = mix(text_row, visual, visual_weight if text else 1.0).to(model.device)  # (1, D)
+        with torch.no_grad():
+            features = seg._image_features([image])
+            logits = model.decode(features, condition.to(dtype=next(model.parameters()).dtype)).float()
+        return seg._postprocess([text or name], logits, image.size, seg.threshold_for())[0]
