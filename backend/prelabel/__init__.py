@@ -388,7 +388,7 @@ def serving_segmenter(settings, conn: Redis, version: str | None = None, timeout
     from backend.serving.model import ServingModel
     from finetune.versions import VersionRegistry
 
-    key = (settings.model, settings.device, settings.threshold, settings.bf16, str(settings.data_dir))
+    key = (settings.model, settings.device, settings.threshold, settings.precision_mode, str(settings.data_dir))
     model = _MODELS.get(key)
     if model is None:
         model = ServingModel.from_settings(settings, registry_factory=lambda: VersionRegistry(conn), check_interval=0.0)
