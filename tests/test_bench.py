@@ -11,7 +11,7 @@ import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ["a.k1", "a.k4", "a.k8", "a.8v1", "b", "c.speed", "c.iou", "d", "d.server", "e", "f", "g.http", "g.direct", "h.rss", "h.switch"]
+ROWS = ["a.k1", "a.k4", "a.k8", "a.8v1", "b", "c.speed", "c.iou", "c.auto", "c.int8", "d", "d.server", "e", "f", "g.http", "g.direct", "h.rss", "h.switch"]
 
 
 def test_bench_tiny_quick_prints_every_row(tmp_path):
@@ -32,7 +32,7 @@ def test_bench_tiny_quick_prints_every_row(tmp_path):
     table = out[out.index("row "):].splitlines()
     printed = {line.split()[0] for line in table[1:] if line.strip() and not line.startswith("results")}
     assert printed == set(ROWS)
-    for target in ("≥ 7x", "≤ 1.4x", "≤ 15%", "≥ 1.6x", "≥ 0.99", "≤ 1.15x", "≤ 1.3 GB", "≤ 10 MB", "≤ 5%"):
+    for target in ("≥ 7x", "≤ 1.4x", "≤ 15%", "≥ 1.6x", "≥ 0.99", "≥ 1.5x", "≤ 1.15x", "≤ 1.3 GB", "≤ 10 MB", "≤ 5%"):
         assert target in out
 
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -45,6 +45,8 @@ def test_bench_tiny_quick_prints_every_row(tmp_path):
         verdicts = {v for v in ("PASS", "FAIL") if f" {v} " in lines[key] + " "}
         assert verdicts == (set() if r["ok"] is None else {"PASS" if r["ok"] else "FAIL"}), lines[key]
         assert (r["target"] != "") == (r["ok"] is not None), r
+    assert data["model"]["precision_choice"]["precision"] in ("fp32", "bf16", "int8", "int8+bf16")
+    assert "fp32" in data["model"]["precision_choice"]["measured"]  # c.auto measured its choice in this run
     assert rows["e"]["unit"] == "GB" and rows["e"]["ok"] in (True, False)
     assert rows["f"]["ok"] is None and rows["g.http"]["ok"] is None  # information rows have no verdict
     assert data["machine"]["torch_threads"] >= 1 and data["model"]["tiny"] is True

@@ -9,7 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.inference.common import PROMPTS, Report, build_or_reuse, machine_info, test_images, _vocabulary
-from benchmarks.inference.model_rows import bench_bf16, bench_gflops, bench_prompts_vs_hf, bench_reprompt
+from benchmarks.inference.model_rows import (bench_bf16, bench_gflops, bench_precisions, bench_prompts_vs_hf,
+                                             bench_reprompt)
 from benchmarks.inference.projects import PROJECTS, bench_projects
 from benchmarks.inference.server import bench_server
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace, settings) -> int:
         ("a", lambda: bench_prompts_vs_hf(report, model, images[0], repeats)),
         ("b", lambda: bench_reprompt(report, model, images[0], repeats)),
         ("c", lambda: bench_bf16(report, model, images, repeats)),
+        ("c.auto/c.int8", lambda: bench_precisions(report, model, images, repeats, None)),
         ("d/e/g", lambda: bench_server(report, model, model_dir, (width, height), args.seed, repeats)),
         ("f", lambda: bench_gflops(report, model, repeats, args.tiny)),
         ("h", lambda: bench_projects(report, model_dir, args.work_dir, images[0], repeats,

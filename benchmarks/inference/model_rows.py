@@ -3,6 +3,7 @@ precisions (bf16, int8, the automatic choice) against fp32, and the vision pass'
 from __future__ import annotations
 
 import statistics
+import time
 
 from benchmarks.inference.common import K_VALUES, PROMPTS, Report, Row, interleaved, mask_iou, median_time
 
@@ -147,3 +148,46 @@ def bench_gflops(report: Report, model, repeats: int, tiny: bool) -> None:
                    f"vision {flops / 1e9:.1f} GFLOP in {t_vision * 1e3:.0f} ms = {vision_gflops:.0f} GFLOP/s "
                    f"(torch flop counter: {counted / 1e9:.1f} GFLOP); sgemm {n}x{n}: {mm_gflops:.0f} GFLOP/s"))
 
+
+
+def bench_precisions(report: Report, model, images, repeats: int, cache_dir) -> None:
+    """(c.auto, c.int8) PRECISION=auto's choice (clipseg_model.precision, measured here in one run, not read from a
+    cache) and int8 towers, each vs fp32: speed of 1 image + 1 prompt, cold, and min mask IoU over 2 images x 8
+    phrases at threshold 0.5."""
+    import copy
+
+    from clipseg_model.precision import PRECISIONS, apply_precision, choose_precision
+    from clipseg_model.predictor import Segmenter
+
+    started = time.perf_counter()
+    choice = choose_precision(model, "auto", None)
+    choose_s = time.perf_counter() - started
+    report.model["precision_choice"] = choice.as_dict()
+    fp32 = Segmenter(model, threshold=0.5)
+    int8_model = apply_precision(copy.deepcopy(model), PRECISIONS["int8"])
+    chosen_model = int8_model if choice.precision.towers == "int8" else model
+    segs = {"fp32": fp32, "auto": Segmenter(chosen_model, threshold=0.5, precision=choice.precision),
+            "int8": Segmenter(int8_model, threshold=0.5, precision=PRECISIONS["int8"])}
+
+    def cold(seg):
+        seg.feature_cache.clear()
+        seg.text_cache.clear()
+        return seg.predict(images[0], PROMPTS[:1])
+
+    got = interleaved({name: (lambda s=seg: cold(s)) for name, seg in segs.items()}, repeats)
+    t = {name: statistics.median(s) for name, s in got.items()}
+    report.timings.update(auto_k1=got["auto"], int8_k1=got["int8"])
+    ious = {"auto": [], "int8": []}
+    for image in images[:2]:
+        reference = fp32.predict(image, PROMPTS)
+        for name in ious:
+            ious[name] += [mask_iou(a.mask, b.mask) for a, b in zip(reference, segs[name].predict(image, PROMPTS))]
+    speed, worst = t["fp32"] / t["auto"], min(ious["auto"])
+    report.add(Row("c.auto", f"PRECISION=auto ({choice.precision.name}) speed-up over fp32, IoU {worst:.4f}", speed, "x",
+                   "≥ 1.5x", speed >= 1.5 and worst >= 0.99,
+                   f"fp32 {t['fp32'] * 1e3:.0f} ms, auto {t['auto'] * 1e3:.0f} ms; min IoU {worst:.4f} over "
+                   f"{len(ious['auto'])} masks; chosen in {choose_s:.0f} s: {choice.reason}"))
+    speed8, worst8 = t["fp32"] / t["int8"], min(ious["int8"])
+    report.add(Row("c.int8", f"int8 towers (dynamic quantisation) speed-up over fp32, IoU {worst8:.4f}", speed8, "x",
+                   "", None, f"int8 {t['int8'] * 1e3:.0f} ms; min IoU {worst8:.4f}, mean "
+                   f"{statistics.mean(ious['int8']):.4f} over {len(ious['int8'])} masks"))
