@@ -19,7 +19,6 @@ descendant version (same frozen part) reuses them and a different base model nev
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -31,34 +30,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from clipseg_model.fingerprint import frozen_fingerprint
 from clipseg_model.image_io import image_digest
 from clipseg_model.precision import PRECISIONS, Precision
 from clipseg_model.precision import autocast as precision_autocast
 from clipseg_model.segmenter_base import ImageFeatures, SegmentationModel
 
 log = logging.getLogger(__name__)
-
-
-def frozen_fingerprint(model: SegmentationModel, precision: str = "fp32") -> str:
-    """Identity of what `encode_frozen` computes: architecture, input size, boundary, the frozen weights and the
-    precision the features are computed in (bf16 features differ from fp32 ones: never served for each other).
-
-    The weights enter through a sample (the first 64 values, the sum and the shape of every frozen tensor): enough
-    to tell two base models apart at a cost of milliseconds, unlike hashing 600 MB of parameters.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    cfg = model.config
-    h.update(f"{cfg.architecture}|{cfg.image_size}|{model.frozen_depth()}|{model.needs_pixels()}|{precision}".encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                continue
-            flat = p.detach().flatten()
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(flat[:64].float().cpu().numpy().tobytes())
-            h.update(flat.float().sum().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 class FeatureCache:

@@ -1,6 +1,6 @@
 """The inference precision: the fastest one whose masks equal fp32's, chosen per machine and model.
 
-    choice = choose_precision(model, "auto", cache_dir=data_dir / "precision")
+    choice = choose_precision(model, "auto", cache_dir=data_dir / "precision")   # clipseg_model.precision_choice
     model = apply_precision(model, choice.precision)     # int8: the frozen CLIP linears become dynamic int8
     segmenter = Segmenter(model, precision=choice.precision)
 
@@ -13,17 +13,11 @@ and model. CUDA keeps its fp16 autocast (not measured; untested here).
 """
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import logging
-import os
 import platform
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -161,58 +155,6 @@ def mask_agreement(reference: Sequence[np.ndarray], other: Sequence[np.ndarray],
     return worst
 
 
-Candidate = tuple[Precision, Callable[[SegmentationModel], SegmentationModel]]  # precision, model -> prepared model
-
-
-def candidates(model: SegmentationModel, mode: str, support: dict[str, object]) -> tuple[list[Candidate], list[str]]:
-    """The candidates `mode` allows on this CPU (fp32 is the reference, not among them) and why others were left out."""
-    out: list[Candidate] = []
-    skipped = []
-    native_bf16 = bool(support["avx512_bf16"] or support["amx_bf16"])
-    if mode in ("auto", "bf16"):
-        if native_bf16 or mode == "bf16":
-            out.append((PRECISIONS["bf16"], lambda m: m))
-        else:
-            skipped.append("bf16: no native bf16 (avx512_bf16/amx) on this CPU")
-    if mode in ("auto", "int8"):
-        if support["int8_engine"]:
-            out.append((PRECISIONS["int8"], lambda m: apply_precision(copy.deepcopy(m), PRECISIONS["int8"])))
-            if native_bf16:
-                out.append((PRECISIONS["int8+bf16"], lambda m: apply_precision(copy.deepcopy(m), PRECISIONS["int8"])))
-        else:
-            skipped.append("int8: torch has no x86/fbgemm quantised engine")
-    return out, skipped
-
-
-def measure(model: SegmentationModel, options: Sequence[Candidate], threshold: float = 0.5, repeats: int = 2,
-            images: Sequence[Image.Image] | None = None) -> dict[str, dict[str, float]]:
-    """Each option's speed-up over fp32 (medians of cold probe runs, interleaved with fp32) and its smallest mask IoU
-    with fp32 over the probe (PROBE_IMAGES images x PROBE_PROMPTS)."""
-    from clipseg_model.predictor import Segmenter
-
-    images = list(images or probe_images())
-    segmenters = {"fp32": Segmenter(model, threshold=threshold)}
-    for precision, prepare in options:
-        segmenters[precision.name] = Segmenter(prepare(model), threshold=threshold, precision=precision)
-    maps: dict[str, list[np.ndarray]] = {name: [] for name in segmenters}
-    times: dict[str, list[float]] = {name: [] for name in segmenters}
-    for round_ in range(1 + repeats):  # round 0 warms up (and gives the masks)
-        for name, seg in segmenters.items():
-            seg.feature_cache.clear()
-            seg.text_cache.clear()
-            started = time.perf_counter()
-            for image in images:
-                got = seg.predict(image, list(PROBE_PROMPTS))
-                if round_ == 0:
-                    maps[name] += [p.probability for p in got]
-            if round_:
-                times[name].append(time.perf_counter() - started)
-    base = statistics.median(times["fp32"])
-    return {name: {"speedup": base / statistics.median(times[name]), "min_iou": mask_agreement(maps["fp32"], maps[name], threshold),
-                   "seconds": statistics.median(times[name])}
-            for name in segmenters if name != "fp32"} | {"fp32": {"speedup": 1.0, "min_iou": 1.0, "seconds": base}}
-
-
 def pick(measured: dict[str, dict[str, float]]) -> tuple[str, str]:
     """(name, reason): the fastest candidate whose masks agree and that beats fp32 by MIN_GAIN, else fp32."""
     agree = {n: m for n, m in measured.items() if n != "fp32" and m["min_iou"] >= MIN_IOU and m["speedup"] >= MIN_GAIN}
@@ -226,56 +168,5 @@ def pick(measured: dict[str, dict[str, float]]) -> tuple[str, str]:
     return best, f"fastest with every probe mask IoU >= {MIN_IOU}: {m['speedup']:.2f}x fp32 at IoU {m['min_iou']:.4f}{why_not}"
 
 
-def cache_key(model: SegmentationModel, mode: str, threshold: float, support: dict[str, object]) -> str:
-    """Machine (CPU, threads, torch) + model (frozen weights, config) + mode + threshold."""
-    from clipseg_model.feature_cache import frozen_fingerprint
-
-    h = hashlib.blake2b(digest_size=12)
-    h.update(json.dumps(support, sort_keys=True, default=str).encode())
-    h.update(f"{frozen_fingerprint(model)}|{model.config.to_json()}|{mode}|{threshold}".encode())
-    return h.hexdigest()
-
-
-def choose_precision(model: SegmentationModel, mode: str = "auto", cache_dir: str | os.PathLike | None = None,
-                     threshold: float = 0.5, options: Sequence[Candidate] | None = None) -> Choice:
-    """The precision to serve `model` with under PRECISION=`mode` (auto, fp32, bf16, int8).
-
-    fp32 and bf16 are taken as set; auto and int8 measure their candidates (int8: with the decoder in fp32 or bf16)
-    on the probe, or read the choice cached under `cache_dir` for this machine and model. `options` replaces the
-    candidates (tests inject a bad one)."""
-    if mode not in MODES:
-        raise ValueError(f"PRECISION must be one of {', '.join(MODES)}, not {mode!r}")
-    if model.device.type == "cuda":
-        return Choice(PRECISIONS["fp16"], "CUDA: fp16 autocast (not measured)")
-    if mode in ("fp32", "bf16"):
-        return Choice(PRECISIONS[mode], f"PRECISION={mode}")
-    support = cpu_support()
-    path = None
-    if cache_dir is not None and options is None:
-        path = Path(cache_dir) / f"{cache_key(model, mode, threshold, support)}.json"
-        try:
-            data = json.loads(path.read_text())
-            return Choice(PRECISIONS[data["precision"]], data["reason"], data["measured"], support, cached=True)
-        except (OSError, ValueError, KeyError):
-            pass
-    found, skipped = candidates(model, mode, support) if options is None else (list(options), [])
-    started = time.perf_counter()
-    measured = measure(model, found, threshold)
-    name, reason = pick(measured)
-    if mode == "int8" and name == "fp32":
-        reason = "PRECISION=int8 but " + reason
-    if skipped:
-        reason += "; skipped " + "; ".join(skipped)
-    choice = Choice(PRECISIONS[name], reason, measured, support)
-    log.info("precision %s (measured in %.1f s): %s", name, time.perf_counter() - started, reason)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"precision": name, "reason": reason, "measured": measured, "cpu": support,
-                                   "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
-        os.replace(tmp, path)
-    return choice
-
-
-__all__ = ["Choice", "Precision", "PRECISIONS", "apply_precision", "autocast", "choose_precision", "cpu_support",
-           "mask_agreement", "measure", "pick"]
+__all__ = ["Precision", "PRECISIONS", "apply_precision", "autocast", "cpu_support", "mask_agreement", "pick",
+           "probe_images"]

@@ -8,7 +8,8 @@ import pytest
 
 from clipseg_model.feature_cache import FeatureCache, FrozenInputs
 from clipseg_model.loading import load_model
-from clipseg_model.precision import MIN_IOU, PRECISIONS, apply_precision, choose_precision, measure, pick, probe_images
+from clipseg_model.precision import MIN_IOU, PRECISIONS, apply_precision, pick, probe_images
+from clipseg_model.precision_choice import choose_precision, measure
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ from backend.settings import MB, Settings
 from clipseg_model.caches import LRUCache
 from clipseg_model.checkpoint import is_checkpoint, read_checkpoint_config, read_trainable_state
 from clipseg_model.loading import load_model
-from clipseg_model.precision import apply_precision, choose_precision
+from clipseg_model.precision import apply_precision
+from clipseg_model.precision_choice import choose_precision
 from clipseg_model.predictor import Segmenter, StateSegmenter
 from clipseg_model.segmenter_base import SegmentationModel, TrainableState
 from finetune.version_events import VersionActivated, VersionEvents

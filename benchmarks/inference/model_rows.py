@@ -156,7 +156,8 @@ def bench_precisions(report: Report, model, images, repeats: int, cache_dir) -> 
     phrases at threshold 0.5."""
     import copy
 
-    from clipseg_model.precision import PRECISIONS, apply_precision, choose_precision
+    from clipseg_model.precision import PRECISIONS, apply_precision
+    from clipseg_model.precision_choice import choose_precision
     from clipseg_model.predictor import Segmenter
 
     started = time.perf_counter()
