@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["backend*", "clipseg_model*", "finetune*"]),
+    packages=find_packages(include=["backend*", "clipseg_model*", "finetune*", "benchmarks", "benchmarks.inference*"]),
     install_requires=[
         # torch is not pinned to a build here: README installs the CPU wheel (torch==2.13.0) first on machines
         # without a GPU; GPU users install the CUDA build of their choice before this package.

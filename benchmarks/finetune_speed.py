@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backend.cli.bench import build_or_reuse  # noqa: E402
+from benchmarks.inference import build_or_reuse  # noqa: E402
 from clipseg_model.feature_cache import FeatureCache, FrozenInputs  # noqa: E402
 from clipseg_model.image_io import image_digest  # noqa: E402
 from clipseg_model.loading import load_model  # noqa: E402

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("backend.prelabel").setLevel(logging.INFO)  # the per-chunk time split
-    from backend.cli.bench import build_or_reuse
+    from benchmarks.inference import build_or_reuse
 
     preset = "tiny-clipseg" if args.tiny else "clipseg-rd64"
     model_dir = build_or_reuse(preset, args.work_dir, 0, None)

@@ -19,7 +19,6 @@ descendant version (same frozen part) reuses them and a different base model nev
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -31,31 +30,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from clipseg_model.fingerprint import frozen_fingerprint
 from clipseg_model.image_io import image_digest
+from clipseg_model.precision import PRECISIONS, Precision
+from clipseg_model.precision import autocast as precision_autocast
 from clipseg_model.segmenter_base import ImageFeatures, SegmentationModel
 
 log = logging.getLogger(__name__)
-
-
-def frozen_fingerprint(model: SegmentationModel) -> str:
-    """Identity of what `encode_frozen` computes: architecture, input size, boundary and the frozen weights.
-
-    The weights enter through a sample (the first 64 values, the sum and the shape of every frozen tensor): enough
-    to tell two base models apart at a cost of milliseconds, unlike hashing 600 MB of parameters.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    cfg = model.config
-    h.update(f"{cfg.architecture}|{cfg.image_size}|{model.frozen_depth()}|{model.needs_pixels()}".encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                continue
-            flat = p.detach().flatten()
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(flat[:64].float().cpu().numpy().tobytes())
-            h.update(flat.float().sum().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 class FeatureCache:
@@ -134,15 +115,21 @@ class FrozenInputs:
 
     Holds what it computed in memory for the job's lifetime; `autocast` is the context the vision and text passes
     run under (the training precision policy, so the features equal those of the full forward pass).
+    `precision` (the inference choice of clipseg_model.precision; bf16 towers on the CPU) replaces that context for
+    the vision and text passes, and is part of the cache key.
     """
 
     def __init__(self, model: SegmentationModel, cache: FeatureCache | None = None,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, vision_batch: int = 4):
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, vision_batch: int = 4,
+                 precision: Precision | None = None):
         self.model = model
         self.cache = cache
+        self.precision = precision or PRECISIONS["fp32"]
+        if precision is not None and precision.towers == "bf16":
+            autocast = lambda: precision_autocast(self.precision, "towers", model.device)  # noqa: E731
         self.autocast = autocast
         self.vision_batch = vision_batch
-        self.fingerprint = frozen_fingerprint(model)
+        self.fingerprint = frozen_fingerprint(model, self.precision.name)
         self._digests: dict[int, tuple[Image.Image, str]] = {}  # id(image) -> (image, digest): hash each once
         self._images: dict[str, ImageFeatures] = {}
         self._texts: dict[str, torch.Tensor] = {}

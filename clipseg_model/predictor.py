@@ -1,11 +1,11 @@
 """The predictor: images and phrases in, one probability map, mask and score per phrase out.
 
 All phrases of an image share one vision pass; several images are batched; repeated phrases and re-prompted
-images come from bounded caches; bf16 autocast is available on CPU and fp16 autocast is used on CUDA.
+images come from bounded caches. The arithmetic is a `Precision` (clipseg_model.precision: fp32, bf16 autocast or
+int8 towers on CPU, chosen by measurement); CUDA uses fp16 autocast.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from PIL import Image
 
 from clipseg_model.caches import LRUCache
 from clipseg_model.image_io import image_digest, to_display_rgb
+from clipseg_model.precision import PRECISIONS, Precision, autocast
 from clipseg_model.segmenter_base import ImageFeatures, SegmentationModel, TrainableState
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,14 @@ class Segmenter:
         max_images_per_pass: int = 8,
         merge_concurrent: bool | None = None,
         vision_batch: int | None = None,
+        precision: Precision | str | None = None,
     ):
         self.threshold = threshold
-        self.bf16 = bf16
+        # `bf16=True` is the older spelling of precision="bf16"; int8 needs the model through `apply_precision` first
+        if precision is None:
+            precision = "bf16" if bf16 else "fp32"
+        self.precision = PRECISIONS[precision] if isinstance(precision, str) else precision
+        self.bf16 = self.precision.towers == "bf16"
         # Prompts per decoder pass (None = auto): 64 on GPUs; 4 on the CPU, where a decoder pass over 8 prompts of
         # CLIPSeg took 95-100 ms at once and 65 ms as two passes of 4 (its activations stay in cache).
         self.max_prompts_per_pass = max_prompts_per_pass
@@ -127,19 +133,14 @@ class Segmenter:
         """Cache key part for what the model computes: the version when it depends on the trainable state."""
         return self.model.version if depends else (self._own_state.version if self._own_state else self.model.version)
 
-    def _autocast(self):
-        device = self.model.device
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        if self.bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def _autocast(self, part: str = "towers"):
+        return autocast(self.precision, part, self.model.device)
 
     # ---- building blocks -----------------------------------------------------------------------------
     def _text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """(P, D) float32 embeddings, encoding only phrases not cached yet (in one batch)."""
         tag = self._cache_tag(self.model.text_depends_on_trainable())
-        key = lambda p: (tag, self.bf16, p)  # noqa: E731
+        key = lambda p: (tag, self.precision.name, p)  # noqa: E731
         missing = sorted({p for p in prompts if self.text_cache.get(key(p)) is None})
         if missing:
             with self._autocast():
@@ -155,7 +156,7 @@ class Segmenter:
     def _image_features(self, images: Sequence[Image.Image]) -> ImageFeatures:
         """Features of every image: vision passes only over the ones not cached, `vision_batch` images at a time."""
         tag = self._cache_tag(self.model.features_depend_on_trainable())
-        keys = [(tag, self.bf16, image_digest(im)) for im in images]
+        keys = [(tag, self.precision.name, image_digest(im)) for im in images]
         cached = {k: self.feature_cache.get(k) for k in set(keys)}
         todo = [k for k, v in cached.items() if v is None]
         first = {k: im for k, im in zip(keys, images)}
@@ -251,7 +252,7 @@ class Segmenter:
             per_pass = self.max_prompts_per_pass or (64 if self.model.device.type == "cuda" else 4)
             for start in range(0, len(flat), per_pass):
                 sl = slice(start, start + per_pass)
-                with self._autocast():
+                with self._autocast("decoder"):
                     chunks.append(self.model.decode(features, text[sl].to(self.model.device), index[sl]).float())
             out = torch.cat(chunks)
         return list(out.split([len(g) for g in prompts]))

@@ -57,7 +57,7 @@ class WorkerContext:
         from finetune.versions import VersionRegistry
 
         s = self.settings_for(spec)
-        key = (s.model, s.device, s.threshold, s.bf16, str(s.data_dir))
+        key = (s.model, s.device, s.threshold, s.precision_mode, str(s.data_dir))
         model = self._models.get(key)
         if model is None:
             model = ServingModel.from_settings(s, registry_factory=lambda: VersionRegistry(conn), check_interval=0.0)

@@ -28,6 +28,8 @@ from backend.settings import MB, Settings
 from clipseg_model.caches import LRUCache
 from clipseg_model.checkpoint import is_checkpoint, read_checkpoint_config, read_trainable_state
 from clipseg_model.loading import load_model
+from clipseg_model.precision import apply_precision
+from clipseg_model.precision_choice import choose_precision
 from clipseg_model.predictor import Segmenter, StateSegmenter
 from clipseg_model.segmenter_base import SegmentationModel, TrainableState
 from finetune.version_events import VersionActivated, VersionEvents
@@ -52,10 +54,15 @@ class ServingModel:
     def __init__(self, base_model: str, device: str = "auto", threshold: float | None = None, bf16: bool = False,
                  registry_factory: Callable[[], object] | None = None, check_interval: float = 1.0,
                  models_dir: str = "data/models", state_cache_bytes: int = 512 * MB,
-                 feature_cache_bytes: int = 512 * MB, events: VersionEvents | None = None):
+                 feature_cache_bytes: int = 512 * MB, events: VersionEvents | None = None,
+                 precision: str = "fp32", precision_cache: str | None = None):
         self.base_model = base_model
         self.events = events  # the process's version-activated listener; None: start() makes its own
         self._own_events = False
+        # PRECISION (auto|fp32|bf16|int8; bf16=True: the older BF16): settled when the backbone loads (`choice`)
+        self.precision_mode = "bf16" if bf16 and precision == "fp32" else precision
+        self.precision_cache = precision_cache
+        self.choice = None  # clipseg_model.precision.Choice, once the backbone is loaded
         self.feature_cache_bytes = feature_cache_bytes  # each loaded backbone's in-memory image-feature cache
         self.models_dir = models_dir
         self.device = device
@@ -111,7 +118,8 @@ class ServingModel:
         projects = {p: served or self._base_version() for p, (_, served) in resolved.items() if p is not None}
         fallbacks = {str(p): {"wanted": w, "serving": s or self._base_version()}
                      for p, (w, s) in resolved.items() if w is not None and w != s}
-        return {"projects": projects, "fallbacks": fallbacks, "broken": dict(self.broken)}
+        return {"projects": projects, "fallbacks": fallbacks, "broken": dict(self.broken),
+                "precision": self.choice.as_dict() if self.choice is not None else None}
 
     def problem(self) -> str | None:
         """One line for /health's `error`: the backbone's load error, else the wanted versions not served."""
@@ -138,13 +146,21 @@ class ServingModel:
     def from_settings(cls, settings: Settings, registry_factory: Callable[[], object] | None = None,
                       check_interval: float = 1.0, events: VersionEvents | None = None) -> "ServingModel":
         """The serving model `settings` describe (MODEL, DEVICE, THRESHOLD, BF16, DATA_DIR/models, cache budgets)."""
-        return cls(settings.model, settings.device, settings.threshold, settings.bf16,
+        return cls(settings.model, settings.device, settings.threshold,
                    registry_factory=registry_factory, check_interval=check_interval,
                    models_dir=str(Path(settings.data_dir) / "models"), state_cache_bytes=settings.model_cache_mb * MB,
-                   feature_cache_bytes=settings.feature_cache_mb * MB, events=events)
+                   feature_cache_bytes=settings.feature_cache_mb * MB, events=events,
+                   precision=settings.precision_mode, precision_cache=str(Path(settings.data_dir) / "precision"))
 
     def _segmenter_for(self, model: SegmentationModel) -> Segmenter:
-        return Segmenter(model, threshold=self.threshold, bf16=self.bf16, feature_cache_bytes=self.feature_cache_bytes)
+        """A segmenter over `model` in the precision chosen for MODEL's backbone (chosen here when it is MODEL)."""
+        if self.choice is None:
+            self.choice = choose_precision(model, self.precision_mode, self.precision_cache,
+                                           0.5 if self.threshold is None else self.threshold)
+            log.info("precision %s: %s", self.choice.precision.name, self.choice.reason)
+        model = apply_precision(model, self.choice.precision)
+        return Segmenter(model, threshold=self.threshold, precision=self.choice.precision,
+                         feature_cache_bytes=self.feature_cache_bytes)
 
     def _load_backbone(self) -> None:
         started = time.perf_counter()
@@ -154,7 +170,12 @@ class ServingModel:
             self.error = f"cannot load model {self.base_model}: {exc}"
             log.error("%s", self.error)
             return
-        self._segmenter = self._segmenter_for(model)
+        try:
+            self._segmenter = self._segmenter_for(model)
+        except Exception as exc:  # noqa: BLE001 - e.g. PRECISION=fp8: reported like a load error
+            self.error = f"cannot set up precision {self.precision_mode} for {self.base_model}: {exc}"
+            log.error("%s", self.error)
+            return
         self._backbones[_config_key(model.config)] = self._segmenter
         self.error = None
         self.check_for_update(force=True)
