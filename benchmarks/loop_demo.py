@@ -43,7 +43,8 @@ from clipseg_model.numerics import flush_denormals  # noqa: E402
 from finetune.jobs import miou  # noqa: E402
 from clipseg_model.vocab import word_level_tokenizer  # noqa: E402
 from finetune.shapes import ShapesDataset, phrase_words  # noqa: E402
-from finetune.training import TRAIN_PRESETS, train  # noqa: E402
+from finetune.recipe import TRAIN_PRESETS  # noqa: E402
+from finetune.training import train  # noqa: E402
 from tests.e2e.ls_harness import ManagedProcess, free_port  # noqa: E402
 from tests.fixtures.webhooks import LABEL_CONFIG, annotation_event, brush_region, textarea_region  # noqa: E402
 
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     # The CPU learning benchmark's model (benchmarks/learning_cpu.py, preset cpu-scratch: 64 px, towers 64 wide,
     # trained embeddings, no decoder dropout, a word-level vocabulary) without its pixel branch, alignment head, word
     # attention and position options (= small-film at 64 px), on scenes with objects of 12-25 % of the image.
-    preset = bench_preset(64, pixel_channels=0, pixel_tokens=False, pixel_coordinates=False, text_alignment=False,
-                          word_attention=False, decoder_positions=False, relative_positions=False)
+    preset = bench_preset(64, pixel_channels=0, pixel_tokens=False, pixel_token_layers=0, pixel_stride=1,
+                          pixel_coordinates=False, text_alignment=False, word_attention=False,
+                          decoder_positions=False, relative_positions=False)
     size = preset.config.image_size
     shapes = dict(image_size=size, kinds=KINDS, min_radius=0.12, max_radius=0.25, min_objects=2, max_objects=4)
 

@@ -39,10 +39,10 @@ from clipseg_model.segmenter_base import SegmentationModel
 from finetune import replay as replay_sources
 from finetune.samples import ReferringSample
 from finetune.spec import FinetuneSpec
-from finetune.training import (
-    EvalResult, TrainConfig, evaluate, make_optimizer, make_scheduler, precision_policy, resize_mask,
-    training_step,
-)
+from finetune.batching import resize_mask
+from finetune.evaluation import EvalResult, evaluate
+from finetune.optimization import make_optimizer, make_scheduler, precision_policy, training_step
+from finetune.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def miou(model: SegmentationModel, samples: Sequence[ReferringSample], threshold
 
 def evaluate_on(model: SegmentationModel, samples: Sequence[ReferringSample], frozen: FrozenInputs | None,
                 threshold: float, sweep: bool = False) -> EvalResult:
-    """`finetune.training.evaluate` on the frozen features when given (the trained part runs only)."""
+    """`finetune.evaluation.evaluate` on the frozen features when given (the trained part runs only)."""
     forward = None
     if frozen is not None:
         forward = lambda batch: frozen.logits([s.image for s in batch], [s.phrase for s in batch], model)  # noqa: E731
@@ -150,7 +150,7 @@ def training_target(sample: ReferringSample, size: int) -> torch.Tensor:
 def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample], steps: int, batch_size: int = 4,
                     lr: float = 1e-4, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
                     frozen: FrozenInputs | None = None, recipe: TrainConfig = FINETUNE_RECIPE) -> list[float]:
-    """Fine-tune the trainable part of `model` in place with `finetune.training.training_step`; returns the loss
+    """Fine-tune the trainable part of `model` in place with `finetune.optimization.training_step`; returns the loss
     per step. With `frozen`, steps run on the cached frozen features (same losses as the full forward pass)."""
     cfg = recipe.replace(lr=lr, batch_size=batch_size, steps=steps)
     rng = random.Random(seed)

@@ -72,7 +72,7 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
 # Environment reads that are not configuration: each with its reason.
 NOT_CONFIGURATION = {
     "backend/cli/serve.py",  # hands its environment on to the worker and scheduler it starts
-    "finetune/training.py",  # torchrun's LOCAL_RANK / WORLD_SIZE protocol
+    "finetune/distributed.py",  # torchrun's LOCAL_RANK / WORLD_SIZE protocol
 }
 
 

@@ -12,7 +12,7 @@ from finetune.jobs import (
     _held_out, _t_quantile, calibrate_threshold, decide, paired_evidence, split_corrections,
 )
 from finetune.samples import ReferringSample
-from finetune.training import EvalResult
+from finetune.evaluation import EvalResult
 
 
 def test_t_quantiles_match_the_table():
