@@ -52,13 +52,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total: int, cfg: TrainConfi
 def training_step(forward: Callable[[], torch.Tensor | tuple[torch.Tensor, torch.Tensor]], masks: torch.Tensor,
                   optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                   scaler: torch.amp.GradScaler, params: Sequence[torch.nn.Parameter], precision: Precision,
-                  cfg: TrainConfig) -> tuple[torch.Tensor, float]:
+                  cfg: TrainConfig, extra_loss: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
     """One optimizer step, the same for `train` and the fine-tune job.
 
     Args:
         forward: runs the model: logits (B, S_out, S_out), or (logits, alignment loss) with `cfg.align_weight`.
             It runs under the precision policy's autocast; the loss is computed in fp32 outside it.
         masks: (B, S_out, S_out) targets in [0, 1] on the model's device.
+        extra_loss: a regulariser added to the loss (a scalar tensor, fp32), e.g. the fine-tune's anchoring to the
+            parent's weights; the returned loss includes it.
     Returns:
         (the step's loss, detached scalar tensor; the learning rate the step used).
     """
@@ -68,6 +70,8 @@ def training_step(forward: Callable[[], torch.Tensor | tuple[torch.Tensor, torch
     loss = segmentation_loss(logits, masks, cfg.dice_weight)
     if align is not None:
         loss = loss + cfg.align_weight * align.float()
+    if extra_loss is not None:
+        loss = loss + extra_loss()
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
