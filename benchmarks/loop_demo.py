@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     data_dir = work / f"data-{args.replay}-r{args.rounds}"
+    shutil.rmtree(data_dir, ignore_errors=True)  # a fresh project each run: an old one's corrections trained already
     old_colours = [c for c in ("red", "blue", "yellow", "orange", "purple", "pink", "green") if c not in unknown]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MODEL": str(base_dir), "DATA_DIR": str(data_dir),
            "REDIS_URL": "", "HF_HUB_OFFLINE": "1", "DEVICE": "cpu", "FINETUNE_EVERY": str(args.corrections),
