@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.rounds <= len(CONCEPTS):
         parser.error(f"--rounds must be 1..{len(CONCEPTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # `timeout` sends SIGTERM: exit through the `with server:` block so the server it started stops too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     flush_denormals()  # before torch starts threads: subnormals made trained steps 2.7x slower
     torch.set_num_threads(args.threads)
     started = time.time()
