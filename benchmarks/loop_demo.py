@@ -15,7 +15,7 @@ pink: the model is pretrained without the N colours' words, the rest are the old
 one record per round (new_before, new_after, old_before, old_after, seconds_to_served, verdict, ...). "after" is the
 model served after the round: the candidate when promoted, else its parent.
 
-Replay (REPLAY_RATIO=3 by default), `--replay shapes`: draws from the pretraining distribution (REPLAY_SHAPES: the
+Replay (REPLAY_RATIO=6 by default, 300 steps: chosen in docs/loop.md to keep the old within 0.02), `--replay shapes`: draws from the pretraining distribution (REPLAY_SHAPES: the
 same generator options, phrases without "green"), so the job keeps the old colours while it learns the new one;
 `--replay distill`: self-distillation, the parent's own answers for old-colour phrases on the corrections' images
 (no pretraining data needed); `--replay-ratio 0` shows what happens without replay.
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--corrections", type=int, default=30, help="corrections per round (FINETUNE_EVERY)")
     parser.add_argument("--rounds", type=int, default=1, help=f"successive fine-tunes, one new colour each (<= {len(CONCEPTS)})")
-    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--anchor", type=float, default=None, help="FINETUNE_ANCHOR (L2-SP weight; default: the setting's)")
     parser.add_argument("--promote-epsilon", type=float, default=0.02, help="PROMOTE_EPSILON: the forgetting budget")
-    parser.add_argument("--replay-ratio", type=float, default=3.0, help="replayed pretraining samples per correction")
+    parser.add_argument("--replay-ratio", type=float, default=6.0, help="replayed pretraining samples per correction")
     parser.add_argument("--replay", choices=["shapes", "distill"], default="shapes",
                         help="shapes: generated pretraining data (REPLAY_SHAPES); distill: self-distillation")
     parser.add_argument("--val", type=int, default=100, help="held-out scenes per group")
