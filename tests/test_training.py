@@ -439,3 +439,21 @@ def test_train_cli_hflip_sets_the_flip_probability():
     configure(parser, SimpleNamespace(device="cpu"))
     assert _train_config(parser.parse_args(["--out", "x", "--model", "m"])).hflip == 0.0
     assert _train_config(parser.parse_args(["--out", "x", "--model", "m", "--hflip", "0.5"])).hflip == 0.5
+
+
+def test_l2sp_anchor_keeps_the_candidate_near_its_parent(tiny_model_factory):
+    """Issue 27: FINETUNE_ANCHOR (train_candidate's anchor_weight) pulls the trained weights towards the parent's:
+    the same steps move them less far than without it."""
+    from finetune.jobs import train_candidate
+
+    data = list(_samples(8, seed=5))
+    parent = load_model(tiny_model_factory("tiny-clipseg"), "cpu")
+    start = [p.detach().clone() for p in parent.trainable_parameters()]
+
+    def distance(anchor: float) -> float:
+        model = load_model(tiny_model_factory("tiny-clipseg"), "cpu")
+        train_candidate(model, data, steps=12, batch_size=4, lr=3e-3, seed=1, anchor_weight=anchor)
+        return float(sum(((p.detach() - p0) ** 2).sum() for p, p0 in zip(model.trainable_parameters(), start)))
+
+    free, anchored = distance(0.0), distance(10.0)
+    assert free > 0 and anchored < 0.5 * free, (free, anchored)
