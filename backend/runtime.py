@@ -6,16 +6,17 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence
 
 from backend.images import ImageFetcher
 from backend.labelstudio.config import LabelConfig, LabelConfigs
 from backend.metrics import BackendMetrics, gauge
-from backend.serving.prediction_log import PredictionRecord, PredictionRecorder
+from backend.serving.prediction_log import PredictionRecorder
 from backend.labelstudio.protocol import BadRequest
 from backend.serving.predict_service import PredictService
 from backend.serving.model import ServingModel
 from backend.settings import Settings
+from clipseg_model.checkpoint import base_version_name
+from finetune.version_events import VersionEvents
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,13 @@ class BackendRuntime:
         self.metrics = BackendMetrics()
         self.fetcher = ImageFetcher.from_settings(settings)
         self.configs = LabelConfigs(settings)
-        self.model = ServingModel.from_settings(settings, registry_factory=self.registry if settings.redis_url else None)
+        # one version-activated listener per server: the model, the refresher and the Label Studio sync subscribe
+        self.events = VersionEvents(self.registry) if settings.redis_url else None
+        self.model = ServingModel.from_settings(settings, registry_factory=self.registry if settings.redis_url else None,
+                                                events=self.events)
         self.recorder = PredictionRecorder(self.store) if settings.redis_url else None
         self.predict_service = PredictService(self.fetcher, self.metrics,
-                                              on_prediction=self._record_prediction if self.recorder else None)
+                                              on_prediction=self.recorder.on_prediction if self.recorder else None)
         self.inbox = None
         self.refresher = None
         if settings.redis_url:
@@ -74,13 +78,6 @@ class BackendRuntime:
         if result.enqueued:
             log.info("fine-tune %s queued for project %s (%d new corrections)", result.job_id, project, result.new_corrections)
 
-    def _record_prediction(self, project: str | None, task: Mapping[str, Any], pairs: Sequence, version: str) -> None:
-        """Hand our masks to the recorder (written to Redis in the background, off the request path)."""
-        if self.recorder is None or project is None or task.get("id") is None:
-            return
-        self.recorder.submit([PredictionRecord(project, int(task["id"]), request.label, request.text, pred.mask,
-                                               pred.score, version) for request, pred in pairs])
-
     # ---- verbs of the routes -------------------------------------------------------------------------------
     def setup(self, schema: str, project: str | None, hostname: str, access_token: str) -> LabelConfig:
         """/setup: parse and remember the project's config, take Label Studio's URL and token for downloads.
@@ -108,17 +105,27 @@ class BackendRuntime:
             self.model.check_for_update(force=True)
         return self.model.for_project(project)
 
+    @property
+    def base_version(self) -> str:
+        """The version served where no version is active: the loaded MODEL's own (a checkpoint names itself),
+        else the base-model name of MODEL (`clipseg_model.checkpoint.base_version_name`)."""
+        return self.model.base_version or base_version_name(self.settings.model)
+
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.model.start()
+        self.model.start()  # subscribes to self.events
         if self.inbox is not None:
             self.inbox.start()
         if self.settings.redis_url and self.settings.prelabel_on_promote:
             from backend.prelabel import PromotionRefresher  # fresh suggestions after a promotion
 
-            self.refresher = PromotionRefresher(self.redis, self.settings).start()
+            self.refresher = PromotionRefresher(self.redis, self.settings, events=self.events).start()
+        if self.events is not None:
+            self.events.start()
 
     def stop(self) -> None:
+        if self.events is not None:
+            self.events.stop()
         self.model.stop()
         if self.refresher is not None:
             self.refresher.stop()
@@ -134,9 +141,11 @@ class BackendRuntime:
             families.append(gauge("clipseg_spooled_events", "Webhook events waiting in the local spool", self.inbox.pending()))
         if not self.settings.redis_url:
             return families
+        from rq import Queue
+
         from finetune.triggers import QUEUE_NAME
 
-        families.append(gauge("clipseg_queue_depth", "Jobs waiting in the fine-tune queue", self.redis.llen(f"rq:queue:{QUEUE_NAME}")))
+        families.append(gauge("clipseg_queue_depth", "Jobs waiting in the fine-tune queue", Queue(QUEUE_NAME, connection=self.redis).count))
         store = self.store()
         for project in store.projects():
             families.append(gauge("clipseg_corrections", "Corrections stored", store.count(project), {"project": project}))
@@ -150,7 +159,7 @@ class BackendRuntime:
                 families.append(gauge("clipseg_review_count", "Corrections with a review IoU", stats.get("n", 0), labels))
             active = pointers.get(project, default)
             families.append(gauge("clipseg_active_version", "Active model version of a project (label)", 1.0,
-                                  {"project": project, "version": active[0] if active else f"base:{self.settings.model}"}))
+                                  {"project": project, "version": active[0] if active else self.base_version}))
         families.append(gauge("clipseg_active_version", "Active model version of a project (label)", 1.0,
-                              {"project": "", "version": default[0] if default else f"base:{self.settings.model}"}))
+                              {"project": "", "version": default[0] if default else self.base_version}))
         return families

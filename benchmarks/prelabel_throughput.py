@@ -84,7 +84,7 @@ def prelabel_through_label_studio(model_dir: Path, folder: Path, n: int, redis_u
     from rq import Queue
     from rq.worker import SimpleWorker
 
-    from backend.prelabel import PrelabelRuns, queue_prelabel, serving_segmenter
+    from backend.prelabel import PrelabelRuns, PrelabelSpec, WorkerContext, queue_prelabel
     from backend.settings import Settings
     from finetune.triggers import PRELABEL_QUEUE
     from tests.e2e.ls_harness import LabelStudioServer
@@ -98,9 +98,10 @@ def prelabel_through_label_studio(model_dir: Path, folder: Path, n: int, redis_u
                            "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token,
                            "DATA_DIR": str(folder.parent / "data")})
         settings = Settings.from_env()
-        serving_segmenter(settings, conn)  # a worker keeps its model between jobs: load it before timing
+        spec = PrelabelSpec.from_settings(settings, project, chunk_size=chunk)
+        WorkerContext.install(settings).segmenter(conn, spec)  # a worker keeps its model between jobs: load it first
         t0 = time.perf_counter()
-        run_id, _ = queue_prelabel(conn, project, chunk_size=chunk)
+        run_id, _ = queue_prelabel(conn, spec)
         SimpleWorker([Queue(PRELABEL_QUEUE, connection=conn)], connection=conn).work(burst=True)
         elapsed = time.perf_counter() - t0
         summary = PrelabelRuns(conn, "clipseg").summary(run_id)

@@ -61,6 +61,19 @@ def checkpoint_version(config: ModelConfig, metadata: dict[str, Any]) -> str:
     return f"{config.architecture}-{digest}"
 
 
+def base_version_name(model: str) -> str:
+    """The version MODEL is served as where no version is active: a checkpoint of ours names itself
+    (`checkpoint_version`); a hub model used as it is is `base:<hub id>`, or `base:<folder name>` for a local
+    folder. The one home of this rule: the loaded model, /setup, /metrics and `clipseg status` all use it."""
+    path = Path(model)
+    if is_checkpoint(path):
+        try:
+            return checkpoint_version(*read_checkpoint_config(path))
+        except CheckpointMismatchError:
+            pass  # not loadable either; the name still has to say which folder
+    return f"base:{path.name if path.is_dir() else model}"
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from huggingface_hub import constants as hub_constants
 
-from clipseg_model.checkpoint import is_checkpoint, load_trainable_weights, read_checkpoint_config
+from clipseg_model.checkpoint import base_version_name, is_checkpoint, load_trainable_weights, read_checkpoint_config
 from clipseg_model.config import CLIPSEG_RD64, FILM_DECODER, PRESETS, ModelConfig
 from clipseg_model.errors import ModelNotAvailableError
 from clipseg_model.segmenter_base import SegmentationModel
@@ -130,7 +130,7 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu", torch_d
         from clipseg_model.clipseg_rd64 import ClipSegRd64Model
 
         model = ClipSegRd64Model(config, _from_pretrained(CLIPSegForImageSegmentation, name), tokenizer)
-        model.version = f"base:{Path(name).name if os.path.isdir(name) else name}"
+        model.version = base_version_name(name)
     else:  # ModelConfig validates, this is defensive
         raise ValueError(config.architecture)
     model.eval()

@@ -318,7 +318,9 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
     registry = VersionRegistry(conn)
     default, pointers = registry.pointers()
     projects = sorted(set(store.projects()) | set(registry.projects()), key=lambda p: (len(p), p))
-    base = f"base:{settings.model}"
+    from clipseg_model.checkpoint import base_version_name
+
+    base = base_version_name(settings.model)
     status = {
         "redis": {"url": settings.redis_url, "version": conn.info("server").get("redis_version"),
                   "used_memory": conn.info("memory").get("used_memory_human")},

@@ -13,6 +13,17 @@ from typing import Any, Mapping
 REPLAY_CHOICES = ("auto", "refcoco", "fetched", "shapes", "distill", "none")
 
 
+def spec_from_dict(cls, data: Mapping[str, Any]):
+    """Rebuild the job spec dataclass `cls` from its dict; keys this code does not know (a newer enqueuer's) go to
+    its `extra` field, so a job queued by a later release still runs here. Every job spec uses this."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    known = {k: v for k, v in data.items() if k in names}
+    unknown = {k: v for k, v in data.items() if k not in names}
+    if unknown:
+        known["extra"] = {**known.get("extra", {}), **unknown}
+    return cls(**known)
+
+
 @dataclass(frozen=True)
 class FinetuneSpec:
     """The recipe of one fine-tune.
@@ -81,12 +92,7 @@ class FinetuneSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FinetuneSpec":
         """Rebuild a spec; keys this code does not know (a newer enqueuer's) go to `extra`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in data.items() if k in names}
-        unknown = {k: v for k, v in data.items() if k not in names}
-        if unknown:
-            known["extra"] = {**known.get("extra", {}), **unknown}
-        return cls(**known)
+        return spec_from_dict(cls, data)
 
     def replace(self, **changes: Any) -> "FinetuneSpec":
         return dataclasses.replace(self, **changes)

@@ -13,7 +13,7 @@ Redis keys (`ns` = namespace, default "clipseg"):
 |                     |         | (`clipseg versions --set-default V`); absent: the configured base (MODEL)     |
 | `ns:artifact:{v}`   | hash    | file name -> bytes of version v's checkpoint (config JSON + trainable weights), |
 |                     |         | so servers on other machines can materialise it without a shared disk        |
-| `ns:events`         | channel | `{"event": "activated", "project" (null: the default), "version", "path"}`   |
+| `ns:events`         | channel | a `VersionActivated` (finetune.version_events): project null = the default    |
 |                     |         | published when a pointer changes                                             |
 | `ns:active`         | string  | the single pointer of releases before per-project models: read once, moved  |
 |                     |         | to its version's project (or to `ns:default`), then renamed `ns:active:legacy` |
@@ -37,6 +37,7 @@ from redis.exceptions import WatchError
 
 from clipseg_model.atomic import atomic_directory
 from clipseg_model.checkpoint import CHECKSUM_KEY, is_checkpoint, read_checkpoint_config
+from finetune.version_events import VersionActivated
 
 STATUSES = ("candidate", "promoted", "rejected", "inconclusive", "base")  # inconclusive: too little evidence
 log = logging.getLogger(__name__)
@@ -233,15 +234,14 @@ class VersionRegistry:
             rec.reason = reason
         rec.broken = ""
         pointer = json.dumps({"version": rec.version, "path": rec.path})
-        event = {"event": "activated", "project": None if project is None else str(project),
-                 "version": rec.version, "path": rec.path}
+        event = VersionActivated(rec.version, None if project is None else str(project), rec.path)
         pipe = self.conn.pipeline()
         pipe.hset(self._versions, version, rec.to_json())
         if project is None:
             pipe.set(self._default, pointer)
         else:
             pipe.hset(self._project_active, str(project), pointer)
-        pipe.publish(self.channel, json.dumps(event))
+        pipe.publish(self.channel, event.to_json())
         pipe.execute()
         return rec
 

@@ -10,9 +10,10 @@ from rq.worker import SimpleWorker
 
 from backend import prelabel
 from backend.serving.budget import PredictBudget
-from backend.prelabel import PrelabelRuns, PromotionRefresher, queue_prelabel
+from backend.prelabel import PrelabelRuns, PrelabelSpec, PromotionRefresher, WorkerContext, queue_prelabel
 from backend.settings import Settings
 from finetune.triggers import PRELABEL_QUEUE
+from finetune.version_events import VersionActivated
 from finetune.versions import VersionRecord, VersionRegistry
 
 
@@ -47,12 +48,16 @@ def test_one_run_per_project_and_chunks_are_claimed_once(redis_conn):
 
 
 def test_queue_prelabel_enqueues_the_plan_job_on_its_own_queue(redis_conn):
-    run, created = queue_prelabel(redis_conn, 3, task_ids=[7, 8], chunk_size=1)
+    spec = PrelabelSpec.from_settings(Settings(threshold=0.7, prompt_field="expression"), 3, chunk_size=1)
+    run, created = queue_prelabel(redis_conn, spec, task_ids=[7, 8])
     assert created
     (job,) = Queue(PRELABEL_QUEUE, connection=redis_conn).get_jobs()
-    assert job.func_name == "backend.prelabel.plan_job" and job.args == (run,) and job.meta["run"] == run
+    assert job.func_name == "backend.prelabel.jobs.plan_job" and job.args == (run,) and job.meta["run"] == run
+    # the job carries the queuer's recipe: a worker elsewhere predicts with these, not its own environment
+    assert PrelabelSpec.from_dict(job.kwargs["spec"]) == spec and job.kwargs["spec"]["threshold"] == 0.7
     assert PrelabelRuns(redis_conn).info(run).task_ids == [7, 8]
-    assert queue_prelabel(redis_conn, 3) == (run, False)
+    assert PrelabelRuns(redis_conn).info(run).spec["prompt_field"] == "expression"
+    assert queue_prelabel(redis_conn, PrelabelSpec(project=3)) == (run, False)
 
 
 @pytest.mark.parametrize("env, fragment", [
@@ -64,7 +69,8 @@ def test_queue_prelabel_enqueues_the_plan_job_on_its_own_queue(redis_conn):
 def test_plan_job_fails_naming_the_setting_and_writes_nothing(redis_conn, monkeypatch, env, fragment):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    run, _ = queue_prelabel(redis_conn, 4, chunk_size=10)
+    WorkerContext.install(Settings.from_env())  # the worker's own settings: Label Studio URL and key
+    run, _ = queue_prelabel(redis_conn, PrelabelSpec(project=4, chunk_size=10))
     queue = Queue(PRELABEL_QUEUE, connection=redis_conn)
     SimpleWorker([queue], connection=redis_conn).work(burst=True)
     info = PrelabelRuns(redis_conn).info(run)
@@ -77,7 +83,7 @@ def test_plan_job_fails_naming_the_setting_and_writes_nothing(redis_conn, monkey
 def test_promotion_queues_one_refresh_of_unannotated_tasks(redis_conn, tmp_path):
     registry = VersionRegistry(redis_conn)
     registry.record(VersionRecord("p6-v2", str(tmp_path), "base", status="candidate", project="6"))
-    event = {"event": "activated", "version": "p6-v2", "path": str(tmp_path)}
+    event = VersionActivated("p6-v2", None, str(tmp_path))
     # without Label Studio settings the run could only fail: nothing is queued
     assert PromotionRefresher(redis_conn, Settings(redis_url="x")).handle(event) is None
     refresher = PromotionRefresher(redis_conn, Settings(redis_url="x", prelabel_chunk=50, label_studio_url="http://ls",
@@ -87,7 +93,7 @@ def test_promotion_queues_one_refresh_of_unannotated_tasks(redis_conn, tmp_path)
     assert info.project == "6" and info.unlabeled_only and info.version == "p6-v2" and info.chunk_size == 50
     assert refresher.handle(event) is None  # a second server hearing the same event queues nothing
     registry.record(VersionRecord("base-v", "MODEL", None, status="base"))
-    assert refresher.handle({"event": "activated", "version": "base-v", "path": "MODEL"}) is None
+    assert refresher.handle(VersionActivated("base-v", None, "MODEL")) is None
 
 
 def test_over_budget_predict_queues_a_run_and_answers_at_once(tiny_model_factory, tmp_path, redis_url, redis_conn):
@@ -118,7 +124,7 @@ def test_over_budget_predict_queues_a_run_and_answers_at_once(tiny_model_factory
 def test_jobs_listing_shows_prelabel_chunk_progress(redis_conn):
     from finetune.commands import job_rows
 
-    queue_prelabel(redis_conn, 2, task_ids=[1])
+    queue_prelabel(redis_conn, PrelabelSpec(project=2), task_ids=[1])
     job = Queue(PRELABEL_QUEUE, connection=redis_conn).get_jobs()[0]
     job.meta.update({"chunk": 0, "chunks": 3, "done": 5, "total": 10})
     job.save_meta()
@@ -182,12 +188,11 @@ def test_prelabel_wait_follows_the_run_to_its_end(redis_url, redis_conn, tiny_mo
 def test_a_run_whose_every_job_failed_is_marked_failed_and_frees_its_project(redis_conn, monkeypatch):
     """Label Studio goes away after planning: every work job fails for good. Before, the run stayed "running" for
     ever and each later request for the project got that dead run back."""
-    monkeypatch.setattr(prelabel, "JOB_RETRIES", (0, []))
-    monkeypatch.setattr(prelabel, "STALL_GRACE_S", 0.0)
-    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k" * 40)
+    monkeypatch.setattr(prelabel.jobs, "JOB_RETRIES", (0, []))
+    monkeypatch.setattr(prelabel.runs, "STALL_GRACE_S", 0.0)
+    WorkerContext.install(Settings(label_studio_url="http://127.0.0.1:9", label_studio_api_key="k" * 40))
     runs = PrelabelRuns(redis_conn)
-    run, _ = queue_prelabel(redis_conn, 8, task_ids=[1, 2, 3], chunk_size=2)
+    run, _ = queue_prelabel(redis_conn, PrelabelSpec(project=8, chunk_size=2), task_ids=[1, 2, 3])
     queue = Queue(PRELABEL_QUEUE, connection=redis_conn)
     queue.fetch_job(prelabel.plan_job_id(run)).delete()  # planned as plan_job would, without Label Studio
     runs.plan(run, [[1, 2], [3]])
@@ -203,3 +208,22 @@ def test_a_run_whose_every_job_failed_is_marked_failed_and_frees_its_project(red
     assert runs.summary(run)["state"] == "failed"
     new, created = runs.create("8", task_ids=None, unlabeled_only=False, chunk_size=2, version=None, reason="t")
     assert created and new != run
+
+
+def test_jobs_queued_by_the_previous_release_still_run(redis_conn):
+    """The previous release stored `backend.prelabel.plan_job` (no spec) in Redis: it resolves to the new job, which
+    falls back to the worker's own settings for a run record without a spec."""
+    from rq.utils import import_attribute
+
+    from backend.prelabel import jobs
+
+    assert import_attribute("backend.prelabel.plan_job") is jobs.plan_job
+    assert import_attribute("backend.prelabel.work_job") is jobs.work_job
+    WorkerContext.install(Settings(label_studio_url="", label_studio_api_key="k"))
+    runs = PrelabelRuns(redis_conn)
+    run, _ = runs.create("12", task_ids=[1], unlabeled_only=False, chunk_size=5, version=None, reason="old release")
+    queue = Queue(PRELABEL_QUEUE, connection=redis_conn)
+    queue.enqueue("backend.prelabel.plan_job", run, namespace="clipseg", job_id=prelabel.plan_job_id(run))
+    SimpleWorker([queue], connection=redis_conn).work(burst=True)
+    info = runs.info(run)
+    assert info.spec is None and info.state == "failed" and "LABEL_STUDIO_URL is not set" in info.error, info

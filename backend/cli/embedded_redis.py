@@ -54,7 +54,7 @@ class EmbeddedRedis:
             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
             "--daemonize", "no", "--logfile", str(self.dir / "redis.log"),
         ]
-        from backend.cli.serve import die_with_parent
+        from backend.cli.child_processes import die_with_parent
 
         # Its own session (Ctrl-C reaches serve, which stops the worker before Redis), and SIGTERM (which flushes
         # the append-only file) if the process that started it dies, so no orphan keeps writing to the AOF.

@@ -46,7 +46,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace, settings) -> int:
-    from backend.prelabel import PrelabelRuns, queue_prelabel
+    from backend.prelabel import PrelabelRuns, PrelabelSpec, queue_prelabel
     from finetune.commands import _redis
 
     conn = _redis(settings)
@@ -59,8 +59,8 @@ def run(args: argparse.Namespace, settings) -> int:
         return 0
     if not args.project:
         raise ClipsegError("--project is required (or --status RUN)")
-    run_id, created = queue_prelabel(conn, args.project, unlabeled_only=args.unlabeled_only, chunk_size=args.chunk,
-                                     reason="clipseg prelabel", job_timeout=settings.job_timeout)
+    spec = PrelabelSpec.from_settings(settings, args.project, unlabeled_only=args.unlabeled_only, chunk_size=args.chunk)
+    run_id, created = queue_prelabel(conn, spec, reason="clipseg prelabel")
     print(f"{'queued' if created else 'already running:'} pre-label run {run_id} for project {args.project}; "
           f"`clipseg worker`s on any machine with REDIS_URL, LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY share it")
     if not args.wait:

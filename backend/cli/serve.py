@@ -11,7 +11,6 @@ taken over, and an orphaned redis-server of that owner is stopped first.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import fcntl
 import json
@@ -26,12 +25,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
+from backend.cli.child_processes import die_with_parent
 from clipseg_model.atomic import pid_running
 from clipseg_model.errors import ClipsegError
 
 log = logging.getLogger("clipseg.serve")
 
-PR_SET_PDEATHSIG = 1
 BACKOFF_START_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
 
 
@@ -45,21 +44,6 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
                         help="also run a fine-tune worker (default: on with the embedded Redis, off with REDIS_URL)")
     parser.add_argument("--scheduler", dest="scheduler", action=argparse.BooleanOptionalAction, default=None,
                         help="also run the periodic scheduler (same default as --worker)")
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
-    """A `preexec_fn` that makes the child receive `sig` when this process dies (Linux; a no-op elsewhere)."""
-    parent = os.getpid()
-
-    def preexec() -> None:
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent:  # the parent died between fork and prctl
-            os._exit(1)
-
-    return preexec
 
 
 # ---- one serve per DATA_DIR -------------------------------------------------------------------------------------

@@ -175,12 +175,12 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
 
     def _over_budget(tasks: list, project: str):
         """Too many tasks to answer before Label Studio gives up: queue them as a pre-label run and say so at once."""
-        from backend.prelabel import queue_prelabel
+        from backend.prelabel import PrelabelSpec, queue_prelabel
         from finetune.triggers import PRELABEL_QUEUE
 
         ids = [t["id"] for t in tasks if isinstance(t.get("id"), int)]
-        run_id, created = queue_prelabel(runtime.redis, project, task_ids=ids, chunk_size=settings.prelabel_chunk,
-                                         reason="/predict over budget", job_timeout=settings.job_timeout)
+        run_id, created = queue_prelabel(runtime.redis, PrelabelSpec.from_settings(settings, project), task_ids=ids,
+                                         reason="/predict over budget")
         message = (f"{len(tasks)} tasks would take about {budget.estimate(len(tasks)):.0f} s, more than this backend's "
                    f"/predict budget of {settings.predict_budget:.0f} s (PREDICT_BUDGET; Label Studio waits 100 s): "
                    f"{'queued' if created else 'already running as'} pre-label run {run_id} on the "

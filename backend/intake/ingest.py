@@ -17,6 +17,7 @@ from backend.labelstudio.image_refs import task_image_ref
 from backend.labelstudio.prompts import PromptSettings
 from backend.labelstudio.webhooks import (CORRECTION_ACTIONS, annotation_event, event_label_config, event_project,
                                           prompt_context, regions_from_result)
+from backend.intake.label_configs import StoredLabelConfigs
 from finetune.corrections import CorrectionStore
 
 log = logging.getLogger(__name__)
@@ -25,15 +26,9 @@ log = logging.getLogger(__name__)
 ImageLoader = Callable[[str, Any], bytes]
 
 
-def _config_key(store: CorrectionStore, project: str) -> str:
-    """Redis key of the project's latest labeling config (XML), as the last webhook carried it."""
-    return f"{store.ns}:lsconfig:{project}"
-
-
 def project_label_config(store: CorrectionStore, project: str) -> str | None:
     """The project's labeling config as its last webhook carried it (for re-prompting stored corrections)."""
-    raw = store.conn.get(_config_key(store, project))
-    return raw.decode() if isinstance(raw, bytes) else raw
+    return StoredLabelConfigs(store.conn, store.ns).get(project)
 
 
 @dataclass(frozen=True)
@@ -103,7 +98,7 @@ class CorrectionIngester:
         xml = event_label_config(payload)
         config = self.configs.for_project(event.project, xml)
         if xml and config is not None:
-            store.conn.set(_config_key(store, event.project), xml)
+            StoredLabelConfigs(store.conn, store.ns).set(event.project, xml)
         if config is None:
             log.warning("project %s: no labeling config in the webhook and none seen here; prompts use PROMPT_FIELD "
                         "and the labels, the image is the first image reference in the task data", event.project)

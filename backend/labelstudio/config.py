@@ -4,21 +4,18 @@ Label Studio sends the project's labeling config (XML) to /setup (`schema`), /pr
 webhook (`project.label_config`). This module finds the Image object, the BrushLabels/PolygonLabels controls that
 target it, the TextAreas (typed prompts) and the task data fields shown next to the image (`$field` on
 Text/Header/...), which may hold a referring phrase. Which phrase a region is about is decided in one place,
-`backend.labelstudio.prompts`.
+`backend.labelstudio.prompts` (which imports this module; this one never imports it).
 """
 from __future__ import annotations
 
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 from lxml import etree
 
 from backend.settings import Settings
-
-if TYPE_CHECKING:
-    from backend.labelstudio.prompts import PromptRequest
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +82,6 @@ class LabelConfig:
         """The task's image reference (URL, `/data/upload/...`, `s3://...`, `data:`), or None when missing."""
         value = (task.get("data") or {}).get(self.image_key)
         return value if isinstance(value, str) and value.strip() else None
-
-    def prompts(self, task: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> list["PromptRequest"]:
-        """The phrases /predict segments for `task`: `backend.labelstudio.prompts.predict_prompts` (the one rule)."""
-        from backend.labelstudio.prompts import predict_prompts
-
-        return predict_prompts(self, task, context)
 
 
 def parse_label_config(

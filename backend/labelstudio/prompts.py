@@ -97,16 +97,9 @@ def region_prompt(config: LabelConfig | None, task: Mapping[str, Any], result: S
         return text, "region_text"
     label = _region_label(region)
     whole = [r for r in result if r.get("type") == "textarea" and r.get("id") not in shape_ids]
-    if config is None:
-        typed = _latest_line(whole)
-        field = _texts(_as_list((task.get("data") or {}).get(fallback.prompt_field))) if fallback.prompt_field else []
-        for source, texts in (("typed", typed), ("field", field)):
-            if texts:
-                return texts[0], source  # type: ignore[return-value]
-        if label is None:
-            return None
-        mapped = (fallback.label_prompts or {}).get(label, "").strip()
-        return mapped or label, "label"
+    if config is None:  # no config known: the same rule over a config with no controls, TextAreas or `$field`s
+        config = LabelConfig(image_name="", image_key="", controls=(), all_controls=(), output="brush",
+                             prompt_field=fallback.prompt_field, label_prompts=dict(fallback.label_prompts or {}))
     control = next((c for c in config.all_controls if c.from_name == region.get("from_name")), None)
     for source, texts in (("typed", _typed_texts(config, whole)), ("field", field_texts(config, task))):
         if texts:
@@ -123,7 +116,7 @@ def region_prompt(config: LabelConfig | None, task: Mapping[str, Any], result: S
 
 def _text_for_label(config: LabelConfig, texts: Sequence[str], label: str | None) -> str:
     """Of several phrases, the one /predict would have given `label` (else the first)."""
-    if label is not None and len(texts) > 1:
+    if label is not None and len(texts) > 1 and config.controls:
         for text in texts:
             if label_for_text(config, text)[1] == label:
                 return text

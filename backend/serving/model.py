@@ -30,6 +30,7 @@ from clipseg_model.checkpoint import is_checkpoint, read_checkpoint_config, read
 from clipseg_model.loading import load_model
 from clipseg_model.predictor import Segmenter, StateSegmenter
 from clipseg_model.segmenter_base import SegmentationModel, TrainableState
+from finetune.version_events import VersionActivated, VersionEvents
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ class ServingModel:
     def __init__(self, base_model: str, device: str = "auto", threshold: float | None = None, bf16: bool = False,
                  registry_factory: Callable[[], object] | None = None, check_interval: float = 1.0,
                  models_dir: str = "data/models", state_cache_bytes: int = 512 * MB,
-                 feature_cache_bytes: int = 512 * MB):
+                 feature_cache_bytes: int = 512 * MB, events: VersionEvents | None = None):
         self.base_model = base_model
+        self.events = events  # the process's version-activated listener; None: start() makes its own
+        self._own_events = False
         self.feature_cache_bytes = feature_cache_bytes  # each loaded backbone's in-memory image-feature cache
         self.models_dir = models_dir
         self.device = device
@@ -121,6 +124,11 @@ class ServingModel:
                          f"({self.broken.get(f['wanted'], 'see the log')}), serving {f['serving']}"
                          for p, f in sorted(fallbacks.items()))
 
+    @property
+    def base_version(self) -> str | None:
+        """MODEL's own version once loaded (not `model.version`: that names whichever state was copied in last)."""
+        return self._base_version()
+
     def _base_version(self) -> str | None:
         """MODEL's own version (not `model.version`: that names whichever state was copied in last)."""
         return self._segmenter.version if self._segmenter is not None else None
@@ -128,12 +136,12 @@ class ServingModel:
     # ---- the backbone --------------------------------------------------------------------------------
     @classmethod
     def from_settings(cls, settings: Settings, registry_factory: Callable[[], object] | None = None,
-                      check_interval: float = 1.0) -> "ServingModel":
+                      check_interval: float = 1.0, events: VersionEvents | None = None) -> "ServingModel":
         """The serving model `settings` describe (MODEL, DEVICE, THRESHOLD, BF16, DATA_DIR/models, cache budgets)."""
         return cls(settings.model, settings.device, settings.threshold, settings.bf16,
                    registry_factory=registry_factory, check_interval=check_interval,
                    models_dir=str(Path(settings.data_dir) / "models"), state_cache_bytes=settings.model_cache_mb * MB,
-                   feature_cache_bytes=settings.feature_cache_mb * MB)
+                   feature_cache_bytes=settings.feature_cache_mb * MB, events=events)
 
     def _segmenter_for(self, model: SegmentationModel) -> Segmenter:
         return Segmenter(model, threshold=self.threshold, bf16=self.bf16, feature_cache_bytes=self.feature_cache_bytes)
@@ -157,7 +165,12 @@ class ServingModel:
         self._loading = threading.Thread(target=self._load_backbone, name="model-load", daemon=True)
         self._loading.start()
         if self.registry_factory is not None:
-            threading.Thread(target=self._listen, name="version-listener", daemon=True).start()
+            if self.events is None:  # standalone: listen ourselves (a server hands in its shared listener)
+                self.events = VersionEvents(self.registry_factory)
+                self._own_events = True
+            self.events.subscribe(self.on_activated)
+            if self._own_events:
+                self.events.start()
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait up to `timeout` for the backbone; returns at once when its load has failed (nothing is coming)."""
@@ -286,34 +299,21 @@ class ServingModel:
             if self.broken.pop(version, None) is not None:
                 self._resolved = {p: r for p, r in self._resolved.items() if r[0] != version}
 
-    def _listen(self) -> None:
-        """Pub/sub: re-read the pointers as soon as one changes (polling in check_for_update backs this up) and
-        load the new state here, so the next request of that project finds it ready."""
-        while not self._stop.is_set():
-            try:
-                registry = self.registry_factory()  # type: ignore[misc]
-                pubsub = registry.conn.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(registry.channel)
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if not (message and message.get("type") == "message"):
-                        continue
-                    data = json.loads(message["data"])
-                    if data.get("event") != "activated":
-                        continue
-                    log.info("version %s announced for %s", data.get("version"),
-                             f"project {data['project']}" if data.get("project") else "the default")
-                    self.forget_broken(str(data.get("version")))
-                    self.check_for_update(force=True)
-                    if self.ready:
-                        self.for_project(data.get("project"))
-            except Exception as exc:  # noqa: BLE001 - Redis restarts: resubscribe
-                log.debug("version listener: %s; retrying", exc)
-                self._stop.wait(2.0)
+    def on_activated(self, event: VersionActivated) -> None:
+        """A version was activated somewhere: re-read the pointers now (polling in check_for_update backs this up)
+        and load the new state here, so the next request of that project finds it ready."""
+        log.info("version %s announced for %s", event.version,
+                 f"project {event.project}" if event.project else "the default")
+        self.forget_broken(event.version)
+        self.check_for_update(force=True)
+        if self.ready:
+            self.for_project(event.project)
 
     def stop(self, load_grace: float = 5.0) -> None:
         """Stop listening for promotions; give a backbone load still under way up to `load_grace` seconds to end (it
         cannot be interrupted; a daemon thread, it dies with the process), so no load outlives its owner's stop."""
         self._stop.set()
+        if self._own_events and self.events is not None:
+            self.events.stop()
         if self._loading is not None and self._loading is not threading.current_thread():
             self._loading.join(load_grace)

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -65,6 +65,14 @@ class PredictionRecorder:
                         pass
         if self._thread is None:
             self.start()
+
+    def on_prediction(self, project: str | None, task: Mapping[str, Any], pairs: Sequence, version: str) -> None:
+        """`PredictService`'s hook: record each (PromptRequest, MaskPrediction) of `task`; nothing without a project
+        or a task id."""
+        if project is None or task.get("id") is None:
+            return
+        self.submit([PredictionRecord(str(project), int(task["id"]), request.label, request.text, pred.mask,
+                                      pred.score, version) for request, pred in pairs])
 
     def start(self) -> None:
         if self._thread is None:

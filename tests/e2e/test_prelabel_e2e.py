@@ -11,9 +11,11 @@ the unannotated tasks, which end with exactly one prediction, of the new version
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -217,13 +219,80 @@ def test_wrong_key_fails_naming_the_setting_and_writes_nothing(world: World, mon
     from finetune.triggers import PRELABEL_QUEUE
 
     before = len(world.ls.client.predictions(world.project))
-    monkeypatch.setenv("LABEL_STUDIO_URL", world.ls.url)
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0" * 40)
+    from backend.prelabel import PrelabelSpec, WorkerContext
+    from backend.settings import Settings
+
+    WorkerContext.install(Settings(label_studio_url=world.ls.url, label_studio_api_key="0" * 40))
     for w in world.workers.values():  # this test runs the job in-process
         w.stop()
-    run_id, created = queue_prelabel(world.conn, world.project, chunk_size=CHUNK)
+    run_id, created = queue_prelabel(world.conn, PrelabelSpec(project=world.project, chunk_size=CHUNK))
     assert created
     SimpleWorker([Queue(PRELABEL_QUEUE, connection=world.conn)], connection=world.conn).work(burst=True)
     info = PrelabelRuns(world.conn).info(run_id)
     assert info.state == "failed" and "refused LABEL_STUDIO_API_KEY (HTTP 401)" in info.error, info.error
     assert len(world.ls.client.predictions(world.project)) == before
+
+
+def _regions(result: list[dict]) -> list[tuple]:
+    """A result's regions without their random ids, in a stable order: what the annotator is shown."""
+    return sorted((r["from_name"], r["type"], json.dumps(r["value"], sort_keys=True)) for r in result)
+
+
+def test_a_worker_with_other_settings_writes_what_predict_answers(world: World):
+    """The run carries the server's PrelabelSpec: a worker whose own environment says PROMPT_FIELD=expression and
+    THRESHOLD=0.97 still writes exactly the phrases and masks /predict answers (before, the job read the worker's
+    environment: it segmented each task's `expression` at 0.97)."""
+    import base64
+    import io
+
+    import requests
+
+    for w in world.workers.values():  # only the worker with other settings may take this run's chunks
+        w.stop()
+    c = world.ls.client
+    project = c.create_project("spec travels with the job", LABEL_CONFIG)
+    tasks = []
+    for i in range(4):
+        image = Image.new("RGB", (64, 48), (235, 235, 235))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((4 + 8 * i, 4, 28 + 8 * i, 28), fill=(220, 20, 20))
+        draw.rectangle((34, 24 - 4 * i, 60, 44), fill=(20, 20, 220))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        tasks.append({"image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+                      "expression": "the thing on the far left"})
+    c.import_tasks(project, tasks)
+    c.add_ml_backend(project, world.backend.base_url, "clipseg", is_interactive=False)
+    stored_tasks = c.tasks(project)
+    answered = {}
+    for task in stored_tasks:  # one task per request: always within the /predict budget
+        body = requests.post(f"{world.backend.base_url}/predict", timeout=60, json={
+            "tasks": [task], "project": f"{project}.1", "label_config": LABEL_CONFIG}).json()
+        answered[task["id"]] = body["results"][0]
+    assert all(a["result"] for a in answered.values()), answered  # masks to compare, not empty answers
+
+    queued = subprocess.run([*clipseg_command(), "prelabel", "--project", str(project)], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, **world.backend.env, "PYTHONPATH": str(ROOT)})
+    assert queued.returncode == 0, queued.stderr
+    from backend.prelabel import PrelabelRuns
+
+    run_id = PrelabelRuns(world.conn).runs(1)[0]
+    other = ManagedProcess(
+        [*clipseg_command(), "worker", "--name", "other-settings"],
+        env={"MODEL": world.backend.env["MODEL"], "DATA_DIR": str(world.tmp / "data-other"), "REDIS_URL": REDIS_TEST_URL,
+             "LABEL_STUDIO_URL": world.ls.url, "LABEL_STUDIO_API_KEY": world.ls.legacy_token,
+             "PROMPT_FIELD": "expression", "THRESHOLD": "0.97", "POLYGONS": "true", "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, log_path=world.tmp / "worker-other.log", name="other-settings")
+    world.workers["other-settings"] = other.start()
+    summary = wait_run(world, run_id, 240)
+    assert summary["state"] == "done" and summary["written"] == len(stored_tasks), summary
+    stored = {}
+    for p in c.predictions(project):
+        stored.setdefault(p["task"], []).append(p)
+    for task in stored_tasks:
+        (pred,) = stored[task["id"]]
+        want = answered[task["id"]]
+        assert pred["model_version"] == want["model_version"]
+        assert _regions(pred["result"]) == _regions(want["result"]), task["id"]
+        assert pred["score"] == pytest.approx(want["score"], abs=1e-4)

@@ -1,0 +1,88 @@
+"""What a pre-label run does, decided by whoever queues it (a server's /predict, `clipseg prelabel`, the promotion
+hook) and carried in its RQ jobs, like `finetune.spec.FinetuneSpec` for fine-tunes.
+
+A worker supplies only what is its own (`backend.prelabel.worker.WorkerContext`): Redis, Label Studio's URL and key
+(secrets never go into Redis), device, data dir and its caches. Everything that decides which phrases are segmented
+and how masks are cut is here, so a worker on another machine writes exactly what /predict would answer.
+Plain JSON types only: RQ stores job kwargs in Redis and the spec must read the same in any process.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from backend.labelstudio.prompts import PromptSettings
+from backend.settings import Settings
+from finetune.spec import spec_from_dict
+
+
+@dataclass(frozen=True)
+class PrelabelSpec:
+    """The recipe of one pre-label run.
+
+    Attributes:
+        project: Label Studio project id.
+        model: MODEL of the queuer: what is served when the project has no active version.
+        threshold: THRESHOLD of the queuer (None: the served version's calibrated threshold, else 0.5).
+        prompt_field / label_prompts: the prompt rule's settings (PROMPT_FIELD, LABEL_PROMPTS).
+        polygon: POLYGONS: answer PolygonLabels when a config has both kinds.
+        version: the version the run must predict with (a promotion's refresh); None: whatever is served.
+        unlabeled_only: skip tasks that have an annotation.
+        replace_older: delete older versions' predictions of ours on the unannotated tasks predicted.
+        chunk_size: tasks per chunk, the unit workers share and retry.
+        job_timeout: seconds before RQ kills one of the run's jobs.
+    """
+
+    project: str
+    model: str = "CIDAS/clipseg-rd64-refined"
+    threshold: float | None = None
+    prompt_field: str = ""
+    label_prompts: Mapping[str, str] = field(default_factory=dict)
+    polygon: bool = False
+    version: str | None = None
+    unlabeled_only: bool = False
+    replace_older: bool = True
+    chunk_size: int = 100
+    job_timeout: int = 3600
+    extra: dict[str, Any] = field(default_factory=dict)  # options of later versions; ignored today
+
+    def __post_init__(self) -> None:
+        if int(self.chunk_size) < 1:
+            raise ValueError("chunk_size must be >= 1")
+        object.__setattr__(self, "project", str(self.project))
+        object.__setattr__(self, "chunk_size", int(self.chunk_size))
+        object.__setattr__(self, "label_prompts", dict(self.label_prompts or {}))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, project: str | int, **changes: Any) -> "PrelabelSpec":
+        """The spec the queuer's `settings` describe (MODEL, THRESHOLD, PROMPT_FIELD, LABEL_PROMPTS, POLYGONS,
+        PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT); `changes` override fields."""
+        fields = dict(project=str(project), model=settings.model, threshold=settings.threshold,
+                      prompt_field=settings.prompt_field, label_prompts=dict(settings.label_prompts),
+                      polygon=settings.polygon, replace_older=settings.prelabel_replace_older,
+                      chunk_size=settings.prelabel_chunk, job_timeout=settings.job_timeout)
+        return cls(**{**fields, **changes})
+
+    @property
+    def prompt_settings(self) -> PromptSettings:
+        """The prompt rule's settings input (`backend.labelstudio.prompts`)."""
+        return PromptSettings(self.prompt_field, self.label_prompts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PrelabelSpec":
+        """Rebuild a spec; keys this code does not know (a newer queuer's) go to `extra`."""
+        return spec_from_dict(cls, data)
+
+    def replace(self, **changes: Any) -> "PrelabelSpec":
+        return dataclasses.replace(self, **changes)
+
+    def summary(self) -> str:
+        """One line for `clipseg prelabel --status` and `clipseg jobs`."""
+        thr = "calibrated" if self.threshold is None else f"{self.threshold:g}"
+        prompts = f"PROMPT_FIELD={self.prompt_field}" if self.prompt_field else "labels/typed"
+        return (f"model {self.model}, version {self.version or 'served'}, threshold {thr}, prompts {prompts}, "
+                f"{'polygons' if self.polygon else 'brush'}, chunks of {self.chunk_size}")
