@@ -60,7 +60,10 @@ class Settings:
     finetune_steps: int = field(default=200, metadata={"env": "FINETUNE_STEPS", "help": "optimizer steps per fine-tune"})
     finetune_lr: float = field(default=1e-4, metadata={"env": "FINETUNE_LR", "help": "AdamW learning rate of a fine-tune"})
     replay_ratio: float = field(default=1.0, metadata={"env": "REPLAY_RATIO", "help": "base samples per correction in a fine-tune"})
-    promote_epsilon: float = field(default=0.01, metadata={"env": "PROMOTE_EPSILON", "help": "allowed drop of the base score"})
+    promote_epsilon: float = field(default=0.02, metadata={"env": "PROMOTE_EPSILON", "help": "forgetting budget on real replay data: the lower confidence bound of the base mIoU drop may not exceed it"})
+    distill_epsilon: float = field(default=0.10, metadata={"env": "DISTILL_EPSILON", "help": "forgetting budget when the base score is agreement with the parent (self-distillation)"})
+    min_base_evidence: int = field(default=24, metadata={"env": "MIN_BASE_EVIDENCE", "help": "fewest base-validation samples forgetting is judged on (else: inconclusive)"})
+    finetune_anchor: float = field(default=0.0, metadata={"env": "FINETUNE_ANCHOR", "help": "L2-SP weight anchoring a fine-tune's weights to its parent's (0: off)"})
     refcoco_dir: str = field(default="", metadata={"env": "REFCOCO_DIR", "help": "local RefCOCO for replay, any of the three formats (docs/loop.md)"})
     replay: str = field(default="auto", metadata={"env": "REPLAY", "help": "replay source: auto (RefCOCO, fetched subset, REPLAY_SHAPES, else self-distillation), refcoco, fetched, shapes, distill, none"})
     distill_phrases: tuple[str, ...] = field(default=(), metadata={"env": "DISTILL_PHRASES", "help": "comma-separated phrases self-distillation asks the parent about (empty: common COCO objects)"})
@@ -126,7 +129,9 @@ class Settings:
             project=str(project), base_model=self.model, steps=self.finetune_steps, lr=self.finetune_lr,
             replay=self.replay, replay_ratio=self.replay_ratio, refcoco_dir=self.refcoco_dir,
             replay_shapes=self.replay_shapes, distill_phrases=self.distill_phrases,
-            promote_epsilon=self.promote_epsilon, min_evidence=self.min_evidence, threshold=self.threshold,
+            promote_epsilon=self.promote_epsilon, distill_epsilon=self.distill_epsilon,
+            min_base_evidence=self.min_base_evidence, anchor_weight=self.finetune_anchor,
+            min_evidence=self.min_evidence, threshold=self.threshold,
             data_dir=str(self.data_dir), device=self.device,
         )
 

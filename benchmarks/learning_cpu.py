@@ -48,7 +48,9 @@ from clipseg_model.numerics import flush_denormals  # noqa: E402
 from clipseg_model.random_init import write_backbone  # noqa: E402
 from clipseg_model.vocab import build_tokenizer, word_level_tokenizer  # noqa: E402
 from finetune.shapes import KINDS, ShapesConfig, ShapesDataset, phrase_words  # noqa: E402
-from finetune.training import TRAIN_PRESETS, evaluate, train  # noqa: E402
+from finetune.evaluation import evaluate  # noqa: E402
+from finetune.recipe import TRAIN_PRESETS  # noqa: E402
+from finetune.training import train  # noqa: E402
 
 log = logging.getLogger("learning_cpu")
 

@@ -261,6 +261,10 @@ def run_versions(args: argparse.Namespace, settings) -> int:
         ev = m.get("evidence")
         if ev:
             line += f" evidence n={ev['n']} diff {ev['difference']:+.3f} bound {ev['bound']:+.3f}"
+        kept = m.get("forgetting")
+        if kept and kept.get("n"):
+            line += (f" forgetting ({kept['scale']}) n={kept['n']} drop {kept['drop']:+.3f} bound {kept['bound']:+.3f}"
+                     f" budget {kept['budget']:g}")
         rv = review.get(r.version)
         if rv:
             line += f" review IoU {rv['mean_iou']:.3f} (n={int(rv['n'])})"

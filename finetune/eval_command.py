@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, settings) -> int:
     from clipseg_model.errors import ClipsegError
     from clipseg_model.loading import load_model
     from finetune.report import write_html_report, write_metrics_json
-    from finetune.training import evaluate
+    from finetune.evaluation import evaluate
 
     threads = apply_threads(args)
     model = load_model(args.model, args.device)

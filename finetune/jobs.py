@@ -1,9 +1,9 @@
 """The fine-tune job (run by `clipseg worker`): corrections + replayed base data → candidate → gate → promote.
 
-    held-out corrections ──┐                          ┌─ paired per-sample IoU difference vs the parent on the
-    train corrections ─────┼─> train candidate ─────> │  held-out corrections: enough of them (min_evidence), a
-    replayed base samples ─┘   on frozen features     │  lower confidence bound above 0, and the base score kept
-                               computed once          └─ yes: promote; no: reject; too few: "not enough evidence"
+    held-out corrections ──┐                          ┌─ the new is better: paired per-sample IoU difference vs
+    train corrections ─────┼─> train candidate ─────> │  the parent on held-out corrections, lower bound > 0; the
+    replayed base samples ─┘   on frozen features,    │  old is kept: paired drop on the replay's held-out part,
+                               anchored to the parent └─ lower bound <= the forgetting budget (finetune.gate)
 
 Everything the job does comes from the `FinetuneSpec` its enqueuer put in the job (finetune.spec); the worker
 supplies only its Redis connection, DATA_DIR and DEVICE (`set_worker_context`). The frozen part of the model
@@ -17,15 +17,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import math
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -39,15 +36,18 @@ from clipseg_model.segmenter_base import SegmentationModel
 from finetune import replay as replay_sources
 from finetune.samples import ReferringSample
 from finetune.spec import FinetuneSpec
-from finetune.training import (
-    EvalResult, TrainConfig, evaluate, make_optimizer, make_scheduler, precision_policy, resize_mask,
-    training_step,
+from finetune.batching import resize_mask
+from finetune.evaluation import EvalResult, evaluate
+from finetune.gate import (
+    ACCURACY, AGREEMENT, DEFAULT_THRESHOLD, Forgetting, calibrate_threshold, decide, forgetting,
+    paired_evidence,
 )
+from finetune.optimization import make_optimizer, make_scheduler, precision_policy, training_step
+from finetune.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 
 HELD_OUT_FRACTION = 0.2
-DEFAULT_THRESHOLD = 0.5
 # The fine-tune recipe: AdamW, cosine decay to 0, BCE + Dice, gradient clipping (lr, steps, batch from the spec).
 FINETUNE_RECIPE = TrainConfig(optimizer="adamw", lr=1e-4, weight_decay=1e-4, schedule="cosine", dice_weight=1.0,
                               grad_clip=1.0, batch_size=4)
@@ -129,7 +129,7 @@ def miou(model: SegmentationModel, samples: Sequence[ReferringSample], threshold
 
 def evaluate_on(model: SegmentationModel, samples: Sequence[ReferringSample], frozen: FrozenInputs | None,
                 threshold: float, sweep: bool = False) -> EvalResult:
-    """`finetune.training.evaluate` on the frozen features when given (the trained part runs only)."""
+    """`finetune.evaluation.evaluate` on the frozen features when given (the trained part runs only)."""
     forward = None
     if frozen is not None:
         forward = lambda batch: frozen.logits([s.image for s in batch], [s.phrase for s in batch], model)  # noqa: E731
@@ -149,9 +149,15 @@ def training_target(sample: ReferringSample, size: int) -> torch.Tensor:
 
 def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample], steps: int, batch_size: int = 4,
                     lr: float = 1e-4, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
-                    frozen: FrozenInputs | None = None, recipe: TrainConfig = FINETUNE_RECIPE) -> list[float]:
-    """Fine-tune the trainable part of `model` in place with `finetune.training.training_step`; returns the loss
-    per step. With `frozen`, steps run on the cached frozen features (same losses as the full forward pass)."""
+                    frozen: FrozenInputs | None = None, recipe: TrainConfig = FINETUNE_RECIPE,
+                    anchor_weight: float = 0.0) -> list[float]:
+    """Fine-tune the trainable part of `model` in place with `finetune.optimization.training_step`; returns the loss
+    per step. With `frozen`, steps run on the cached frozen features (same losses as the full forward pass).
+
+    `anchor_weight` > 0 adds L2-SP anchoring: anchor_weight x the sum over trainable tensors of the squared
+    distance to the starting (parent) weights, so the candidate moves only as far from what it knew as the
+    corrections pay for (Li et al. 2018, "Explicit inductive bias for transfer learning").
+    """
     cfg = recipe.replace(lr=lr, batch_size=batch_size, steps=steps)
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -165,6 +171,10 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
     if frozen is not None:
         frozen.prepare([s.image for s in samples], [s.phrase for s in samples])
     size = model.config.output_size
+    anchor = None
+    if anchor_weight > 0:
+        start = [p.detach().clone() for p in params]
+        anchor = lambda: anchor_weight * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))  # noqa: E731
     losses = []
     for step in range(1, steps + 1):
         picked = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
@@ -174,80 +184,12 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
         else:
             pixels = model.preprocess([s.image for s in picked]).to(device)
             forward = lambda: model(pixels, [s.phrase for s in picked])  # noqa: E731
-        loss, _ = training_step(forward, masks, optimizer, scheduler, scaler, params, precision, cfg)
+        loss, _ = training_step(forward, masks, optimizer, scheduler, scaler, params, precision, cfg, extra_loss=anchor)
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
     model.eval()
     return losses
-
-
-# ---- the gate ----------------------------------------------------------------------------------------------------
-def _t_quantile(p: float, df: int) -> float:
-    """Student-t quantile (Cornish-Fisher expansion of the normal one; within 1 % for df >= 3)."""
-    z = statistics.NormalDist().inv_cdf(p)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
-
-
-@dataclass
-class Evidence:
-    """The gate's paired comparison on held-out corrections: candidate IoU minus parent IoU per sample."""
-
-    n: int
-    difference: float  # mean of the per-sample differences
-    bound: float  # one-sided lower confidence bound of that mean (NaN below 2 samples)
-    confidence: float
-    min_n: int
-
-    @property
-    def enough(self) -> bool:
-        return self.n >= self.min_n
-
-    @property
-    def better(self) -> bool:
-        return self.enough and self.bound > 0
-
-
-def paired_evidence(parent_iou: Sequence[float], candidate_iou: Sequence[float], min_n: int,
-                    confidence: float = 0.9) -> Evidence:
-    """Mean paired difference and its lower confidence bound (t interval) over samples both were scored on."""
-    diffs = np.asarray(candidate_iou, dtype=np.float64) - np.asarray(parent_iou, dtype=np.float64)
-    n = int(diffs.size)
-    if n == 0:
-        return Evidence(0, math.nan, math.nan, confidence, min_n)
-    mean = float(diffs.mean())
-    if n < 2:
-        return Evidence(n, mean, math.nan, confidence, min_n)
-    se = float(diffs.std(ddof=1)) / math.sqrt(n)
-    return Evidence(n, mean, mean - _t_quantile(confidence, n - 1) * se, confidence, min_n)
-
-
-def decide(evidence: Evidence, parent_base: float, candidate_base: float, epsilon: float) -> tuple[str, str]:
-    """(status, reason): "promoted", "rejected" or "inconclusive" (not enough evidence either way)."""
-    drop = parent_base - candidate_base if not (math.isnan(parent_base) or math.isnan(candidate_base)) else 0.0
-    shown = (f"held-out mIoU {evidence.difference:+.3f} (n={evidence.n}, {evidence.confidence:.0%} lower bound "
-             f"{evidence.bound:+.3f})")
-    if not evidence.enough:
-        return "inconclusive", f"not enough evidence: {evidence.n} held-out corrections < {evidence.min_n}"
-    if not evidence.better:
-        return "rejected", f"not shown better: {shown}"
-    if drop > epsilon:
-        return "rejected", f"base mIoU dropped by {drop:.3f} > {epsilon}"
-    return "promoted", f"better: {shown}; base score kept (drop {drop:+.3f} <= {epsilon})"
-
-
-def calibrate_threshold(result: EvalResult, min_samples: int) -> tuple[float, dict[str, float]]:
-    """(threshold, info): the sweep's best held-out mIoU, or 0.5 below `min_samples` (too few to choose on)."""
-    n = int(result.metrics.get("n", 0))
-    at_default = float(result.sweep[DEFAULT_THRESHOLD]["miou"]) if result.sweep else math.nan
-    if result.sweep is None or n < min_samples:
-        return DEFAULT_THRESHOLD, {"n": n, "miou": at_default, "miou_at_0.5": at_default, "calibrated": False}
-    threshold, metrics = max(result.sweep.items(), key=lambda kv: (kv[1]["miou"], -abs(kv[0] - 0.5)))
-    return float(threshold), {"n": n, "miou": float(metrics["miou"]), "miou_at_0.5": at_default, "calibrated": True}
 
 
 # ---- progress ----------------------------------------------------------------------------------------------------
@@ -293,6 +235,16 @@ def _replay(spec: FinetuneSpec, source: replay_sources.ReplaySource, n_replay: i
             images, [s.phrase for s in corrections], spec.distill_phrases or replay_sources.DEFAULT_DISTILL_PHRASES,
             soft_targets, n_replay, seed, frozen.digest)
     return replay_sources.dataset_replay(source, n_replay, seed, cache_dir=str(data_dir / "replay" / "hf-cache"))
+
+
+def base_forgetting(spec: FinetuneSpec, source_kind: str, parent_base: EvalResult,
+                    candidate_base: EvalResult) -> Forgetting:
+    """The forgetting budget's measurement on the replay source's held-out part, at the scale of its score:
+    agreement with the parent for self-distillation (DISTILL_EPSILON), accuracy otherwise (PROMOTE_EPSILON)."""
+    agreement = source_kind == "distill"
+    return forgetting([r["iou"] for r in parent_base.per_sample], [r["iou"] for r in candidate_base.per_sample],
+                      spec.distill_epsilon if agreement else spec.promote_epsilon, AGREEMENT if agreement else ACCURACY,
+                      spec.min_base_evidence, spec.confidence)
 
 
 def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None = None,
@@ -350,29 +302,31 @@ def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None
 
     progress.stage("evaluating", 0.1, "scoring the active model")
     parent_held = evaluate_on(parent, held, frozen, gate_threshold)
-    parent_base = evaluate_on(parent, base_val, frozen, gate_threshold).metrics["miou"] if base_val else math.nan
+    parent_base = evaluate_on(parent, base_val, frozen, gate_threshold) if base_val else EvalResult({"n": 0})
     del parent
     candidate = load_model(parent_path, device)
     progress.stage("training", 0.2, f"{len(train)} corrections + {len(replay)} replayed samples ({source.kind})")
     train_started = time.perf_counter()
     losses = train_candidate(candidate, train + replay, spec.steps, spec.batch_size, spec.lr, seed=spec.seed,
-                             on_step=progress.step, frozen=frozen)
+                             on_step=progress.step, frozen=frozen, anchor_weight=spec.anchor_weight)
     train_s = time.perf_counter() - train_started
 
     progress.stage("evaluating", 0.85, "scoring the candidate")
     cand_held = evaluate_on(candidate, held, frozen, gate_threshold, sweep=spec.threshold is None)
-    cand_base = evaluate_on(candidate, base_val, frozen, gate_threshold).metrics["miou"] if base_val else math.nan
+    cand_base = evaluate_on(candidate, base_val, frozen, gate_threshold) if base_val else EvalResult({"n": 0})
     evidence = paired_evidence([r["iou"] for r in parent_held.per_sample], [r["iou"] for r in cand_held.per_sample],
                                spec.min_evidence, spec.confidence)
-    status, reason = decide(evidence, parent_base, cand_base, spec.promote_epsilon)
+    kept = base_forgetting(spec, source.kind, parent_base, cand_base)
+    status, reason = decide(evidence, kept)
     if spec.threshold is None:
         threshold, threshold_info = calibrate_threshold(cand_held, spec.threshold_min_samples)
     else:
         threshold, threshold_info = spec.threshold, {"calibrated": False, "explicit": True}
 
     version = f"p{project}-{time.strftime('%Y%m%d-%H%M%S')}-{watermark}"
-    metrics = {"corrections_miou": cand_held.metrics["miou"], "base_miou": cand_base,
-               "parent_corrections_miou": parent_held.metrics["miou"], "parent_base_miou": parent_base,
+    metrics = {"corrections_miou": cand_held.metrics["miou"], "base_miou": kept.candidate_score,
+               "parent_corrections_miou": parent_held.metrics["miou"], "parent_base_miou": kept.parent_score,
+               "forgetting": asdict(kept), "anchor_weight": spec.anchor_weight,
                "final_loss": losses[-1] if losses else None, "steps": spec.steps, "lr": spec.lr,
                "threshold": threshold, "threshold_sweep": threshold_info, "evidence": asdict(evidence),
                "replay_source": source.kind, "train_seconds": round(train_s, 2),

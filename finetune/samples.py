@@ -47,7 +47,7 @@ class ReferringSample:
 
 
 # Several phrases of ONE image (the same image object in every sample), as a training item: the image is encoded
-# once for all of them, and the model must tell its objects apart by the phrase alone (`finetune.training.collate`).
+# once for all of them, and the model must tell its objects apart by the phrase alone (`finetune.batching.collate`).
 SceneGroup = list[ReferringSample]
 
 

@@ -37,7 +37,13 @@ class FinetuneSpec:
         refcoco_dir: a local RefCOCO in any of the three formats (finetune.refcoco), "" for none.
         replay_shapes: generator options (JSON) of a model trained on generated shapes, "" for none.
         distill_phrases: phrases the parent is asked about on the project's images (self-distillation).
-        promote_epsilon: allowed drop of the base score.
+        promote_epsilon: the forgetting budget on real replay data (accuracy): the one-sided lower confidence
+            bound of the base mIoU drop (parent minus candidate, paired per sample) may not exceed it.
+        distill_epsilon: the forgetting budget when the base score is agreement with the parent
+            (self-distillation): the same bound on the drop of IoU against the parent's own answers.
+        min_base_evidence: fewest base-validation samples forgetting is judged on (fewer: inconclusive).
+        anchor_weight: L2-SP weight: the fine-tune's loss adds this x the squared distance of the trained
+            weights to the parent's (0: off).
         min_evidence: fewest held-out corrections the gate decides on ("not enough evidence" below).
         confidence: one-sided confidence of the gate's bound on the paired mIoU difference.
         threshold: the mask threshold set explicitly (None: calibrate one per version).
@@ -56,7 +62,10 @@ class FinetuneSpec:
     refcoco_dir: str = ""
     replay_shapes: str = ""
     distill_phrases: tuple[str, ...] = ()
-    promote_epsilon: float = 0.01
+    promote_epsilon: float = 0.02
+    distill_epsilon: float = 0.10
+    min_base_evidence: int = 24
+    anchor_weight: float = 0.0
     min_evidence: int = 6
     confidence: float = 0.9
     threshold: float | None = None
@@ -92,4 +101,5 @@ class FinetuneSpec:
         """One line for `clipseg jobs`."""
         thr = "calibrated" if self.threshold is None else f"{self.threshold:g}"
         return (f"base {self.base_model}, {self.steps} steps at lr {self.lr:g}, replay {self.replay} x{self.replay_ratio:g}, "
-                f"epsilon {self.promote_epsilon:g}, threshold {thr}")
+                f"forgetting budget {self.promote_epsilon:g} (distill {self.distill_epsilon:g}), anchor {self.anchor_weight:g}, "
+                f"threshold {thr}")

@@ -71,7 +71,7 @@ def open_dataset(args: argparse.Namespace, split: str, max_samples: int, model_i
     or with `spread` that many spread evenly over the split (validation subsets)."""
     from clipseg_model.errors import ClipsegError
     from finetune.samples import Subset
-    from finetune.training import spread_indices
+    from finetune.evaluation import spread_indices
 
     try:
         if args.data == "shapes":
@@ -132,7 +132,7 @@ def group_by_image(dataset, k: int, strict: bool = True):
 def configure(parser: argparse.ArgumentParser, settings) -> None:
     """Arguments of `clipseg train`; the device default comes from `settings` (DEVICE)."""
     from clipseg_model.config import PRESETS
-    from finetune.training import TRAIN_PRESETS
+    from finetune.recipe import TRAIN_PRESETS
 
     parser.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="improved",
                         help="training recipe: seed (BCE, Adam 1e-3), improved (AdamW, cosine, Dice+BCE) or "
@@ -182,7 +182,7 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from finetune.training import train_preset
+    from finetune.recipe import train_preset
 
     cfg = train_preset(args.preset)
     changes: dict[str, Any] = {}
@@ -292,7 +292,8 @@ def run(args: argparse.Namespace, settings) -> int:
     """Train, then print where the checkpoints, the CSV and the PNG are."""
     from clipseg_model.errors import ClipsegError
     from clipseg_model.loading import resolve_device
-    from finetune.training import setup_distributed, teardown_distributed, train
+    from finetune.distributed import setup_distributed, teardown_distributed
+    from finetune.training import train
 
     if (args.out / "state").exists() and not args.resume:
         raise ClipsegError(f"{args.out} already holds a training run; add --resume to continue it, or choose another --out")

@@ -148,7 +148,7 @@ def test_no_module_over_500_lines_and_backend_is_rooms():
 # Environment reads that are not configuration: each with its reason.
 NOT_CONFIGURATION = {
     "backend/cli/serve.py",  # hands its environment on to the worker and scheduler it starts
-    "finetune/training.py",  # torchrun's LOCAL_RANK / WORLD_SIZE protocol
+    "finetune/distributed.py",  # torchrun's LOCAL_RANK / WORLD_SIZE protocol
 }
 
 

@@ -2,6 +2,7 @@
 script imports breaks it only here, not in a benchmark run an hour later (loop_demo.py did, once)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,35 @@ def test_benchmark_script_starts(script):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage:"), done.stdout[:300]
+
+
+@pytest.mark.parametrize("replay", ["shapes", "distill"])
+def test_loop_demo_runs_rounds_for_real_and_reports_each(tmp_path, replay):
+    """benchmarks/loop_demo.py for real in a seconds-long mode (tiny sizes): the real `clipseg serve` with its
+    embedded Redis, worker and gate, two rounds of corrections of one project, with each replay source; the JSON
+    holds one record per round with the issue-27 keys, and the printed lines say the same."""
+    out_json = tmp_path / "loop.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loop_demo.py"), "--pretrain-steps", "3",
+                           "--batch-size", "4", "--corrections", "12", "--finetune-steps", "4", "--val", "6",
+                           "--rounds", "2", "--replay-ratio", "1", "--replay", replay, "--out", str(tmp_path / "work"),
+                           "--json", str(out_json)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(out_json.read_text())
+    assert summary["replay"] == replay and summary["concepts"] == ["green", "yellow"]
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and [r["concept"] for r in rounds] == ["green", "yellow"]
+    for r in rounds:
+        assert {"new_before", "new_after", "old_before", "old_after", "seconds_to_served", "verdict"} <= set(r)
+        assert r["verdict"] in ("promoted", "rejected", "inconclusive")
+        for key in ("new_before", "new_after", "old_before", "old_after"):
+            assert 0.0 <= r[key] <= 1.0
+        assert 0 < r["seconds_to_served"] < 300
+        if r["verdict"] != "promoted":  # the served model stays the parent
+            assert (r["new_after"], r["old_after"]) == (r["new_before"], r["old_before"])
+        kept = r["forgetting"]
+        assert kept["scale"] == ("agreement" if replay == "distill" else "accuracy") and kept["budget"] > 0
+    assert rounds[1]["old_before"] == rounds[0]["old_after"]  # one project, one lineage: round 2 starts where 1 ended
+    assert summary["cumulative_old_drop"] == pytest.approx(summary["old_start"] - rounds[-1]["old_after"], abs=1e-4)
+    for r in rounds:
+        assert f"round {r['round']} '{r['concept']}': new {r['new_before']:.3f} -> {r['new_after']:.3f}" in done.stdout
+    assert "cumulative drop" in done.stdout

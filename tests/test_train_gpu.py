@@ -11,7 +11,9 @@ from clipseg_model.loading import load_model
 from clipseg_model.random_init import init_model
 from finetune.samples import SampleList
 from finetune.shapes import ShapesDataset
-from finetune.training import TrainConfig, evaluate, train
+from finetune.evaluation import evaluate
+from finetune.recipe import TrainConfig
+from finetune.training import train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -19,8 +19,10 @@ from clipseg_model.loading import load_model
 from clipseg_model.segmenter_base import SegmentationModel
 from finetune.samples import ReferringSample, SampleList
 from finetune.shapes import ShapesDataset
-from finetune.training import (TRAIN_PRESETS, TrainConfig, _Augmented, collate, evaluate, lr_factor,
-                               mirror_phrase, resize_mask, train)
+from finetune.batching import Augmented, collate, mirror_phrase, resize_mask
+from finetune.evaluation import evaluate
+from finetune.recipe import TRAIN_PRESETS, TrainConfig, lr_factor
+from finetune.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +76,7 @@ def test_augmented_flips_a_scene_group_as_one_image():
     groups = ShapesDataset(30, seed=3, image_size=32, phrases_per_scene=2,
                            kinds=("position",), min_objects=3)
     plain = [groups[i] for i in range(30)]
-    augmented = [_Augmented(groups, 0.5, seed=1, epoch=0)[i] for i in range(30)]
+    augmented = [Augmented(groups, 0.5, seed=1, epoch=0)[i] for i in range(30)]
     flipped = 0
     for before, after in zip(plain, augmented):
         states = [np.array_equal(b.mask[:, ::-1], a.mask) and not np.array_equal(b.mask, a.mask)
@@ -113,7 +115,7 @@ def test_augmented_flip_mirrors_image_mask_and_direction_words():
     mask[2:4, 0:2] = True  # on the left
     image = Image.fromarray(np.where(mask[..., None], 255, 0).astype(np.uint8).repeat(3, -1))
     data = [ReferringSample(image, "the shape on the left", mask, "test", {})] * 40
-    flipped = [s for s in (_Augmented(data, 0.5, seed=0, epoch=0)[i] for i in range(40)) if s.mask[2, 7]]
+    flipped = [s for s in (Augmented(data, 0.5, seed=0, epoch=0)[i] for i in range(40)) if s.mask[2, 7]]
     assert 5 < len(flipped) < 35  # about half of them
     for s in flipped:
         assert s.phrase == "the shape on the right" and not s.mask[2, 0]
@@ -257,7 +259,7 @@ def test_evaluate_matches_a_hand_computation():
 def test_validation_subset_is_spread_over_the_set():
     """max_samples picks samples spread evenly over the set (RefCOCO orders samples by image: the first N would be
     a few images), and every per-sample row carries its dataset index, phrase and the sample's ids."""
-    from finetune.training import spread_indices
+    from finetune.evaluation import spread_indices
 
     assert spread_indices(10, 3) == [0, 3, 6] and spread_indices(4, 0) == [0, 1, 2, 3] and spread_indices(3, 5) == [0, 1, 2]
     image = Image.new("RGB", (8, 8), "gray")
@@ -411,7 +413,7 @@ def test_train_and_the_finetune_job_share_one_step_and_precision_policy(tiny_mod
     """Issue 13 item 4: `clipseg train` (train) and the fine-tune job (train_candidate) run the same step with the
     same recipe: on a batch that any order gives alike, their losses agree step for step."""
     from finetune.jobs import FINETUNE_RECIPE, train_candidate
-    from finetune.training import precision_policy
+    from finetune.optimization import precision_policy
 
     assert precision_policy("cpu").dtype is None  # fp32 on the CPU, for both
     if torch.cuda.is_available():
@@ -437,3 +439,21 @@ def test_train_cli_hflip_sets_the_flip_probability():
     configure(parser, SimpleNamespace(device="cpu"))
     assert _train_config(parser.parse_args(["--out", "x", "--model", "m"])).hflip == 0.0
     assert _train_config(parser.parse_args(["--out", "x", "--model", "m", "--hflip", "0.5"])).hflip == 0.5
+
+
+def test_l2sp_anchor_keeps_the_candidate_near_its_parent(tiny_model_factory):
+    """Issue 27: FINETUNE_ANCHOR (train_candidate's anchor_weight) pulls the trained weights towards the parent's:
+    the same steps move them less far than without it."""
+    from finetune.jobs import train_candidate
+
+    data = list(_samples(8, seed=5))
+    parent = load_model(tiny_model_factory("tiny-clipseg"), "cpu")
+    start = [p.detach().clone() for p in parent.trainable_parameters()]
+
+    def distance(anchor: float) -> float:
+        model = load_model(tiny_model_factory("tiny-clipseg"), "cpu")
+        train_candidate(model, data, steps=12, batch_size=4, lr=3e-3, seed=1, anchor_weight=anchor)
+        return float(sum(((p.detach() - p0) ** 2).sum() for p, p0 in zip(model.trainable_parameters(), start)))
+
+    free, anchored = distance(0.0), distance(10.0)
+    assert free > 0 and anchored < 0.5 * free, (free, anchored)
