@@ -68,8 +68,8 @@ class Choice:
                 "cached": self.cached}
 
 
-def cpu_support() -> dict[str, object]:
-    """What this CPU offers: native bf16 (AVX512-BF16, AMX), int8 dot products (VNNI) and torch's quantised engine."""
+def cpu_flags() -> tuple[str, set[str]]:
+    """(CPU model name, its /proc/cpuinfo flags); ("unknown" or the platform's name, set()) where there is none."""
     flags: set[str] = set()
     model_name = platform.processor() or "unknown"
     try:
@@ -80,10 +80,21 @@ def cpu_support() -> dict[str, object]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return model_name, flags
+
+
+def mkldnn_bf16_supported() -> bool | None:
+    """torch's own answer whether oneDNN runs bf16 natively here; None where torch cannot say."""
     try:
-        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        mkldnn_bf16 = False
+        return None
+
+
+def cpu_support() -> dict[str, object]:
+    """What this CPU offers: native bf16 (AVX512-BF16, AMX), int8 dot products (VNNI) and torch's quantised engine."""
+    model_name, flags = cpu_flags()
+    mkldnn_bf16 = bool(mkldnn_bf16_supported())
     engines = list(torch.backends.quantized.supported_engines)
     return {
         "cpu": model_name,

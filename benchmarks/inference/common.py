@@ -76,20 +76,10 @@ def machine_info() -> dict[str, Any]:
     """CPU model, cores, bf16 support and torch threading of this machine."""
     import torch
 
-    flags: set[str] = set()
-    model_name = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model_name in ("unknown", "x86_64", ""):
-                model_name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    try:
-        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        mkldnn_bf16 = None
+    from clipseg_model.precision import cpu_flags, mkldnn_bf16_supported
+
+    model_name, flags = cpu_flags()
+    mkldnn_bf16 = mkldnn_bf16_supported()
     return {
         "cpu": model_name,
         "logical_cpus": os.cpu_count(),
