@@ -242,9 +242,9 @@ def test_webhook_to_corrections_store_and_training_trigger(model_dir, tmp_path, 
     assert c.post("/webhook", json=event).status_code == 201  # the same event again
     store = CorrectionStore(redis_conn)
     deadline = time.monotonic() + 10
-    while store.count("5") < 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
+    while (store.count("5") < 1 or runtime.inbox.pending()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until both deliveries have left the spool
+    assert runtime.inbox.counts() == {"pending": 0, "rejected": 0, "quarantined": 0}
     assert store.count("5") == 1  # delivered twice, stored once
     assert c.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 5}}).get_json()["status"] == "ignored"
     first = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 5}})
