@@ -124,9 +124,12 @@ def test_bf16_close_to_fp32(tiny_model_factory):
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 48, 3), dtype=np.uint8))
     fp32 = Segmenter(model).predict(image, ["a", "b"])
     bf16 = Segmenter(model, bf16=True).predict(image, ["a", "b"])
+    assert len(fp32) == len(bf16) == 2
     for a, b in zip(fp32, bf16):
-        inter, union = (a.mask & b.mask).sum(), (a.mask | b.mask).sum()
-        assert union == 0 or inter / union >= 0.9  # tiny random model; the full-size check is in `clipseg bench`
+        # the probabilities, not the masks: a tiny random model's masks may be empty, which any answer would match
+        assert a.probability.shape == b.probability.shape and a.probability.std() > 0
+        assert np.abs(a.probability - b.probability).mean() < 0.01  # the full-size check is in `clipseg bench`
+        assert (a.mask == b.mask).mean() >= 0.95
 
 
 def test_swap_model_changes_version_and_clears_caches(tiny_model_factory):
