@@ -17,6 +17,12 @@ from backend.settings import Settings
 from finetune.spec import spec_from_dict
 
 
+# spec field -> the Settings field it comes from: the one list of what a pre-label run takes from its queuer
+SETTINGS_FIELDS = {"model": "model", "threshold": "threshold", "prompt_field": "prompt_field",
+                   "label_prompts": "label_prompts", "polygon": "polygon", "replace_older": "prelabel_replace_older",
+                   "chunk_size": "prelabel_chunk", "job_timeout": "job_timeout"}
+
+
 @dataclass(frozen=True)
 class PrelabelSpec:
     """The recipe of one pre-label run.
@@ -58,11 +64,12 @@ class PrelabelSpec:
     def from_settings(cls, settings: Settings, project: str | int, **changes: Any) -> "PrelabelSpec":
         """The spec the queuer's `settings` describe (MODEL, THRESHOLD, PROMPT_FIELD, LABEL_PROMPTS, POLYGONS,
         PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT); `changes` override fields."""
-        fields = dict(project=str(project), model=settings.model, threshold=settings.threshold,
-                      prompt_field=settings.prompt_field, label_prompts=dict(settings.label_prompts),
-                      polygon=settings.polygon, replace_older=settings.prelabel_replace_older,
-                      chunk_size=settings.prelabel_chunk, job_timeout=settings.job_timeout)
-        return cls(**{**fields, **changes})
+        fields = {name: getattr(settings, setting) for name, setting in SETTINGS_FIELDS.items()}
+        return cls(**{"project": str(project), **fields, **changes})
+
+    def apply_to(self, settings: Settings) -> Settings:
+        """`settings` (a worker's) with every field of this recipe taken from the spec instead."""
+        return dataclasses.replace(settings, **{setting: getattr(self, name) for name, setting in SETTINGS_FIELDS.items()})
 
     @property
     def prompt_settings(self) -> PromptSettings:

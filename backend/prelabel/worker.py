@@ -7,7 +7,6 @@ predict service (its thread pools and image cache) per Label Studio account.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, ClassVar
 
@@ -44,10 +43,7 @@ class WorkerContext:
 
     def settings_for(self, spec: PrelabelSpec) -> Settings:
         """The worker's settings with every field of the run's recipe taken from `spec`."""
-        return dataclasses.replace(
-            self.settings, model=spec.model, threshold=spec.threshold, prompt_field=spec.prompt_field,
-            label_prompts=dict(spec.label_prompts), polygon=spec.polygon, prelabel_replace_older=spec.replace_older,
-            prelabel_chunk=spec.chunk_size, job_timeout=spec.job_timeout)
+        return spec.apply_to(self.settings)
 
     def segmenter(self, conn: Redis, spec: PrelabelSpec, timeout: float = 300.0):
         """The segmenter of the version every server serves `spec.project` (its active one, else the default, else

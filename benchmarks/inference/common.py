@@ -100,23 +100,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def test_images(count: int, size: tuple[int, int], seed: int):
-    """`count` distinct RGB images (smooth shapes + noise, so masks are not trivially empty or full)."""
-    import numpy as np
-    from PIL import Image
+    """`count` distinct RGB images (smooth shapes + noise, so masks are not trivially empty or full): the same
+    generator as the precision probe's (`clipseg_model.precision.probe_images`)."""
+    from clipseg_model.precision import probe_images
 
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    out = []
-    for _ in range(count):
-        canvas = np.zeros((h, w, 3), dtype=np.float32)
-        canvas += rng.uniform(0, 255, (1, 1, 3))
-        for _shape in range(4):
-            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.1, 0.3) * min(w, h)
-            canvas[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-        canvas += rng.normal(0, 12, canvas.shape)
-        out.append(Image.fromarray(canvas.clip(0, 255).astype(np.uint8), "RGB"))
-    return out
+    return probe_images(count, size, seed)
 
 
 def png_data_uri(image) -> str:
