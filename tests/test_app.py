@@ -43,6 +43,7 @@ def model_dir(tiny_model_factory):
 
 
 def make_client(model_dir, tmp_path, **overrides):
+    overrides.setdefault("precision", "fp32")  # the expected masks are fp32's; PRECISION=auto may pick bf16/int8 here
     settings = Settings(model=str(model_dir), data_dir=tmp_path, **overrides)
     app = create_app(settings)
     runtime = app.extensions["clipseg_runtime"]

@@ -71,7 +71,7 @@ def test_projects_are_served_their_own_versions_and_damage_falls_back(redis_conn
     a1 = _variant(base, tmp_path / "a1", "a1", 0.2, BASE_VERSION)
     registry.record(VersionRecord("a1", str(a1), BASE_VERSION, project="1"))
     registry.activate("a1", project="1")
-    app = create_app(Settings(model=str(base), device="cpu", data_dir=tmp_path / "d", redis_url=redis_url))
+    app = create_app(Settings(model=str(base), device="cpu", precision="fp32", data_dir=tmp_path / "d", redis_url=redis_url))
     runtime = app.extensions["clipseg_runtime"]
     client = app.test_client()
     image = data_uri(scene(96, 64, seed=0)[0])
@@ -126,7 +126,7 @@ def test_projects_are_served_their_own_versions_and_damage_falls_back(redis_conn
     broken_base = tmp_path / "broken-base"
     shutil.copytree(base, broken_base)
     (broken_base / "trainable.safetensors").write_bytes(b"\x00")
-    app = create_app(Settings(model=str(broken_base), device="cpu", data_dir=tmp_path / "e", redis_url=redis_url))
+    app = create_app(Settings(model=str(broken_base), device="cpu", precision="fp32", data_dir=tmp_path / "e", redis_url=redis_url))
     runtime = app.extensions["clipseg_runtime"]
     try:
         client = app.test_client()
@@ -228,7 +228,7 @@ def test_a_version_with_unfrozen_backbone_layers_is_served_beside_the_base(redis
 
     alone = {}
     for name, model_dir in (("u1", u1), ("base", base)):  # each model served on its own, no Redis
-        app = create_app(Settings(model=str(model_dir), device="cpu", data_dir=tmp_path / f"alone-{name}"))
+        app = create_app(Settings(model=str(model_dir), device="cpu", precision="fp32", data_dir=tmp_path / f"alone-{name}"))
         runtime = app.extensions["clipseg_runtime"]
         try:
             assert runtime.model.wait_ready(60)
@@ -237,7 +237,7 @@ def test_a_version_with_unfrozen_backbone_layers_is_served_beside_the_base(redis
             runtime.stop()
     assert alone["u1"]["results"] != alone["base"]["results"]
 
-    app = create_app(Settings(model=str(base), device="cpu", data_dir=tmp_path / "d", redis_url=redis_url))
+    app = create_app(Settings(model=str(base), device="cpu", precision="fp32", data_dir=tmp_path / "d", redis_url=redis_url))
     runtime = app.extensions["clipseg_runtime"]
     try:
         client = app.test_client()
