@@ -10,8 +10,11 @@
    process by a SimpleWorker (the model is loaded before timing, as a worker keeps it between jobs): task listing,
    image downloads (prefetch threads), inference, RLE, and the predictions imported through the API.
 
-Prints images/s of both and their ratio (target >= 0.8 on CPU; the predictor is measured before and after the run
-and the ratio uses the mean, since the load of a shared machine moves) and the machine's load average.
+Both are measured twice in one run, in fp32 (today's release before PRECISION) and under PRECISION=auto (the
+choice cached under the run's DATA_DIR, as a server and its workers share it), each pre-label run into its own
+project over the same images. Prints images/s, the speed-up of auto over fp32 (target >= 1.8 on this CPU) and the
+ratio of each pre-label run to the predictor alone in the same precision (target >= 0.8; the predictor is measured
+before and after the runs and the ratio uses the mean, since the load of a shared machine moves), and the load average.
 """
 from __future__ import annotations
 
@@ -56,14 +59,20 @@ def write_images(folder: Path, n: int, size: tuple[int, int]) -> list[bytes]:
     return out
 
 
-def predictor_alone(model_dir: Path, images: list[bytes], device: str, repeats: int = 1) -> float:
-    """Images/s of Segmenter.predict_batch on pre-decoded images (best of `repeats`)."""
+def predictor_alone(model_dir: Path, images: list[bytes], device: str, precision: str, data_dir: Path,
+                    repeats: int = 1) -> tuple[float, str]:
+    """(images/s of Segmenter.predict_batch on pre-decoded images, best of `repeats`; the precision used) under
+    PRECISION=`precision`, chosen (or read from the cache under `data_dir`) as a server does."""
     from PIL import Image
 
     from clipseg_model.loading import load_model
+    from clipseg_model.precision import apply_precision
+    from clipseg_model.precision_choice import choose_precision
     from clipseg_model.predictor import Segmenter
 
-    seg = Segmenter(load_model(str(model_dir), device), threshold=0.5)
+    model = load_model(str(model_dir), device)
+    choice = choose_precision(model, precision, data_dir / "precision")
+    seg = Segmenter(apply_precision(model, choice.precision), threshold=0.5, precision=choice.precision)
     decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
     batch = 32 if device.startswith("cuda") else 8
     seg.predict_batch(decoded[:2], [["circle", "square"]] * 2)  # warm-up
@@ -75,11 +84,13 @@ def predictor_alone(model_dir: Path, images: list[bytes], device: str, repeats: 
             part = decoded[i:i + batch]
             seg.predict_batch(part, [["circle", "square"]] * len(part))
         best = max(best, len(decoded) / (time.perf_counter() - t0))
-    return best
+    return best, choice.precision.name
 
 
 def prelabel_through_label_studio(model_dir: Path, folder: Path, n: int, redis_url: str, device: str,
-                                  chunk: int) -> tuple[float, dict]:
+                                  chunk: int, precisions: tuple[str, ...]) -> dict[str, tuple[float, dict]]:
+    """{precision: (images/s of a pre-label run of all `n` images under PRECISION=precision, its run summary)}, one
+    Label Studio, one project per precision."""
     import redis
     from rq import Queue
     from rq.worker import SimpleWorker
@@ -91,24 +102,27 @@ def prelabel_through_label_studio(model_dir: Path, folder: Path, n: int, redis_u
 
     conn = redis.Redis.from_url(redis_url)
     conn.flushdb()
+    out = {}
     with LabelStudioServer("legacy", local_files_root=folder.parent) as ls:
-        project = ls.client.create_project("prelabel bench", LABEL_CONFIG)
-        ls.client.add_local_files_storage(project, folder, regex_filter=r".*\.png")
-        os.environ.update({"MODEL": str(model_dir), "DEVICE": device, "REDIS_URL": redis_url,
-                           "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token,
-                           "DATA_DIR": str(folder.parent / "data")})
-        settings = Settings.from_env()
-        spec = PrelabelSpec.from_settings(settings, project, chunk_size=chunk)
-        WorkerContext.install(settings).segmenter(conn, spec)  # a worker keeps its model between jobs: load it first
-        t0 = time.perf_counter()
-        run_id, _ = queue_prelabel(conn, spec)
-        SimpleWorker([Queue(PRELABEL_QUEUE, connection=conn)], connection=conn).work(burst=True)
-        elapsed = time.perf_counter() - t0
-        summary = PrelabelRuns(conn, "clipseg").summary(run_id)
-        stored = ls.client.predictions(project)
-        assert summary["state"] == "done" and summary["written"] == n == len(stored), (summary, len(stored))
+        for precision in precisions:
+            project = ls.client.create_project(f"prelabel bench {precision}", LABEL_CONFIG)
+            ls.client.add_local_files_storage(project, folder, regex_filter=r".*\.png")
+            os.environ.update({"MODEL": str(model_dir), "DEVICE": device, "REDIS_URL": redis_url,
+                               "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token,
+                               "DATA_DIR": str(folder.parent / "data"), "PRECISION": precision})
+            settings = Settings.from_env()
+            spec = PrelabelSpec.from_settings(settings, project, chunk_size=chunk)
+            WorkerContext.install(settings).segmenter(conn, spec)  # a worker keeps its model between jobs: load it first
+            t0 = time.perf_counter()
+            run_id, _ = queue_prelabel(conn, spec)
+            SimpleWorker([Queue(PRELABEL_QUEUE, connection=conn)], connection=conn).work(burst=True)
+            elapsed = time.perf_counter() - t0
+            summary = PrelabelRuns(conn, "clipseg").summary(run_id)
+            stored = ls.client.predictions(project)
+            assert summary["state"] == "done" and summary["written"] == n == len(stored), (summary, len(stored))
+            out[precision] = (n / elapsed, summary)
     conn.flushdb()
-    return n / elapsed, summary
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,22 +153,32 @@ def main(argv: list[str] | None = None) -> int:
             args.redis_url = stack.enter_context(EmbeddedRedis(Path(tmp) / "redis")).url
         folder = Path(tmp) / "files" / "images"
         images = write_images(folder, args.images, (w, h))
-        # The predictor alone before and after the run: on a shared machine the load moves; the ratio uses the mean.
-        alone_before = predictor_alone(model_dir, images, args.device)
+        data_dir = folder.parent / "data"  # the precision choice's cache, shared with the pre-label workers
+        precisions = ("fp32", "auto")
+        # The predictor alone before and after the runs: on a shared machine the load moves; the ratio uses the mean.
+        before = {p: predictor_alone(model_dir, images, args.device, p, data_dir) for p in precisions}
         load_before = os.getloadavg()
-        through, summary = prelabel_through_label_studio(model_dir, folder, args.images, args.redis_url,
-                                                         args.device, args.chunk)
+        runs = prelabel_through_label_studio(model_dir, folder, args.images, args.redis_url, args.device, args.chunk,
+                                             precisions)
         load_after = os.getloadavg()
-        alone_after = predictor_alone(model_dir, images, args.device)
-    alone = (alone_before + alone_after) / 2
-    report = {"preset": preset, "images": args.images, "size": args.size, "device": args.device,
-              "predictor_images_per_s": round(alone, 2),
-              "predictor_before_after": [round(alone_before, 2), round(alone_after, 2)], "prelabel_images_per_s": round(through, 2),
-              "ratio": round(through / alone, 3), "target": 0.8, "cpus": os.cpu_count(),
-              "load_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-              "written": summary["written"], "chunks": summary["chunks"]}
+        after = {p: predictor_alone(model_dir, images, args.device, p, data_dir) for p in precisions}
+    report: dict = {"preset": preset, "images": args.images, "size": args.size, "device": args.device,
+                    "cpus": os.cpu_count(), "load_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)]}
+    for p in precisions:
+        alone = (before[p][0] + after[p][0]) / 2
+        through, summary = runs[p]
+        report[p] = {"precision": before[p][1], "predictor_images_per_s": round(alone, 2),
+                     "predictor_before_after": [round(before[p][0], 2), round(after[p][0], 2)],
+                     "prelabel_images_per_s": round(through, 2), "ratio_to_predictor": round(through / alone, 3),
+                     "written": summary["written"], "chunks": summary["chunks"]}
+    speedup = runs["auto"][0] / runs["fp32"][0]
+    report["auto_over_fp32"] = {"prelabel_speedup": round(speedup, 3), "target": 1.8}
+    checks = {"auto >= 1.8x fp32 (pre-label images/s)": speedup >= 1.8,
+              "auto pre-label / predictor >= 0.8": report["auto"]["ratio_to_predictor"] >= 0.8,
+              "fp32 pre-label / predictor >= 0.8": report["fp32"]["ratio_to_predictor"] >= 0.8}
+    report["checks"] = {name: "PASS" if ok else "FAIL" for name, ok in checks.items()}
     print(json.dumps(report, indent=2))
-    return 0
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":
