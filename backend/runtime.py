@@ -4,6 +4,7 @@ labeling configs, the predict service, the prediction recorder, the corrections 
 from __future__ import annotations
 
 import logging
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -36,6 +37,12 @@ class BackendRuntime:
                                               on_prediction=self.recorder.on_prediction if self.recorder else None)
         self.inbox = None
         self.refresher = None
+        self.version_sync = None
+        if settings.sync_label_studio:
+            from backend.studio.model_version import ModelVersionSync
+
+            self.version_sync = ModelVersionSync(lambda: (self.fetcher.base_url, self.fetcher.api_key),
+                                                 lambda project: self.model.for_project(project).version)
         if settings.redis_url:
             from backend.intake.inbox import CorrectionsInbox
 
@@ -85,6 +92,8 @@ class BackendRuntime:
         config = self.configs.parse(schema)
         self.configs.remember(project, config)
         self.fetcher.use_setup_credentials(hostname, access_token)
+        if self.version_sync is not None:  # Label Studio's model_version: equal to ours once it has saved its own
+            self.version_sync.request(project)
         return config
 
     def config_for_predict(self, schema: str | None, project: str | None) -> LabelConfig:
@@ -96,6 +105,47 @@ class BackendRuntime:
         if schema:
             self.configs.remember(project, config)
         return config
+
+    def prelabel_spec(self, project: str, **changes):
+        """The `PrelabelSpec` this server queues for `project`: its settings, and the precision its model runs in
+        (so a worker on this kind of CPU writes the masks /predict answers)."""
+        from backend.prelabel import PrelabelSpec
+
+        return PrelabelSpec.from_settings(self.settings, project, **{"precision": self.chosen_precision(), **changes})
+
+    def chosen_precision(self) -> str:
+        """The PRECISION mode that reproduces this server's choice: fp32, bf16 or int8 (int8+bf16: int8, whose
+        decoder precision the worker measures again), or the setting itself before the model is loaded."""
+        choice = self.model.choice
+        if choice is None or choice.precision.name == "fp16":
+            return self.settings.precision_mode
+        return choice.precision.name.split("+")[0]
+
+    def announce_prelabel(self, project: str, tasks: int, segmenter_version: str | None) -> None:
+        """In a thread (each title change makes Label Studio call this server): the ML backend's title says that a
+        run of `tasks` tasks is queued, and whether a worker listens for it."""
+        if not self.settings.sync_label_studio:
+            return
+        url, key = self.fetcher.base_url, self.fetcher.api_key
+        if not (url and key):
+            return
+
+        def announce() -> None:
+            from rq import Worker
+
+            from backend.studio.api import open_client
+            from backend.studio.run_notice import RunNotice, queued_notice
+            from finetune.triggers import PRELABEL_QUEUE
+
+            try:
+                listening = any(PRELABEL_QUEUE in w.queue_names() for w in Worker.all(connection=self.redis))
+            except Exception:  # noqa: BLE001 - Redis blip: say nothing about workers
+                listening = True
+            versions = {v for v in (segmenter_version, self.base_version) if v}
+            RunNotice(open_client(url, key, timeout=10.0), project, versions).show(
+                queued_notice(tasks, waiting_for_worker=not listening), final=True)
+
+        threading.Thread(target=announce, name="prelabel-notice", daemon=True).start()
 
     # ---- per-project models ----------------------------------------------------------------------------
     def project_model(self, project: str | None, refresh: bool = False):
@@ -119,13 +169,20 @@ class BackendRuntime:
         if self.settings.redis_url and self.settings.prelabel_on_promote:
             from backend.prelabel import PromotionRefresher  # fresh suggestions after a promotion
 
-            self.refresher = PromotionRefresher(self.redis, self.settings, events=self.events).start()
+            self.refresher = PromotionRefresher(self.redis, self.settings, events=self.events,
+                                                spec_for=self.prelabel_spec).start()
+        if self.version_sync is not None:
+            self.version_sync.start()
+            if self.events is not None:
+                self.events.subscribe(self.version_sync.on_activated)
         if self.events is not None:
             self.events.start()
 
     def stop(self) -> None:
         if self.events is not None:
             self.events.stop()
+        if self.version_sync is not None:
+            self.version_sync.stop()
         self.model.stop()
         if self.refresher is not None:
             self.refresher.stop()

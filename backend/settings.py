@@ -73,6 +73,7 @@ class Settings:
     prelabel_chunk: int = field(default=100, metadata={"env": "PRELABEL_CHUNK", "help": "tasks per pre-label chunk (the unit workers share and retry)"})
     prelabel_on_promote: bool = field(default=True, metadata={"env": "PRELABEL_ON_PROMOTE", "help": "pre-label a project's unannotated tasks when its new version is promoted"})
     prelabel_replace_older: bool = field(default=True, metadata={"env": "PRELABEL_REPLACE_OLDER", "help": "a pre-label run deletes older versions' predictions of unannotated tasks it predicts"})
+    sync_label_studio: bool = field(default=True, metadata={"env": "SYNC_LABEL_STUDIO", "help": "keep each project's model_version in Label Studio equal to the served version (score column, sorting) and show pre-label runs in the ML backend's title; needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (else /setup's hostname and token)"})
     image_cache_mb: int = field(default=256, metadata={"env": "IMAGE_CACHE_MB", "help": "downloaded images kept in memory per process, MB (0: off)"})
     feature_cache_mb: int = field(default=512, metadata={"env": "FEATURE_CACHE_MB", "help": "image features kept in memory per loaded backbone, MB: another phrase on a recent image skips the image encoder (0: off)"})
     model_cache_mb: int = field(default=512, metadata={"env": "MODEL_CACHE_MB", "help": "projects' fine-tuned weights kept in memory, MB; the least recently used are read from disk again when asked for"})

@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.intake.inbox import SpoolUnavailable
 from backend.http.health import health_report
+from backend.studio.model_version import AFTER_PREDICT_S
 from backend.http.json_provider import OrjsonProvider, loads as json_loads
 from backend.labelstudio.config import UnsupportedConfigError
 from backend.metrics import CONTENT_TYPE, spool_gauges
@@ -169,17 +170,19 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
         version = segmenter.version
         budget.observe(len(tasks), time.perf_counter() - started)
         runtime.metrics.predict_latency.observe(time.perf_counter() - started)
+        if runtime.version_sync is not None and any(a.result for a in answers):
+            runtime.version_sync.request(project, AFTER_PREDICT_S, unless_in_sync=True)
         log.info("predicted %d tasks (%d regions) with %s in %.2f s", len(tasks),
                  sum(len(a.result) for a in answers), version, time.perf_counter() - started)
         return jsonify({"results": [a.to_json(version) for a in answers], "model_version": version})
 
     def _over_budget(tasks: list, project: str):
         """Too many tasks to answer before Label Studio gives up: queue them as a pre-label run and say so at once."""
-        from backend.prelabel import PrelabelSpec, queue_prelabel
+        from backend.prelabel import queue_prelabel
         from finetune.triggers import PRELABEL_QUEUE
 
         ids = [t["id"] for t in tasks if isinstance(t.get("id"), int)]
-        run_id, created = queue_prelabel(runtime.redis, PrelabelSpec.from_settings(settings, project), task_ids=ids,
+        run_id, created = queue_prelabel(runtime.redis, runtime.prelabel_spec(project), task_ids=ids,
                                          reason="/predict over budget")
         message = (f"{len(tasks)} tasks would take about {budget.estimate(len(tasks)):.0f} s, more than this backend's "
                    f"/predict budget of {settings.predict_budget:.0f} s (PREDICT_BUDGET; Label Studio waits 100 s): "
@@ -187,6 +190,8 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
                    f"'{PRELABEL_QUEUE}' queue. Predictions appear in Label Studio as `clipseg worker`s finish chunks; "
                    f"watch with `clipseg prelabel --status {run_id}` or `clipseg jobs`.")
         log.warning("%s", message)
+        if created:  # Label Studio shows none of this body: say it in the ML backend's title too
+            runtime.announce_prelabel(project, len(ids), segmenter_version=runtime.project_model(project).version)
         runtime.metrics.errors.labels("over_budget").inc()
         return jsonify({"status": "error", "error": message, "job_id": run_id, "tasks": len(ids),
                         "queue": PRELABEL_QUEUE}), 503

@@ -66,4 +66,6 @@ def health_report(runtime: Any) -> dict[str, Any]:
         if counts["rejected"] or counts["quarantined"]:
             parts["spool"] += f"; {counts['rejected']} rejected, {counts['quarantined']} quarantined"
     degraded = [f"{name}: {state}" for name, state in parts.items() if state not in ("up", "ok")]
-    return {"parts": parts, "degraded": degraded, "spool": inbox.counts() if inbox is not None else None}
+    sync = runtime.version_sync.status() if runtime.version_sync is not None else None
+    return {"parts": parts, "degraded": degraded, "spool": inbox.counts() if inbox is not None else None,
+            "label_studio_model_version": sync}

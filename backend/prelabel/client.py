@@ -9,15 +9,13 @@ import json
 from typing import Any, Mapping, Sequence
 
 from backend.prelabel.runs import PrelabelError
-
-API_TIMEOUT_S = 60.0
+from backend.studio.api import api_json, open_client
 
 
 def connect(settings, project: str):
     """(SDK client, project label config) after checking URL, key and project; raises PrelabelError naming the
     setting to fix. Nothing is written before this passes."""
     import httpx
-    from label_studio_sdk import LabelStudio
     from label_studio_sdk.core.api_error import ApiError
 
     url, key = settings.label_studio_url.rstrip("/"), settings.label_studio_api_key
@@ -28,7 +26,7 @@ def connect(settings, project: str):
         raise PrelabelError("LABEL_STUDIO_API_KEY is not set: give the worker a legacy token or a personal access "
                             "token (Label Studio: Account & Settings)")
     try:
-        client = LabelStudio(base_url=url, api_key=key, timeout=API_TIMEOUT_S)
+        client = open_client(url, key)
         config = client.projects.get(id=int(project)).label_config
     except ApiError as exc:
         if exc.status_code in (401, 403):
@@ -70,20 +68,8 @@ def read_tasks(client, project: str, task_ids: Sequence[int]) -> list[dict[str, 
 
 
 def post_json(client, path: str, body: Any, params: Mapping[str, Any] | None = None) -> None:
-    """POST `body` (serialised with orjson) to Label Studio's `path` with the SDK client's auth and retries.
-
-    The SDK's own methods (e.g. `projects.import_predictions`) run its generic JSON encoder over every integer of the
-    brush RLE (~7 us each, holding the GIL): ~0.1 s per 8 small masks and seconds for big noisy ones, taken from
-    inference. Its HTTP client is still used, so auth (legacy token, or a PAT refreshed into access tokens) is the SDK's.
-    """
-    import orjson
-    from label_studio_sdk.core.api_error import ApiError
-
-    response = client._client_wrapper.httpx_client.request(
-        path, method="POST", params=dict(params or {}), content=orjson.dumps(body),
-        headers={"content-type": "application/json"})
-    if not 200 <= response.status_code < 300:
-        raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=response.text[:500])
+    """POST `body` to Label Studio's `path` (orjson, the SDK's auth; see backend.studio.api.api_json)."""
+    api_json(client, "POST", path, body, params)
 
 
 def is_annotated(task: Mapping[str, Any]) -> bool:

@@ -19,6 +19,7 @@ from backend.prelabel.client import connect, list_task_ids
 from backend.prelabel.runs import RENEW_S, PrelabelError, PrelabelRuns, RunInfo, plan_job_id, work_job_id
 from backend.prelabel.spec import PrelabelSpec
 from backend.prelabel.worker import WorkerContext
+from backend.studio.run_notice import RunNotice, done_notice, failed_notice, progress_notice
 from finetune.triggers import PRELABEL_QUEUE
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,19 @@ def plan_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
     if info.state != "planning":  # an RQ retry of a plan that failed for good or already went through
         return {"run": run_id, "project": info.project, "state": info.state, "error": info.error}
     recipe = _spec_of(info, spec, context)
+    client = None
     try:
         client, _ = connect(context.settings, info.project)
         task_ids = info.task_ids if info.task_ids is not None else list_task_ids(client, info.project, info.unlabeled_only)
     except PrelabelError as exc:
         runs.fail(run_id, str(exc))
+        if client is not None:
+            _notice(client, info.project, conn, recipe).show(failed_notice(str(exc)), final=True)
         raise
     chunks = [task_ids[i:i + info.chunk_size] for i in range(0, len(task_ids), info.chunk_size)]
     runs.plan(run_id, chunks)
+    if recipe.notify:
+        _notice(client, info.project, conn, recipe).show(progress_notice(0, len(task_ids), recipe.version), final=True)
     queue = Queue(PRELABEL_QUEUE, connection=conn)
     for i in range(len(chunks)):
         queue.enqueue(WORK_JOB, run_id, namespace=namespace, spec=recipe.to_dict(), job_id=work_job_id(run_id, i),
@@ -105,6 +111,43 @@ def plan_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
     log.info("pre-label run %s: project %s, %d tasks in %d chunks (%s)", run_id, info.project, len(task_ids),
              len(chunks), recipe.summary())
     return {"run": run_id, "project": info.project, "tasks": len(task_ids), "chunks": len(chunks)}
+
+
+def _notice(client, project: str, conn: Redis, recipe: PrelabelSpec, served: str | None = None) -> RunNotice:
+    """The run's notice in the ML backend's title; ours are the backends whose version is one of this backend's."""
+    from finetune.versions import VersionRegistry
+
+    records = VersionRegistry(conn).list()
+    versions = {r.version for r in records} | {r.parent for r in records if r.parent} | {recipe.version, served}
+    return RunNotice(client, project, {v for v in versions if v})
+
+
+def _tell(notice: RunNotice, runs: PrelabelRuns, run_id: str, version: str | None, final: bool = False) -> None:
+    """The run's progress, or its end, in the title."""
+    summary = runs.summary(run_id)
+    if summary["state"] == "done":
+        _follow(notice, version)
+        notice.show(done_notice(summary["done"] - summary["failed"], version, summary["failed"]), final=True)
+    elif summary["state"] == "failed":
+        notice.show(failed_notice(summary["error"] or "see `clipseg prelabel --status`"), final=True)
+    else:
+        notice.show(progress_notice(summary["done"], summary["tasks"], version, summary["failed"]), final=final)
+
+
+def _follow(notice: RunNotice, version: str | None) -> None:
+    """Label Studio's current model := the version the run wrote (its predictions now exist, so it is accepted)."""
+    from backend.studio.api import api_error_text
+    from backend.studio.model_version import set_model_version
+
+    if not version:
+        return
+    try:
+        outcome, before = set_model_version(notice.client, notice.project, version)
+        if outcome == "set":
+            log.info("project %s: Label Studio's model_version %r -> %s", notice.project, before, version)
+    except Exception as exc:  # noqa: BLE001 - the run is done either way
+        log.warning("project %s: cannot set Label Studio's model_version to %s: %s", notice.project, version,
+                    api_error_text(exc))
 
 
 class _Lease:
@@ -152,6 +195,7 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
     # only their predictions are ever replaced; predictions imported from elsewhere stay.
     records = VersionRegistry(conn).list()
     ours = {r.version for r in records} | {r.parent for r in records if r.parent}
+    notice = _notice(client, info.project, conn, recipe, segmenter.version) if recipe.notify else None
     batch = BATCH_CUDA if str(segmenter.model.device).startswith("cuda") else BATCH_CPU
     token = f"{job.worker_name or 'inline'}:{job.id}:{uuid.uuid4().hex[:8]}"
     worked: list[dict[str, Any]] = []
@@ -171,6 +215,8 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
                 job.meta.update({"stage": "predicting", "chunk": index, "chunks": info.chunks, "done": r.done,
                                  "total": r.total, "progress": r.done / max(1, r.total)})
                 job.save_meta()
+                if notice is not None and notice.due():
+                    _tell(notice, runs, run_id, segmenter.version)
 
             progress(ChunkResult(total=len(runs.chunk_tasks(run_id, index))))
             with _Lease(runs, run_id, index, token) as lease:
@@ -197,5 +243,7 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
         job.meta.update({"stage": "done"})
         job.save_meta()
     summary = runs.summary(run_id)
+    if notice is not None:
+        _tell(notice, runs, run_id, segmenter.version, final=True)
     return {"run": run_id, "chunks": worked, "failed_tasks": [f for w in worked for f in w["failed_tasks"]],
             "run_state": summary["state"]}

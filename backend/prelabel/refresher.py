@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from redis import Redis
 
@@ -18,13 +19,15 @@ class PromotionRefresher:
     of that project's unannotated tasks with that version (once per version, however many servers listen). The run
     carries this server's `PrelabelSpec`, so its suggestions are what /predict would answer."""
 
-    def __init__(self, conn: Redis, settings, namespace: str = "clipseg", events: VersionEvents | None = None):
+    def __init__(self, conn: Redis, settings, namespace: str = "clipseg", events: VersionEvents | None = None,
+                 spec_for: Callable[..., PrelabelSpec] | None = None):
         from finetune.versions import VersionRegistry
 
         self.conn, self.settings, self.ns = conn, settings, namespace
         self.registry = VersionRegistry(conn)
         self.runs = PrelabelRuns(conn, namespace)
         self.events = events
+        self.spec_for = spec_for or (lambda project, **changes: PrelabelSpec.from_settings(settings, project, **changes))
         self._own_events = False
 
     def handle(self, event: VersionActivated) -> str | None:
@@ -42,7 +45,7 @@ class PromotionRefresher:
             return None
         if not self.runs.mark_refreshed(event.version):
             return None  # another server queued it
-        spec = PrelabelSpec.from_settings(self.settings, project, unlabeled_only=True, version=event.version)
+        spec = self.spec_for(project, unlabeled_only=True, version=event.version)
         run_id, _ = queue_prelabel(self.conn, spec, reason=f"promoted {event.version}", namespace=self.ns)
         log.info("version %s of project %s is active: pre-label run %s queued for its unannotated tasks",
                  event.version, project, run_id)

@@ -20,7 +20,8 @@ from finetune.spec import spec_from_dict
 # spec field -> the Settings field it comes from: the one list of what a pre-label run takes from its queuer
 SETTINGS_FIELDS = {"model": "model", "threshold": "threshold", "prompt_field": "prompt_field",
                    "label_prompts": "label_prompts", "polygon": "polygon", "replace_older": "prelabel_replace_older",
-                   "chunk_size": "prelabel_chunk", "job_timeout": "job_timeout"}
+                   "chunk_size": "prelabel_chunk", "job_timeout": "job_timeout",
+                   "notify": "sync_label_studio", "precision": "precision"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class PrelabelSpec:
         replace_older: delete older versions' predictions of ours on the unannotated tasks predicted.
         chunk_size: tasks per chunk, the unit workers share and retry.
         job_timeout: seconds before RQ kills one of the run's jobs.
+        precision: PRECISION for the worker: a server queues the precision it chose (fp32, bf16, int8), so the
+            run's masks are the ones /predict answers; "auto": the worker chooses on its own CPU.
+        notify: show the run's progress and end in the ML backend's title (SYNC_LABEL_STUDIO).
     """
 
     project: str
@@ -51,6 +55,8 @@ class PrelabelSpec:
     replace_older: bool = True
     chunk_size: int = 100
     job_timeout: int = 3600
+    notify: bool = True
+    precision: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  # options of later versions; ignored today
 
     def __post_init__(self) -> None:
@@ -63,7 +69,7 @@ class PrelabelSpec:
     @classmethod
     def from_settings(cls, settings: Settings, project: str | int, **changes: Any) -> "PrelabelSpec":
         """The spec the queuer's `settings` describe (MODEL, THRESHOLD, PROMPT_FIELD, LABEL_PROMPTS, POLYGONS,
-        PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT); `changes` override fields."""
+        PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT, SYNC_LABEL_STUDIO); `changes` override fields."""
         fields = {name: getattr(settings, setting) for name, setting in SETTINGS_FIELDS.items()}
         return cls(**{"project": str(project), **fields, **changes})
 

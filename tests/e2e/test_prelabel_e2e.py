@@ -69,6 +69,13 @@ class World:
             out.setdefault(p["task"], []).append(p)
         return out
 
+    def title(self) -> str:
+        (ml,) = self.ls.client.ml_backends(self.project)
+        return ml["title"]
+
+    def model_version(self) -> str:
+        return self.ls.client.project(self.project)["model_version"]
+
     def logs(self) -> str:
         return "\n".join(f"--- {n}\n{w.log_tail(30)}" for n, w in self.workers.items()) + f"\n--- backend\n{self.backend.log_tail(30)}"
 
@@ -133,6 +140,10 @@ def test_retrieve_predictions_over_budget_then_shared_killed_and_restarted_worke
     info = runs.info(run_id)
     assert info.project == str(world.project) and sorted(info.task_ids) == sorted(t["id"] for t in tasks)
     assert f"pre-label run {run_id}" in world.backend.log_tail(200) and answered_s < 60
+    # Label Studio shows none of the 503's body: the annotator reads the run in the ML backend's title
+    wait_for(lambda: "queued (waiting for a worker)" in world.title(), 20,
+             f"the queued notice in the title: {world.title()!r}\n{world.logs()}", interval=1)
+    assert world.title().startswith("clipseg · pre-label run of 301 tasks")
 
     world.worker("legacy-1", world.ls.legacy_token)
     world.worker("pat", world.ls.pat)
@@ -143,6 +154,8 @@ def test_retrieve_predictions_over_budget_then_shared_killed_and_restarted_worke
                 and 0 < (p.get("done") or 0) < p.get("total", 0)]
 
     killed = wait_for(legacy_mid_chunk, 240, f"worker legacy-1 in the middle of a chunk\n{world.logs()}", interval=0.02)
+    wait_for(lambda: "clipseg · pre-labelling: " in world.title(), 30, f"progress in the title: {world.title()!r}", interval=1)
+    assert " of 301 tasks done" in world.title()
     proc = world.workers["legacy-1"]
     os.killpg(proc.proc.pid, signal.SIGKILL)  # no clean-up at all: its lease just stops being renewed
     proc.proc.wait()
@@ -161,11 +174,23 @@ def test_retrieve_predictions_over_budget_then_shared_killed_and_restarted_worke
         assert {r["type"] for r in preds[0]["result"]} == {"brushlabels"}
     assert [f["task"] for f in summary["failed_tasks"]] == [missing]
     assert "missing.png" in summary["failed_tasks"][0]["error"], summary["failed_tasks"]
+    wait_for(lambda: "300 tasks pre-labelled at" in world.title(), 30, f"the end in the title: {world.title()!r}", interval=1)
+    assert world.title().endswith("; 1 without a prediction (missing or unreadable image)") and world.version in world.title()
+    (ml,) = c.ml_backends(world.project)
+    assert ml["state"] == "CO"  # still Connected: the notice never turns the backend into Error
     by_worker = {c["worker"] for c in summary["chunk_progress"].values()}
     assert "pat" in by_worker and by_worker & {"legacy-1", "legacy-2"}  # both tokens wrote, chunks were shared
     assert summary["chunk_progress"][killed[0]]["attempts"] >= 2  # the killed chunk was taken over
     print(f"\n[prelabel e2e] /predict answered in {answered_s:.1f} s; {N_TASKS} tasks; chunks by worker: "
           f"{ {i: c['worker'] for i, c in summary['chunk_progress'].items()} }")
+
+
+def test_label_studios_current_model_is_the_served_version_and_scores_show(world: World):
+    # connecting set it to the backend's title ("clipseg"); the backend set it to the version it serves
+    wait_for(lambda: world.model_version() == world.version, 30,
+             f"project model_version {world.model_version()!r} != {world.version}\n{world.logs()}", interval=0.5)
+    scored = [t for t in world.ls.client.tasks(world.project) if t.get("total_predictions")]
+    assert scored and all(t["predictions_score"] is not None for t in scored), scored[:2]  # the score column
 
 
 def test_promotion_refreshes_unannotated_tasks_only(world: World):
@@ -208,6 +233,11 @@ def test_promotion_refreshes_unannotated_tasks_only(world: World):
         else:
             assert [p["model_version"] for p in preds] == [version], (t["id"], preds)
     assert summary["replaced"] == len(tasks) - len(annotated)
+    # Label Studio's current model follows the promotion: the refreshed tasks' scores show, the old ones' do not
+    wait_for(lambda: world.model_version() == version, 30, f"model_version {world.model_version()!r} != {version}")
+    by_id = {t["id"]: t for t in c.tasks(world.project)}
+    assert all(by_id[t["id"]]["predictions_score"] is not None for t in tasks if t["id"] not in annotated)
+    assert all(by_id[t]["predictions_score"] is None for t in annotated)
     assert len(summary["failed_tasks"]) == 1  # the missing image, again
 
 
