@@ -92,3 +92,55 @@ def test_sigterm_stops_serve_within_10_s_and_the_running_fine_tune_is_run_again(
     job = Job.fetch(trigger.job_id, connection=redis_conn)
     assert job.get_status() == JobStatus.FINISHED and job.return_value() == 2
     assert redis_conn.get(lock_key(7)) is None
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_serve_with_its_embedded_redis_within_10_s_and_keeps_the_fine_tune(tiny_model_factory, tmp_path):
+    """The measured case of issue 26: Ctrl-C (SIGINT to serve's process group, as a terminal sends it) on the one-
+    machine serve (embedded Redis) with a fine-tune running took 25-30 s. Redis stops last, so the abandoned job is in
+    the append-only file as queued, and the next start runs it."""
+    import redis
+
+    from backend.cli.embedded_redis import EmbeddedRedis
+
+    tag, data = "ctrl-c", tmp_path / "data"
+    env = {k: v for k, v in _env(MODEL=str(tiny_model_factory("tiny-clipseg")), DATA_DIR=str(data)).items()
+           if k != "REDIS_URL"}
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port)],
+                            env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=proc, log_path=log)
+        conn = redis.Redis(unix_socket_path=str(data.resolve() / "redis" / "redis.sock"))
+        trigger = maybe_enqueue_finetune(conn, 8, "manual", job_func="tests.fixtures.jobs.slow_first_run",
+                                         job_kwargs={"tag": tag, "seconds": 120})
+        deadline = time.monotonic() + 60
+        while not (requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["ready"]
+                   and conn.get(f"runs:{tag}") == b"1"):
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert len(tree) >= 5, [p.cmdline()[:4] for p in tree]  # serve, redis-server, gunicorn, worker, scheduler
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        while not _gone(tree) and time.monotonic() - started < STOP_WITHIN_S + 5:
+            time.sleep(0.05)
+        took = time.monotonic() - started
+        print(f"Ctrl-C: serve and its {len(tree) - 1} descendants stopped {took:.2f} s after SIGINT")
+        assert _gone(tree) and took < STOP_WITHIN_S, f"after {took:.1f} s:\n{log.read_text()[-3000:]}"
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            p.kill()
+        proc.kill()
+        proc.wait(10)
+
+    with EmbeddedRedis(data / "redis") as server:  # what the next serve finds in the append-only file
+        conn = redis.Redis.from_url(server.url)
+        job = Job.fetch(trigger.job_id, connection=conn)
+        assert job.get_status() == JobStatus.QUEUED and job.meta["abandoned"] == 1 and job.retries_left == 2
+        assert conn.get(lock_key(8)) == trigger.job_id.encode()
+        worker = subprocess.run([sys.executable, "-m", "backend.cli", "worker", "--burst"],
+                                env={**env, "REDIS_URL": server.url}, cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        assert Job.fetch(trigger.job_id, connection=conn).return_value() == 2 and conn.get(lock_key(8)) is None
