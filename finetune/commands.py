@@ -45,9 +45,8 @@ def configure_worker(parser: argparse.ArgumentParser, settings) -> None:
 
 
 def run_worker(args: argparse.Namespace, settings) -> int:
-    from rq.worker import SimpleWorker, SpawnWorker
-
     from finetune.triggers import WORKER_QUEUES, WorkerHeartbeat
+    from finetune.worker import SimpleWorker, SpawnWorker
 
     from finetune.jobs import set_worker_context
 

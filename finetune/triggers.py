@@ -31,6 +31,8 @@ its own process (`clipseg scheduler`), or to drive from a thread with `run_perio
 would each enqueue checks; that is harmless because the check itself enqueues at most one fine-tune per project.
 
 Retries use `Retry(max=2, interval=[10, 60])`: the delayed retries need a worker started with `--with-scheduler`.
+A fine-tune abandoned at a worker's shutdown (`finetune.worker`: serve stopping) is no failure: it goes back to the
+front of its queue, keeps the lock and its retries, and the next worker runs it first.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from clipseg_model.atomic import pid_running
 from finetune.corrections import CorrectionStore
+from finetune.worker import JobAbandoned
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +354,10 @@ def release_on_success(job: Job, connection: Redis, result: Any, *args: Any, **k
 
 
 def release_on_failure(job: Job, connection: Redis, *exc_info: Any, **kwargs: Any) -> None:
-    """Failure callback: release the project's lock unless RQ is about to retry the job."""
+    """Failure callback: release the project's lock unless RQ is about to retry the job, or the job was abandoned at
+    a worker's shutdown (`finetune.worker`: it goes back to its queue and still holds the lock)."""
+    if exc_info and isinstance(exc_info[0], type) and issubclass(exc_info[0], JobAbandoned):
+        return
     if not job.should_retry:
         _release(job, connection)
 

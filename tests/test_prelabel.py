@@ -227,3 +227,31 @@ def test_jobs_queued_by_the_previous_release_still_run(redis_conn):
     SimpleWorker([queue], connection=redis_conn).work(burst=True)
     info = runs.info(run)
     assert info.spec is None and info.state == "failed" and "LABEL_STUDIO_URL is not set" in info.error, info
+
+
+def test_run_status_header_names_the_version_the_run_predicts_with(redis_url, redis_conn, monkeypatch, capsys):
+    """`clipseg prelabel --status`: the version a run predicts with, never "version -": the served one before any
+    chunk ran (and which that is now), the one its chunks were predicted with, or the one it is pinned to."""
+    from backend.cli import main
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    runs = PrelabelRuns(redis_conn)
+    spec = PrelabelSpec(project=21, model="CIDAS/clipseg-rd64-refined")
+    run, _ = queue_prelabel(redis_conn, spec, task_ids=[1, 2])
+
+    def header() -> str:
+        assert main(["prelabel", "--status", run]) == 0
+        return capsys.readouterr().out.splitlines()[0]
+
+    assert "version the project's served version (now base:CIDAS/clipseg-rd64-refined)" in header()
+    registry = VersionRegistry(redis_conn)
+    registry.record(VersionRecord("p21-v1", "/models/p21-v1", "base", status="candidate", project="21"))
+    registry.activate("p21-v1", project="21")
+    assert "version the project's served version (now p21-v1)" in header()
+    runs.plan(run, [[1], [2]])
+    runs.set_progress(run, 0, {"done": 1, "total": 1, "worker": "w", "attempts": 1, "version": "p21-v1"})
+    line = header()
+    assert ", version p21-v1 (" in line and "version -" not in line
+    assert runs.summary(run)["predicts_with"] == "p21-v1"
+    pinned, _ = queue_prelabel(redis_conn, spec.replace(project="22", version="p22-v3"), task_ids=[3])
+    assert runs.summary(pinned)["predicts_with"] == "p22-v3"

@@ -33,7 +33,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
         return
-    print(f"run {summary['run']}: project {summary['project']}, {summary['state']}, version {summary['version'] or '-'}"
+    print(f"run {summary['run']}: project {summary['project']}, {summary['state']}, version {summary['predicts_with']}"
           f" ({summary['reason']})")
     if summary["error"]:
         print(f"  error: {summary['error']}")

@@ -7,6 +7,13 @@ Self-healing: a `Supervisor` thread restarts the embedded redis-server, the work
 signal (prctl PR_SET_PDEATHSIG), so a SIGKILLed serve leaves no redis-server holding the append-only file. One
 serve per DATA_DIR: `DATA_DIR/serve.lock` (flock + PID) refuses a second one with one line; a dead owner's lock is
 taken over, and an orphaned redis-server of that owner is stopped first.
+
+Stopping (Ctrl-C or SIGTERM) takes under 10 s, nothing lost. The worker and the scheduler run in sessions of their
+own, so a Ctrl-C reaches serve alone, which stops them in order: as soon as gunicorn starts its shutdown they get
+SIGTERM (RQ's warm shutdown: an idle worker exits at once), while gunicorn gives its requests GRACEFUL_S; a worker
+still busy STOP_GRACE_S after that gets a second SIGTERM, which abandons its job: the job goes back to the front of
+its queue and the next worker runs it first (finetune.worker); whatever still runs STOP_KILL_S after the first
+signal is SIGKILLed (its job is then recovered from its heartbeat on the next start); Redis stops last.
 """
 from __future__ import annotations
 
@@ -32,6 +39,9 @@ from clipseg_model.errors import ClipsegError
 log = logging.getLogger("clipseg.serve")
 
 BACKOFF_START_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
+# Stopping: gunicorn's graceful timeout; after the first SIGTERM, when a busy worker's job is abandoned (second
+# SIGTERM) and when anything still running is killed. Redis stops after them (well under a second when healthy).
+GRACEFUL_S, STOP_GRACE_S, STOP_KILL_S = 4, 3.0, 7.0
 
 
 def configure(parser: argparse.ArgumentParser, settings) -> None:
@@ -110,7 +120,7 @@ def _stop_orphaned_redis(redis_dir: Path, parts_file: Path) -> None:
 class _Part:
     name: str
     start: Callable[[], subprocess.Popen]
-    stop: Callable[[subprocess.Popen], None]
+    stop: Callable[[subprocess.Popen], None] | None  # None: stopped by signals (stop_by_signal), before the others
     proc: subprocess.Popen | None = None
     state: str = "starting"
     started_at: float = 0.0
@@ -120,7 +130,7 @@ class _Part:
 
 
 class Supervisor:
-    """Starts child processes, restarts them when they die (with backoff), stops them in reverse order."""
+    """Starts child processes, restarts them when they die (with backoff), stops them (`begin_stop`, `stop`)."""
 
     def __init__(self, parts_file: Path, poll_s: float = 0.5) -> None:
         self.parts_file = parts_file
@@ -128,10 +138,14 @@ class Supervisor:
         self.parts: list[_Part] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._stopping_since: float | None = None
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
 
-    def add(self, name: str, start: Callable[[], subprocess.Popen], stop: Callable[[subprocess.Popen], None]) -> None:
-        """Start `name` now (raises if it cannot start the first time) and keep it running."""
+    def add(self, name: str, start: Callable[[], subprocess.Popen],
+            stop: Callable[[subprocess.Popen], None] | None = None) -> None:
+        """Start `name` now (raises if it cannot start the first time) and keep it running. `stop`: how to stop it,
+        after every part stopped by signals (the default: SIGTERM, a second SIGTERM, SIGKILL; `stop_by_signal`)."""
         part = _Part(name, start, stop)
         part.proc, part.state, part.started_at = start(), "up", time.monotonic()
         self.parts.append(part)
@@ -141,15 +155,30 @@ class Supervisor:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Restart nothing from now on and send SIGTERM to the parts stopped by signals; returns at once (once)."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
+        with self._lock:  # a restart under way finishes first, and its process is signalled too
+            if self._stopping_since is not None:
+                return
+            self._stopping_since = time.monotonic()
+            for part in self.parts:
+                if part.stop is None and part.proc is not None and part.proc.poll() is None:
+                    part.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Stop every part: those stopped by signals first (`stop_by_signal`), then the others in reverse order."""
+        self.begin_stop()
         with self._lock:
-            for part in reversed(self.parts):  # worker and scheduler before the Redis they use
-                if part.proc is not None and part.proc.poll() is None:
+            stop_by_signal([p.proc for p in self.parts if p.stop is None and p.proc is not None],
+                           self._stopping_since or time.monotonic())
+            for part in reversed(self.parts):  # the worker and scheduler are gone before the Redis they use
+                if part.stop is not None and part.proc is not None and part.proc.poll() is None:
                     part.stop(part.proc)
                 part.state = "stopped"
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
         self.parts_file.unlink(missing_ok=True)
 
     def _write(self) -> None:
@@ -169,6 +198,7 @@ class Supervisor:
                 changed = any([self._check(part) for part in self.parts])
                 if changed:
                     self._write()
+        self._stopped.wait()  # a child this thread restarted would get its parent-death signal now, not stopped
 
     def _check(self, part: _Part) -> bool:
         now = time.monotonic()
@@ -200,20 +230,38 @@ class Supervisor:
         return True
 
 
+def stop_by_signal(procs: list[subprocess.Popen], since: float, grace_s: float = STOP_GRACE_S,
+                   kill_s: float = STOP_KILL_S) -> None:
+    """Wait for `procs`, sent SIGTERM at `since` (time.monotonic()): a second SIGTERM at `since + grace_s` (an RQ
+    worker abandons its job), SIGKILL to what still runs at `since + kill_s`."""
+    second = False
+    while True:
+        alive = [p for p in procs if p.poll() is None]
+        if not alive:
+            return
+        elapsed = time.monotonic() - since
+        if elapsed >= kill_s:
+            for p in alive:
+                log.warning("pid %d did not stop within %.0f s; killing it", p.pid, kill_s)
+                try:  # with what it started (RQ's scheduler process, a work horse): a child leads its session
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    p.kill()
+                p.wait(5)
+            return
+        if elapsed >= grace_s and not second:
+            second = True
+            for p in alive:
+                p.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+
+
 def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "backend.cli", *args]
     log.info("starting %s", " ".join(args))
+    # A session of its own: a Ctrl-C reaches serve only, which stops its children in order (see the docstring).
     # SIGKILL when serve dies: a worker's job is found abandoned and retried from its heartbeat.
-    return subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent(signal.SIGKILL))
-
-
-def _stop_child(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
 
 
 def run(args: argparse.Namespace, settings) -> int:
@@ -226,6 +274,8 @@ def run(args: argparse.Namespace, settings) -> int:
     with_scheduler = embedded if args.scheduler is None else args.scheduler
     data_dir = Path(settings.data_dir).resolve()
     parts_file = data_dir / PARTS_FILE
+    # Until gunicorn installs its own handlers, a SIGTERM unwinds the ExitStack below like a Ctrl-C does.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     with ExitStack() as stack:
         lock = ServeLock(data_dir).acquire()
         stack.callback(lock.release)
@@ -244,12 +294,16 @@ def run(args: argparse.Namespace, settings) -> int:
             settings = dataclasses.replace(settings, redis_url=server.url)
         env = {**os.environ, "REDIS_URL": settings.redis_url, "DATA_DIR": str(data_dir)}
         if with_worker:
-            supervisor.add("worker", lambda: _child(["worker"], env), _stop_child)
+            supervisor.add("worker", lambda: _child(["worker"], env))
         if with_scheduler:
-            supervisor.add("scheduler", lambda: _child(["scheduler"], env), _stop_child)
+            supervisor.add("scheduler", lambda: _child(["scheduler"], env))
         supervisor.start()
-        _run_gunicorn(args, settings)
+        _run_gunicorn(args, settings, on_stop=supervisor.begin_stop)
     return 0
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _log_replay_source(settings) -> None:
@@ -264,8 +318,15 @@ def _log_replay_source(settings) -> None:
     log.info("fine-tunes will replay %s%s", source.describe(), "" if source.kind in ("refcoco", "fetched") else f"; {GET_REFCOCO}")
 
 
-def _run_gunicorn(args: argparse.Namespace, settings) -> None:
+def _run_gunicorn(args: argparse.Namespace, settings, on_stop: Callable[[], None]) -> None:
+    """gunicorn's arbiter in this process; `on_stop` runs when it starts stopping (any signal, or an error)."""
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+
+    class _Arbiter(Arbiter):
+        def stop(self, graceful=True):
+            on_stop()  # the worker and the scheduler stop while gunicorn drains its requests
+            super().stop(graceful)
 
     class _App(BaseApplication):
         def load_config(self):
@@ -274,7 +335,7 @@ def _run_gunicorn(args: argparse.Namespace, settings) -> None:
             self.cfg.set("threads", args.threads)
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("timeout", args.timeout)
-            self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("graceful_timeout", GRACEFUL_S)
             self.cfg.set("accesslog", None)
             self.cfg.set("loglevel", "warning")
 
@@ -282,6 +343,13 @@ def _run_gunicorn(args: argparse.Namespace, settings) -> None:
             from backend.http.app import create_app
 
             return create_app(settings)
+
+        def run(self):  # BaseApplication.run, with the arbiter above
+            try:
+                _Arbiter(self).run()
+            except RuntimeError as e:
+                print(f"\nError: {e}\n", file=sys.stderr)
+                sys.exit(1)
 
     log.info("serving on http://%s:%d (model %s, Redis %s)", args.host, args.port, settings.model,
              "embedded" if "unix://" in settings.redis_url else "external")

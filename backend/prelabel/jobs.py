@@ -21,6 +21,7 @@ from backend.prelabel.spec import PrelabelSpec
 from backend.prelabel.worker import WorkerContext
 from backend.studio.run_notice import RunNotice, done_notice, failed_notice, progress_notice
 from finetune.triggers import PRELABEL_QUEUE
+from finetune.worker import JobAbandoned
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,10 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
                                            on_progress=progress)
                 try:
                     result = predictor.run(runs.chunk_tasks(run_id, index))
+                except JobAbandoned:  # the worker shuts down: this job is requeued, the chunk is free at once
+                    predictor.close()
+                    runs.release(run_id, index, token)
+                    raise
                 except Exception as exc:
                     predictor.close()
                     state = "failed" if attempts >= MAX_CHUNK_ATTEMPTS else "pending"

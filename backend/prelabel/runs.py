@@ -244,12 +244,30 @@ class PrelabelRuns:
         chunks = self.progress(run_id)
         totals = {k: sum(c.get(k, 0) for c in chunks.values()) for k in ("done", "written", "skipped", "replaced")}
         failed = [f for c in chunks.values() for f in c.get("failed_tasks", [])]
-        return {"run": run_id, "project": info.project, "state": info.state, "version": info.version, "spec": info.spec,
+        return {"run": run_id, "project": info.project, "state": info.state, "version": info.version,
+                "predicts_with": self.predicts_with(info, chunks), "spec": info.spec,
                 "reason": info.reason, "error": info.error, "tasks": info.tasks, "chunks": len(chunks),
                 "chunks_done": sum(c["state"] == "done" for c in chunks.values()), **totals,
                 "failed": len(failed), "failed_tasks": failed,
                 "chunk_progress": {i: {k: c.get(k) for k in ("state", "done", "total", "worker", "attempts")}
                                    for i, c in chunks.items()}}
+
+
+    def predicts_with(self, info: RunInfo, chunks: Mapping[int, Mapping[str, Any]]) -> str:
+        """The version `info`'s run predicts with, for its status: the one it is pinned to (a promotion's refresh),
+        else the versions its chunks were predicted with, else what it will use: the project's served version."""
+        from clipseg_model.checkpoint import base_version_name
+        from finetune.versions import VersionRegistry
+
+        if info.version:
+            return info.version
+        used = sorted({str(c["version"]) for c in chunks.values() if c.get("version")})
+        if used:
+            return ", ".join(used)
+        active = VersionRegistry(self.conn).active(info.project)
+        model = (info.spec or {}).get("model")
+        served = active[0] if active else base_version_name(model) if model else None
+        return f"the project's served version (now {served})" if served else "the project's served version"
 
 
 def plan_job_id(run_id: str) -> str:
