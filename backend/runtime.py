@@ -141,9 +141,13 @@ class BackendRuntime:
                 listening = any(PRELABEL_QUEUE in w.queue_names() for w in Worker.all(connection=self.redis))
             except Exception:  # noqa: BLE001 - Redis blip: say nothing about workers
                 listening = True
-            versions = {v for v in (segmenter_version, self.base_version) if v}
-            RunNotice(open_client(url, key, timeout=10.0), project, versions).show(
-                queued_notice(tasks, waiting_for_worker=not listening), final=True)
+            try:
+                notice = RunNotice.for_project(open_client(url, key, timeout=10.0), project, self.registry(),
+                                               segmenter_version, self.base_version)
+            except Exception as exc:  # noqa: BLE001 - Redis blip: the run is queued, only its notice is lost
+                log.warning("project %s: no notice of the queued run in Label Studio: %s", project, exc)
+                return
+            notice.show(queued_notice(tasks, waiting_for_worker=not listening), final=True)
 
         threading.Thread(target=announce, name="prelabel-notice", daemon=True).start()
 

@@ -153,6 +153,12 @@ class VersionRegistry:
             return records
         return [r for r in records if r.project in (str(project), None)]
 
+    def known_versions(self) -> set[str]:
+        """Every version recorded here and every parent one started from (e.g. the base model): the versions this
+        backend made or serves, whose predictions are ours."""
+        records = self.list()
+        return {r.version for r in records} | {r.parent for r in records if r.parent}
+
     def projects(self) -> list[str]:
         """Projects with recorded versions or an active pointer, sorted."""
         names = {r.project for r in self.list() if r.project} | set(self.pointers()[1])

@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
         except ModelNotReady as exc:
             return _error(str(exc), 503)
         if not budget.fits(len(tasks)) and settings.redis_url and project:
-            return _over_budget(tasks, project)
+            return _over_budget(tasks, project, segmenter.version)
         answers = runtime.predict_service.answer(segmenter, config, tasks, context, project)
         version = segmenter.version
         budget.observe(len(tasks), time.perf_counter() - started)
@@ -176,7 +176,7 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
                  sum(len(a.result) for a in answers), version, time.perf_counter() - started)
         return jsonify({"results": [a.to_json(version) for a in answers], "model_version": version})
 
-    def _over_budget(tasks: list, project: str):
+    def _over_budget(tasks: list, project: str, version: str | None):
         """Too many tasks to answer before Label Studio gives up: queue them as a pre-label run and say so at once."""
         from backend.prelabel import queue_prelabel
         from finetune.triggers import PRELABEL_QUEUE
@@ -191,7 +191,7 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
                    f"watch with `clipseg prelabel --status {run_id}` or `clipseg jobs`.")
         log.warning("%s", message)
         if created:  # Label Studio shows none of this body: say it in the ML backend's title too
-            runtime.announce_prelabel(project, len(ids), segmenter_version=runtime.project_model(project).version)
+            runtime.announce_prelabel(project, len(ids), segmenter_version=version)
         runtime.metrics.errors.labels("over_budget").inc()
         return jsonify({"status": "error", "error": message, "job_id": run_id, "tasks": len(ids),
                         "queue": PRELABEL_QUEUE}), 503

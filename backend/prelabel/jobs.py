@@ -21,6 +21,7 @@ from backend.prelabel.spec import PrelabelSpec
 from backend.prelabel.worker import WorkerContext
 from backend.studio.run_notice import RunNotice, done_notice, failed_notice, progress_notice
 from finetune.triggers import PRELABEL_QUEUE
+from finetune.versions import VersionRegistry
 from finetune.worker import JobAbandoned
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,15 @@ def plan_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
         task_ids = info.task_ids if info.task_ids is not None else list_task_ids(client, info.project, info.unlabeled_only)
     except PrelabelError as exc:
         runs.fail(run_id, str(exc))
-        if client is not None:
-            _notice(client, info.project, conn, recipe).show(failed_notice(str(exc)), final=True)
+        if client is not None and recipe.notify:
+            RunNotice.for_project(client, info.project, VersionRegistry(conn), recipe.version).show(
+                failed_notice(str(exc)), final=True)
         raise
     chunks = [task_ids[i:i + info.chunk_size] for i in range(0, len(task_ids), info.chunk_size)]
     runs.plan(run_id, chunks)
     if recipe.notify:
-        _notice(client, info.project, conn, recipe).show(progress_notice(0, len(task_ids), recipe.version), final=True)
+        RunNotice.for_project(client, info.project, VersionRegistry(conn), recipe.version).show(
+            progress_notice(0, len(task_ids), recipe.version), final=True)
     queue = Queue(PRELABEL_QUEUE, connection=conn)
     for i in range(len(chunks)):
         queue.enqueue(WORK_JOB, run_id, namespace=namespace, spec=recipe.to_dict(), job_id=work_job_id(run_id, i),
@@ -112,15 +115,6 @@ def plan_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
     log.info("pre-label run %s: project %s, %d tasks in %d chunks (%s)", run_id, info.project, len(task_ids),
              len(chunks), recipe.summary())
     return {"run": run_id, "project": info.project, "tasks": len(task_ids), "chunks": len(chunks)}
-
-
-def _notice(client, project: str, conn: Redis, recipe: PrelabelSpec, served: str | None = None) -> RunNotice:
-    """The run's notice in the ML backend's title; ours are the backends whose version is one of this backend's."""
-    from finetune.versions import VersionRegistry
-
-    records = VersionRegistry(conn).list()
-    versions = {r.version for r in records} | {r.parent for r in records if r.parent} | {recipe.version, served}
-    return RunNotice(client, project, {v for v in versions if v})
 
 
 def _tell(notice: RunNotice, runs: PrelabelRuns, run_id: str, version: str | None, final: bool = False) -> None:
@@ -143,9 +137,7 @@ def _follow(notice: RunNotice, version: str | None) -> None:
     if not version:
         return
     try:
-        outcome, before = set_model_version(notice.client, notice.project, version)
-        if outcome == "set":
-            log.info("project %s: Label Studio's model_version %r -> %s", notice.project, before, version)
+        set_model_version(notice.client, notice.project, version)
     except Exception as exc:  # noqa: BLE001 - the run is done either way
         log.warning("project %s: cannot set Label Studio's model_version to %s: %s", notice.project, version,
                     api_error_text(exc))
@@ -181,7 +173,6 @@ class _Lease:
 def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """RQ job: claim chunks of the run until none is left (waiting for others' leases to finish or run out)."""
     from backend.labelstudio.config import parse_label_config
-    from finetune.versions import VersionRegistry
 
     job, conn, context, runs, info = _job_start(run_id, namespace)
     if info is None or info.state in ("done", "failed"):
@@ -194,9 +185,10 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
     service = context.service(conn)
     # Versions this backend made or started from (a record's parent is the version it replaced, e.g. the base model):
     # only their predictions are ever replaced; predictions imported from elsewhere stay.
-    records = VersionRegistry(conn).list()
-    ours = {r.version for r in records} | {r.parent for r in records if r.parent}
-    notice = _notice(client, info.project, conn, recipe, segmenter.version) if recipe.notify else None
+    registry = VersionRegistry(conn)
+    ours = registry.known_versions()
+    notice = (RunNotice.for_project(client, info.project, registry, recipe.version, segmenter.version)
+              if recipe.notify else None)
     batch = BATCH_CUDA if str(segmenter.model.device).startswith("cuda") else BATCH_CPU
     token = f"{job.worker_name or 'inline'}:{job.id}:{uuid.uuid4().hex[:8]}"
     worked: list[dict[str, Any]] = []

@@ -69,7 +69,7 @@ class PrelabelSpec:
     @classmethod
     def from_settings(cls, settings: Settings, project: str | int, **changes: Any) -> "PrelabelSpec":
         """The spec the queuer's `settings` describe (MODEL, THRESHOLD, PROMPT_FIELD, LABEL_PROMPTS, POLYGONS,
-        PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT, SYNC_LABEL_STUDIO); `changes` override fields."""
+        PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT, SYNC_LABEL_STUDIO, PRECISION); `changes` override fields."""
         fields = {name: getattr(settings, setting) for name, setting in SETTINGS_FIELDS.items()}
         return cls(**{"project": str(project), **fields, **changes})
 

@@ -41,6 +41,7 @@ def set_model_version(client, project: str, version: str) -> tuple[str, str | No
     if current == version:
         return "unchanged", current
     api_json(client, "PATCH", f"api/projects/{int(project)}", {"model_version": version})
+    log.info("project %s: Label Studio's model_version %r -> %s (the served version)", project, current, version)
     return "set", current
 
 
@@ -129,11 +130,8 @@ class ModelVersionSync:
             state.outcome = "unchanged"
             return state
         try:
-            state.outcome, before = set_model_version(client, project, state.served)
+            state.outcome, _ = set_model_version(client, project, state.served)
             state.in_label_studio = state.served
-            if state.outcome == "set":
-                log.info("project %s: Label Studio's model_version %r -> %s (the served version)", project, before,
-                         state.served)
         except (ApiError, OSError, ValueError) as exc:
             state.outcome = f"error: {api_error_text(exc)[:200]}"
             if getattr(exc, "status_code", None) == 400:

@@ -44,6 +44,12 @@ class RunNotice:
         self._last_text = ""
         self._failed = False
 
+    @classmethod
+    def for_project(cls, client, project: str, registry, *also: str | None) -> "RunNotice":
+        """The notice of `project`'s run; ours are the backends whose version is one `registry` (a
+        `finetune.versions.VersionRegistry`) knows, or one of `also` (the version served or pinned)."""
+        return cls(client, project, registry.known_versions() | {v for v in also if v})
+
     def backends(self) -> list[dict]:
         """Our ML backend(s) of the project, read once (listing them makes Label Studio check each)."""
         from backend.studio.api import api_json
