@@ -204,7 +204,8 @@ class _Progress:
     def stage(self, name: str, progress: float, message: str = "", **extra: Any) -> None:
         log.info("fine-tune %s: %s %s", name, f"{progress:.0%}", message)
         if self.job is not None:
-            self.job.meta.update({"stage": name, "progress": progress, "message": message, "total_steps": self.total, **extra})
+            self.job.meta.update({"stage": name, "progress": progress, "message": message, "total_steps": self.total,
+                                  "stages": [*self.job.meta.get("stages", []), name], **extra})
             self.job.save_meta()
 
     def step(self, step: int, loss: float) -> None:

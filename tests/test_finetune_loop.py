@@ -201,6 +201,7 @@ def test_corrections_train_promote_hot_reload_review_and_rollback(redis_conn, re
         while worker.poll() is None:
             meta = job.get_meta(refresh=True)
             stages.add(meta.get("stage"))
+            stages.update(meta.get("stages", []))  # the stages it went through: one may last under a poll
             if meta.get("stage") == "training" and meta.get("step"):
                 assert meta["total_steps"] == 15 and 0.2 < meta["progress"] <= 0.8 and meta["loss"] > 0
                 assert meta["message"].startswith("step ")
@@ -208,6 +209,7 @@ def test_corrections_train_promote_hot_reload_review_and_rollback(redis_conn, re
             time.sleep(0.05)
         log = worker.stdout.read()
         assert worker.returncode == 0, log[-4000:]
+        stages.update(job.get_meta(refresh=True).get("stages", []))
         assert {"training", "evaluating"} <= stages, stages
         summary = job.latest_result().return_value
         assert summary["promoted"], summary
