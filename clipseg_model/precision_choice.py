@@ -82,12 +82,13 @@ def cache_key(model: SegmentationModel, mode: str, threshold: float, support: di
 
 
 def choose_precision(model: SegmentationModel, mode: str = "auto", cache_dir: str | os.PathLike | None = None,
-                     threshold: float = 0.5, options: Sequence[Candidate] | None = None) -> Choice:
+                     threshold: float = 0.5, options: Sequence[Candidate] | None = None, name: str = "") -> Choice:
     """The precision to serve `model` with under PRECISION=`mode` (auto, fp32, bf16, int8).
 
     fp32 and bf16 are taken as set; auto and int8 measure their candidates (int8: with the decoder in fp32 or bf16)
     on the probe, or read the choice cached under `cache_dir` for this machine and model. `options` replaces the
-    candidates (tests inject a bad one)."""
+    candidates (tests inject a bad one). `name` (MODEL as configured) is recorded with a cached choice, so that
+    `cached_choices` can say which model it is for."""
     if mode not in MODES:
         raise ValueError(f"PRECISION must be one of {', '.join(MODES)}, not {mode!r}")
     if model.device.type == "cuda":
@@ -106,21 +107,35 @@ def choose_precision(model: SegmentationModel, mode: str = "auto", cache_dir: st
     found, skipped = candidates(model, mode, support) if options is None else (list(options), [])
     started = time.perf_counter()
     measured = measure(model, found, threshold)
-    name, reason = pick(measured)
-    if mode == "int8" and name == "fp32":
+    picked, reason = pick(measured)
+    if mode == "int8" and picked == "fp32":
         reason = "PRECISION=int8 but " + reason
     if skipped:
         reason += "; skipped " + "; ".join(skipped)
-    choice = Choice(PRECISIONS[name], reason, measured, support)
-    log.info("precision %s (measured in %.1f s): %s", name, time.perf_counter() - started, reason)
+    choice = Choice(PRECISIONS[picked], reason, measured, support)
+    log.info("precision %s (measured in %.1f s): %s", picked, time.perf_counter() - started, reason)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"precision": name, "reason": reason, "measured": measured, "cpu": support,
+        tmp.write_text(json.dumps({"precision": picked, "reason": reason, "measured": measured, "cpu": support,
+                                   "model": name, "mode": mode,
                                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
         os.replace(tmp, path)
     return choice
 
 
+def cached_choices(cache_dir: str | os.PathLike) -> list[dict[str, object]]:
+    """The choices measured and cached under `cache_dir`, newest first: dicts with precision, reason, model, mode,
+    at (UTC) and file; [] when there is none. Unreadable entries are skipped (`choose_precision` measures again)."""
+    out = []
+    for path in Path(cache_dir).glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+            out.append({"precision": data["precision"], "reason": data["reason"], "model": data.get("model", ""),
+                        "mode": data.get("mode", ""), "at": data.get("at", ""), "file": str(path)})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(out, key=lambda c: str(c["at"]), reverse=True)
 
-__all__ = ["MIN_GAIN", "MIN_IOU", "cache_key", "candidates", "choose_precision", "measure"]
+
+__all__ = ["MIN_GAIN", "MIN_IOU", "cache_key", "cached_choices", "candidates", "choose_precision", "measure"]

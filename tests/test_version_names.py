@@ -43,8 +43,19 @@ def test_health_setup_metrics_and_status_name_the_base_model_alike(tiny_model_fa
         assert active and all(f'version="{served}"' in line for line in active), active
     finally:
         runtime.stop()
+    env = {"REDIS_URL": redis_url, "MODEL": model, "DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     status = subprocess.run([sys.executable, "-m", "backend.cli", "status", "--json"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60, env={"REDIS_URL": redis_url, "MODEL": model, "PATH": "/usr/bin:/bin"})
+                            text=True, timeout=60, env=env)
     assert status.returncode == 0, status.stderr
     body = json.loads(status.stdout)
     assert body["active_version"] == served, body
+    # ... and the precision the server chose under PRECISION=auto, with its reason (issue 29), as /health says it.
+    chosen = runtime.model.choice
+    assert body["precision"]["mode"] == "auto" and body["precision"]["model"] == model, body["precision"]
+    assert (body["precision"]["precision"], body["precision"]["reason"]) == (chosen.precision.name, chosen.reason)
+    text = subprocess.run([sys.executable, "-m", "backend.cli", "status"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env).stdout
+    assert f"precision {chosen.precision.name} under PRECISION=auto: {chosen.reason}" in text, text
+    fresh = subprocess.run([sys.executable, "-m", "backend.cli", "status", "--json"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60, env={**env, "DATA_DIR": str(tmp_path / "elsewhere")})
+    assert json.loads(fresh.stdout)["precision"]["precision"] is None  # nothing measured there: not made up

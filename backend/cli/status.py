@@ -20,6 +20,28 @@ def spool_state(data_dir: str | Path, limit: int = 20) -> dict:
             "quarantined": len(set_aside[QUARANTINE]), "set_aside": items[:limit]}
 
 
+def precision_state(settings) -> dict:
+    """What PRECISION gives MODEL on this machine: set (fp32/bf16), or the choice `clipseg serve` measured and cached
+    under DATA_DIR/precision (auto/int8; None until a server has loaded MODEL once)."""
+    from clipseg_model.precision_choice import cached_choices
+
+    mode = settings.precision_mode
+    if mode in ("fp32", "bf16"):
+        return {"mode": mode, "precision": mode, "reason": f"PRECISION={mode}", "at": None}
+    cache = Path(settings.data_dir) / "precision"
+    mine = [c for c in cached_choices(cache) if c["mode"] == mode and c["model"] == settings.model]
+    if not mine:
+        return {"mode": mode, "precision": None, "at": None,
+                "reason": f"not measured yet for {settings.model} (a server measures it when it loads the model; "
+                          f"cache {cache})"}
+    return {"mode": mode, **mine[0]}
+
+
+def _precision_line(state: dict) -> str:
+    when = f" (measured {state['at']})" if state.get("at") else ""
+    return f"precision {state['precision'] or '-'} under PRECISION={state['mode']}: {state['reason']}{when}"
+
+
 def _lines(state: dict) -> list[str]:
     lines = [f"spool     {state['pending']} pending, {state['rejected']} rejected, {state['quarantined']} quarantined "
              f"({state['dir']})"]
@@ -31,7 +53,9 @@ def _lines(state: dict) -> list[str]:
 
 def run_status(args: argparse.Namespace, settings) -> int:
     state = spool_state(settings.data_dir)
-    return _queue_status(args, settings, extra={"spool": state}, extra_lines=_lines(state))
+    precision = precision_state(settings)
+    return _queue_status(args, settings, extra={"spool": state, "precision": precision},
+                         extra_lines=[_precision_line(precision), *_lines(state)])
 
 
 def configure_spool(parser: argparse.ArgumentParser, settings) -> None:

@@ -156,7 +156,7 @@ class ServingModel:
         """A segmenter over `model` in the precision chosen for MODEL's backbone (chosen here when it is MODEL)."""
         if self.choice is None:
             self.choice = choose_precision(model, self.precision_mode, self.precision_cache,
-                                           0.5 if self.threshold is None else self.threshold)
+                                           0.5 if self.threshold is None else self.threshold, name=self.base_model)
             log.info("precision %s: %s", self.choice.precision.name, self.choice.reason)
         model = apply_precision(model, self.choice.precision)
         return Segmenter(model, threshold=self.threshold, precision=self.choice.precision,
