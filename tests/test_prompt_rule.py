@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from backend.http.app import create_app
+from backend.labelstudio.webhooks import reprompt
 from backend.settings import Settings
 from finetune.corrections import CorrectionStore
 from tests.fixtures.webhooks import annotation_event, brush_region, textarea_region
@@ -150,5 +151,46 @@ def test_webhook_of_a_project_never_set_up_uses_the_payloads_config(model_dir, t
         (sample,) = store.samples("8")
         assert sample.prompt == "the cat in the box"
         assert sample.load_image() == base64.b64decode(image.split(",", 1)[1])
+    finally:
+        runtime.stop()
+
+
+def test_an_accepted_suggestion_keeps_the_phrase_it_was_made_for(model_dir, tmp_path, redis_url, redis_conn):
+    """Rule step 1b (issue 26): the annotator types "the sleeping cat", accepts the suggestion, then types "the dog"
+    for another region and paints it. The TextArea's newest line is "the dog" now; the accepted region is still
+    stored as "the sleeping cat" (its result item's `meta`, which Label Studio's editor keeps), the painted one as
+    "the dog" — and a suggestion relabelled by the annotator is about something else: it takes the typed line."""
+    config = view(IMAGE, CAT_DOG, '<TextArea name="prompt" toName="image" editable="true"/>')
+    app = create_app(Settings(model=str(model_dir), data_dir=tmp_path, redis_url=redis_url, finetune_every=1000,
+                              precision="fp32"))
+    runtime = app.extensions["clipseg_runtime"]
+    client = app.test_client()
+    try:
+        assert runtime.model.wait_ready(60)
+        image, mask = jpeg_uri(seed=5)
+        task = {"id": 22, "data": {"image": image}}
+        body = client.post("/predict", json={"tasks": [task], "project": "9.1700000000", "label_config": config,
+                                             "params": {"context": typed("the sleeping cat", label="cat")}}).get_json()
+        (suggestion,) = [r for r in body["results"][0]["result"] if r["type"] == "brushlabels"]
+        assert suggestion["meta"] == {"prompt": "the sleeping cat", "prompt_label": "cat"}
+
+        painted = brush_region(~mask, "dog", "r2")
+        relabelled = {**suggestion, "id": "r3", "value": {**suggestion["value"], "brushlabels": ["dog"]}}
+        typed_now = textarea_region("the sleeping cat", "t9", 56, 40)
+        typed_now["value"]["text"] = ["the sleeping cat", "the dog"]
+        painted["original_width"], painted["original_height"] = 56, 40
+        event = annotation_event([suggestion, painted, relabelled, typed_now], project_id=9, task_id=22,
+                                 annotation_id=32, data=task["data"])
+        event["project"]["label_config"] = config
+        assert client.post("/webhook", json=event).status_code == 201
+        runtime.inbox.drain_once()
+        store = CorrectionStore(redis_conn)
+        wait_for(lambda: store.count("9") == 1)
+        (stored,) = store.annotations("9")
+        by_key = {r["key"]: (r["prompt"], r["source"]) for r in stored.regions}
+        assert by_key == {suggestion["id"]: ("the sleeping cat", "suggestion"), "r2": ("the dog", "typed"),
+                          "r3": ("the dog", "typed")}
+        # Re-resolving after a settings change (`clipseg corrections --reprompt`) keeps the rule: meta is stored.
+        assert reprompt(stored.context, list(by_key), None) == list(by_key.values())
     finally:
         runtime.stop()

@@ -3,6 +3,10 @@
 A phrase comes from the first of these that gives one:
 1. text typed for the region itself: a per-region TextArea result item with the region's id (corrections only:
    at /predict time the region does not exist yet);
+1b. the phrase the region was predicted for, when it is a suggestion or prediction of ours the annotator accepted
+   (corrections only): every result item /predict writes carries it in `meta` (`origin_meta`), Label Studio's
+   editor keeps a result item's `meta` when the item becomes part of an annotation, and it counts while the region
+   keeps the label it was predicted with (a relabelled region is about something else);
 2. text typed in a TextArea of the config, for the whole task: /predict's `params.context.result` textarea items,
    or the annotation's textarea items not bound to a region;
 3. a task data field: `PROMPT_FIELD` when set, else the first `$field` the config shows with Text/Header/...;
@@ -21,7 +25,8 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from backend.labelstudio.config import LabelConfig, LabelControl
 
-PromptSource = Literal["region_text", "typed", "field", "label"]
+PromptSource = Literal["region_text", "suggestion", "typed", "field", "label"]
+_ORIGIN_PROMPT, _ORIGIN_LABEL = "prompt", "prompt_label"  # keys of a result item's `meta` (rule step 1b)
 
 # Context region types that carry a selected label in `value[<type>]`.
 _LABEL_RESULT_TYPES = ("brushlabels", "polygonlabels", "labels", "rectanglelabels", "keypointlabels", "ellipselabels")
@@ -76,6 +81,12 @@ def predict_prompts(config: LabelConfig, task: Mapping[str, Any],
             for control in config.controls for label in control.labels]
 
 
+def origin_meta(request: PromptRequest) -> dict[str, str]:
+    """The `meta` of a result item /predict makes for `request`: the phrase and label it was predicted for (rule
+    step 1b), e.g. `{"prompt": "the red circle", "prompt_label": "circle"}`."""
+    return {_ORIGIN_PROMPT: request.text, _ORIGIN_LABEL: request.label}
+
+
 # ---- stored corrections ----------------------------------------------------------------------------------------
 
 
@@ -96,6 +107,9 @@ def region_prompt(config: LabelConfig | None, task: Mapping[str, Any], result: S
     if text:
         return text, "region_text"
     label = _region_label(region)
+    origin = _origin(region, label)
+    if origin:
+        return origin, "suggestion"
     whole = [r for r in result if r.get("type") == "textarea" and r.get("id") not in shape_ids]
     if config is None:  # no config known: the same rule over a config with no controls, TextAreas or `$field`s
         config = LabelConfig(image_name="", image_key="", controls=(), all_controls=(), output="brush",
@@ -112,6 +126,15 @@ def region_prompt(config: LabelConfig | None, task: Mapping[str, Any], result: S
         mapped = config.label_prompts.get(label, "").strip()
         return mapped or label, "label"
     return label_phrase(config, control, label), "label"
+
+
+def _origin(region: Mapping[str, Any], label: str | None) -> str | None:
+    """Rule step 1b: the phrase in the region's `meta` while the region has the label it was predicted with."""
+    meta = region.get("meta")
+    if not isinstance(meta, Mapping) or label is None or meta.get(_ORIGIN_LABEL) != label:
+        return None
+    text = meta.get(_ORIGIN_PROMPT)
+    return text.strip() if isinstance(text, str) and text.strip() else None
 
 
 def _text_for_label(config: LabelConfig, texts: Sequence[str], label: str | None) -> str:

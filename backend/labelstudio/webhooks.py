@@ -149,7 +149,8 @@ def prompt_context(event: AnnotationEvent, config: LabelConfig | None) -> dict[s
     texts = [{"id": r.get("id"), "from_name": r.get("from_name"), "type": "textarea", "value": {"text": (r.get("value") or {}).get("text")}}
              for r in event.result if r.get("type") == "textarea"]
     shapes = [{"id": r.get("id"), "from_name": r.get("from_name"), "type": r.get("type"),
-               "value": {r.get("type"): (r.get("value") or {}).get(r.get("type"))}}
+               "value": {r.get("type"): (r.get("value") or {}).get(r.get("type"))},
+               **({"meta": r["meta"]} if isinstance(r.get("meta"), Mapping) else {})}
               for r in event.result if r.get("type") in SHAPE_TYPES]
     return {"task": {"id": event.task_id, "data": kept}, "result": texts + shapes}
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 from backend.images import FetchedImage, ImageFetchError, ImageFetcher
 from backend.labelstudio.config import LabelConfig
 from backend.labelstudio.image_refs import task_image_ref
-from backend.labelstudio.prompts import PromptRequest, predict_prompts
+from backend.labelstudio.prompts import PromptRequest, origin_meta, predict_prompts
 from backend.labelstudio.protocol import prediction_json
 from backend.metrics import BackendMetrics
 from backend.labelstudio.results import mask_to_results
@@ -119,6 +119,7 @@ class PredictService:
         for (request, pred), region in zip(pairs, regions):
             for item in region:
                 item["original_width"], item["original_height"] = image.width, image.height
+                item["meta"] = origin_meta(request)
             items.extend(region)
             scores.append(pred.score)
         self.metrics.regions.inc(len(items))
