@@ -113,16 +113,34 @@ def prelabel_through_label_studio(model_dir: Path, folder: Path, n: int, redis_u
             settings = Settings.from_env()
             spec = PrelabelSpec.from_settings(settings, project, chunk_size=chunk)
             WorkerContext.install(settings).segmenter(conn, spec)  # a worker keeps its model between jobs: load it first
+            ls_cpu = label_studio_cpu_seconds(ls)
             t0 = time.perf_counter()
             run_id, _ = queue_prelabel(conn, spec)
             SimpleWorker([Queue(PRELABEL_QUEUE, connection=conn)], connection=conn).work(burst=True)
             elapsed = time.perf_counter() - t0
+            ls_cpu = label_studio_cpu_seconds(ls) - ls_cpu
             summary = PrelabelRuns(conn, "clipseg").summary(run_id)
             stored = ls.client.predictions(project)
             assert summary["state"] == "done" and summary["written"] == n == len(stored), (summary, len(stored))
-            out[precision] = (n / elapsed, summary)
+            payload = sum(len(json.dumps(p.get("result"))) for p in stored) / n
+            out[precision] = (n / elapsed, {**summary, "seconds": elapsed, "label_studio_cpu_s": ls_cpu,
+                                            "result_bytes_per_task": payload})
     conn.flushdb()
     return out
+
+
+def label_studio_cpu_seconds(ls) -> float:
+    """CPU seconds (user + system) Label Studio's server processes have used so far: on a machine that runs both,
+    what it spends importing predictions is taken from inference."""
+    import psutil
+
+    root = psutil.Process(ls.process.proc.pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         report[p] = {"precision": before[p][1], "predictor_images_per_s": round(alone, 2),
                      "predictor_before_after": [round(before[p][0], 2), round(after[p][0], 2)],
                      "prelabel_images_per_s": round(through, 2), "ratio_to_predictor": round(through / alone, 3),
-                     "written": summary["written"], "chunks": summary["chunks"]}
+                     "written": summary["written"], "chunks": summary["chunks"],
+                     # Label Studio's share of the machine during the run (it runs on the same cores here).
+                     "label_studio_cpu_share": round(summary["label_studio_cpu_s"] / (summary["seconds"] * (os.cpu_count() or 1)), 3),
+                     "result_kb_per_task": round(summary["result_bytes_per_task"] / 1024, 1)}
     speedup = runs["auto"][0] / runs["fp32"][0]
     report["auto_over_fp32"] = {"prelabel_speedup": round(speedup, 3), "target": 1.8}
     checks = {"auto >= 1.8x fp32 (pre-label images/s)": speedup >= 1.8,
