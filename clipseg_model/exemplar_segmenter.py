@@ -11,6 +11,7 @@ from PIL import Image
 
 from clipseg_model.caches import LRUCache
 from clipseg_model.predictor import MaskPrediction, Segmenter
+from clipseg_model.segmenter_base import TrainableState
 from clipseg_model.visual_prompt import encode_visual, engineer_prompt, mix, prompt_key
 
 
@@ -45,18 +46,19 @@ class ExemplarSegmenter:
         return row
 
     def predict(self, image: Image.Image, examples: Sequence[tuple[Image.Image, np.ndarray]],
-                text: str | None = None, visual_weight: float = 1.0, name: str = "exemplar") -> MaskPrediction:
+                text: str | None = None, visual_weight: float = 1.0, name: str = "exemplar",
+                state: TrainableState | None = None) -> MaskPrediction:
         """Mask of `image` for the concept shown by `examples` (k-shot: their embeddings are averaged), mixed with
-        the phrase `text` when given ((1 - w) * text + w * visual). The MaskPrediction's probability and mask are (H, W)."""
+        the phrase `text` when given ((1 - w) * text + w * visual), decoded with `state`'s trainable part (None:
+        the model's own). The MaskPrediction's probability and mask are (H, W)."""
         if not examples:
             raise ValueError("at least one example is needed")
         seg, model = self.segmenter, self.segmenter.model
-        visual = torch.stack([self.embed(im, m) for im, m in examples])  # (V, D)
-        text_row = seg._text_embeddings([text])[0] if text else None
         if getattr(model.config, "word_attention", False):
             raise NotImplementedError("visual prompts with word_attention models are not supported yet")
-        condition = mix(text_row, visual, visual_weight if text else 1.0).to(model.device)  # (1, D)
-        with torch.no_grad():
-            features = seg._image_features([image])
-            logits = model.decode(features, condition.to(dtype=next(model.parameters()).dtype)).float()
-        return seg._postprocess([text or name], logits, image.size, seg.threshold_for())[0]
+        with seg._lock:  # the embedding passes and the decode see one state of the model
+            seg._use_state(state)
+            visual = torch.stack([self.embed(im, m) for im, m in examples])  # (V, D)
+            text_row = seg._text_embeddings([text])[0] if text else None
+        condition = mix(text_row, visual, visual_weight if text else 1.0)  # (1, D)
+        return seg.predict_condition(image, condition, text or name, state)

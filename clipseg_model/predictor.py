@@ -271,6 +271,21 @@ class Segmenter:
         """One image, P phrases → P predictions (an empty list for no phrases)."""
         return self.predict_batch([image], [list(prompts)], state)[0]
 
+    @torch.inference_mode()
+    def predict_condition(self, image: Image.Image, condition: torch.Tensor, name: str,
+                          state: TrainableState | None = None) -> MaskPrediction:
+        """One image decoded for a conditioning embedding (1, D) that is not a phrase (a visual prompt, or a mix of
+        one with a phrase), with `state`'s trainable part, under the lock a phrase's pass takes; the image's
+        features come from the feature cache. `name` labels the prediction."""
+        shown = to_display_rgb(image)
+        with self._lock:
+            self._use_state(state)
+            features = self._image_features([shown])
+            dtype = next(self.model.parameters()).dtype
+            with self._autocast("decoder"):
+                logits = self.model.decode(features, condition.to(self.model.device, dtype=dtype)).float()
+        return self._postprocess([name], logits, shown.size, self.threshold_for(state))[0]
+
     def threshold_for(self, state: TrainableState | None = None) -> float:
         """The mask threshold of a prediction: the one this segmenter was given (THRESHOLD), else the calibrated one
         of the version predicting (`state`, or the backbone's own version), else 0.5."""

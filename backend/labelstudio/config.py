@@ -62,6 +62,7 @@ class LabelConfig:
     text_fields: tuple[str, ...] = ()  # data keys referenced by Text/Header/... tags, config order
     prompt_field: str = ""
     label_prompts: Mapping[str, str] = field(default_factory=dict, compare=False)
+    similar_tools: tuple[str, ...] = ()  # from_names of smart controls marked similar="true": "more like this"
 
     @property
     def textarea(self) -> str | None:
@@ -141,6 +142,10 @@ def parse_label_config(
     chosen = tuple(c for c in controls if c.kind == output)
 
     textareas = tuple(c.name for c in interface.controls if c.tag == "TextArea")
+    # A visual-prompt tool (a smart RectangleLabels/KeyPointLabels/BrushLabels) marked similar="true" asks for
+    # every object like the example, not only the one it marks (Label Studio keeps unknown attributes).
+    similar_tools = tuple(c.name for c in interface.controls
+                          if str((getattr(c, "attr", None) or {}).get("similar", "")).lower() in ("true", "1", "yes"))
     text_fields = _text_fields(config, exclude={image.value_name})
     logger.debug(
         "label config: image=%s key=%s output=%s controls=%s textareas=%s text_fields=%s",
@@ -156,6 +161,7 @@ def parse_label_config(
         text_fields=text_fields,
         prompt_field=prompt_field,
         label_prompts=dict(label_prompts or {}),
+        similar_tools=similar_tools,
     )
 
 

@@ -20,12 +20,14 @@ CONTEXT_TYPES = ("rectanglelabels", "keypointlabels", "brushlabels")
 
 @dataclass(frozen=True)
 class ContextRegion:
-    """One region of the context: its type, label (or None), positive flag and (H, W) bool mask."""
+    """One region of the context: its type, label (or None), positive flag, (H, W) bool mask and the smart
+    control it was drawn with (`from_name`)."""
 
     kind: str
     label: str | None
     positive: bool
     mask: np.ndarray
+    from_name: str | None = None
 
 
 def _percent_box(value: Mapping[str, Any], width: int, height: int) -> tuple[int, int, int, int]:
@@ -74,5 +76,6 @@ def context_regions(context: Mapping[str, Any] | None, width: int, height: int, 
                 ys, xs = np.ogrid[:height, :width]
                 mask = (xs + 0.5 - cx) ** 2 + (ys + 0.5 - cy) ** 2 <= r * r
         if mask.any():
-            out.append(ContextRegion(kind, label, positive, mask))
+            from_name = item.get("from_name")
+            out.append(ContextRegion(kind, label, positive, mask, from_name if isinstance(from_name, str) else None))
     return out

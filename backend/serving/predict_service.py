@@ -8,15 +8,17 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from backend.images import FetchedImage, ImageFetchError, ImageFetcher
 from backend.labelstudio.config import LabelConfig
 from backend.labelstudio.image_refs import task_image_ref
-from backend.labelstudio.prompts import PromptRequest, origin_meta, predict_prompts
+from backend.labelstudio.interactive import ContextRegion, context_regions
+from backend.labelstudio.prompts import PromptRequest, label_for_text, label_phrase, origin_meta, predict_prompts
 from backend.labelstudio.protocol import prediction_json
 from backend.metrics import BackendMetrics
+from backend.serving.visual_prompts import VisualPrompts
 from backend.labelstudio.results import mask_to_results
 from clipseg_model.predictor import MaskPrediction, Segmenter
 
@@ -45,6 +47,7 @@ class PredictService:
         self.metrics = metrics
         self.polygon_tolerance = polygon_tolerance
         self.on_prediction = on_prediction
+        self.visual_prompts = VisualPrompts()
         self._pool = ThreadPoolExecutor(download_threads, thread_name_prefix="image-fetch")
         # Regions are encoded (brush RLE / polygons) in parallel: numpy releases the GIL for most of the work, and a
         # 4-region answer of noisy 640x480 masks takes 27 instead of 36 ms on 2 cores.
@@ -88,10 +91,21 @@ class PredictService:
                     continue
                 prompts = [p for p in predict_prompts(config, tasks[i], context) if p.text.strip()]
                 ok.append((i, item, prompts))
-            if not ok:
-                continue
-            results = segmenter.predict_batch([f.image for _, f, _ in ok], [[p.text for p in ps] for _, _, ps in ok])
-            for (i, image, prompts), preds in zip(ok, results):
+            # Example regions drawn with a smart tool make it a visual prompt (interactive requests: one task).
+            regions_of = {i: context_regions(context, image.width, image.height) for i, image, _ in ok} if context else {}
+            visual = {i: regions for i, regions in regions_of.items() if any(r.positive for r in regions)}
+            batched = [(i, image, prompts) for i, image, prompts in ok if i not in visual]
+            results = segmenter.predict_batch([f.image for _, f, _ in batched],
+                                              [[p.text for p in ps] for _, _, ps in batched]) if batched else []
+            for i, image, prompts in ok:
+                if i in visual:
+                    try:
+                        prompts, preds = self._visual(segmenter, config, image, visual[i], prompts)
+                    except NotImplementedError as exc:  # a model that cannot take visual prompts: its text answer
+                        log.warning("task %s: visual prompt ignored: %s", tasks[i].get("id"), exc)
+                        preds = segmenter.predict_batch([image.image], [[p.text for p in prompts]])[0]
+                else:
+                    preds = results.pop(0)
                 answers[i] = self._to_answer(image, prompts, preds, config)
                 self.metrics.tasks.labels("ok").inc()
                 if self.on_prediction is not None and prompts:
@@ -100,6 +114,19 @@ class PredictService:
                     except Exception as exc:  # noqa: BLE001 - the review signal is best effort
                         log.warning("could not record the prediction of task %s: %s", tasks[i].get("id"), exc)
         return [a if a is not None else TaskAnswer([], 0.0) for a in answers]
+
+    def _visual(self, segmenter: Segmenter, config: LabelConfig, image: FetchedImage, regions: Sequence[ContextRegion],
+                prompts: Sequence[PromptRequest]) -> tuple[list[PromptRequest], list[MaskPrediction]]:
+        """The answer to a visual prompt (`backend.serving.visual_prompts`): one region, labelled with the example's
+        label (else as the phrase would be), for the typed phrase mixed in when there is one. The request's phrase
+        (the typed one, else the label's) is what a correction of this region is trained with."""
+        typed = next((p.text for p in prompts if p.source == "typed"), None)
+        example = next(r for r in regions if r.positive)
+        control, label = label_for_text(config, example.label or (typed or ""))
+        similar = any(r.from_name in config.similar_tools for r in regions if r.positive)
+        pred = self.visual_prompts.predict(segmenter, image.image, regions, typed, similar)
+        text = typed or label_phrase(config, control, label)
+        return [PromptRequest(text, label, control, "typed" if typed else "label")], [replace(pred, prompt=text)]
 
     def _to_answer(self, image: FetchedImage, prompts: Sequence[PromptRequest], preds: Sequence[MaskPrediction],
                    config: LabelConfig) -> TaskAnswer:
