@@ -51,7 +51,11 @@ log = logging.getLogger(__name__)
 LABEL_CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<BrushLabels name="tag" toName="image"><Label value="circle"/><Label value="square"/></BrushLabels>'
-    '<TextArea name="prompt" toName="image" editable="true" perRegion="false" showSubmitButton="true"/></View>'
+    '<TextArea name="prompt" toName="image" editable="true" perRegion="false" showSubmitButton="true"/>'
+    # Visual prompts (issue 28): a smart box answers the object in it; the similar="true" tool everything like it.
+    '<RectangleLabels name="box" toName="image" smart="true"><Label value="circle"/></RectangleLabels>'
+    '<KeyPointLabels name="like_this" toName="image" smart="true" similar="true"><Label value="square"/></KeyPointLabels>'
+    '</View>'
 )
 LABELS = {"circle", "square"}
 MISSING_IMAGE = "/data/upload/999/missing.png"
@@ -316,6 +320,26 @@ def test_typed_prompt_answers_one_brush_region(stack: Stack, predictions):
     assert mask.shape == (64, 96) and mask.any()
     # Interactive answers are not stored as predictions.
     assert len(stack.client.predictions(task=task["id"])) == len(predictions["upload"])
+
+
+def test_a_smart_box_or_click_answers_a_mask_from_the_example(stack: Stack, predictions):
+    """Interactive annotating with a region instead of words (issue 28): Label Studio forwards the smart tool's
+    region as params.context; a box answers one brush region inside the box, labelled like the box; a click with
+    the similar="true" tool answers a region labelled like it, which may reach past the click's object."""
+    task = stack.tasks["upload"]  # 96 x 64
+    box = {"id": "b1", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": 96,
+           "original_height": 64, "value": {"x": 0, "y": 0, "width": 50, "height": 50, "rectanglelabels": ["circle"]}}
+    data = stack.client.interactive_annotating(stack.ml_id, task["id"], {"result": [box]})["data"]
+    assert data["model_version"] == stack.setup_version
+    (item,) = data["result"]
+    assert item["type"] == "brushlabels" and item["value"]["brushlabels"] == ["circle"]
+    assert item["meta"] == {"prompt": "circle", "prompt_label": "circle"}
+    mask = decode_brush(item)
+    assert mask.shape == (64, 96) and mask.any() and not mask[32:, :].any() and not mask[:, 48:].any()
+    click = {"id": "k1", "from_name": "like_this", "to_name": "image", "type": "keypointlabels", "is_positive": True,
+             "original_width": 96, "original_height": 64, "value": {"x": 75, "y": 75, "keypointlabels": ["square"]}}
+    data = stack.client.interactive_annotating(stack.ml_id, task["id"], {"result": [click]})["data"]
+    assert [r["value"]["brushlabels"] for r in data["result"]] == [["square"]] and decode_brush(data["result"][0]).any()
 
 
 def test_annotation_webhooks_reach_the_corrections_store(stack: Stack, predictions):
