@@ -52,10 +52,13 @@ def run(args: argparse.Namespace, settings) -> int:
     from finetune.commands import _redis
     from finetune.corrections import CorrectionStore
 
+    from finetune.exemplars import ExemplarStore
+
     store = CorrectionStore(_redis(settings))
     project = str(args.project)
     listing = rows(store, LabelConfigs(settings), project)
-    if not listing:
+    exemplars = ExemplarStore(store.conn, store.ns).list(project)
+    if not listing and not exemplars:
         if project not in store.projects():
             raise ClipsegError(f"project {project} has no stored corrections (projects with some: "
                                f"{', '.join(store.projects()) or 'none'})")
@@ -66,6 +69,8 @@ def run(args: argparse.Namespace, settings) -> int:
     if args.json:
         for row in listing:
             print(json.dumps(row))
+        for ex in exemplars:
+            print(json.dumps({"exemplar": ex["name"], **{k: v for k, v in ex.items() if k != "name"}}))
         return 0
     header = f"{'task':>6} {'ann':>6} {'#':>2} {'label':<12} {'mask':>9} {'area':>7} {'image':<12} prompt (source)"
     print(header)
@@ -81,6 +86,9 @@ def run(args: argparse.Namespace, settings) -> int:
     if stale:
         print(f"{stale} region(s) would get another phrase with the current settings: "
               f"`clipseg corrections --project {project} --reprompt` rewrites them")
+    for ex in exemplars:
+        print(f"exemplar {ex['name']}: label {ex['label']!r}, {ex['area']} pixels of {ex['shape'][1]}x{ex['shape'][0]}, "
+              f"from {ex['origin']}")
     return 0
 
 

@@ -1,5 +1,7 @@
-"""`clipseg prelabel --project P [--unlabeled-only] [--wait] [--chunk N]`: queue a pre-label run (backend.prelabel)
-that any number of `clipseg worker`s share; `--status RUN` shows a run chunk by chunk."""
+"""`clipseg prelabel --project P [--unlabeled-only] [--wait] [--chunk N] [--exemplar TASK[:REGION]]`: queue a
+pre-label run (backend.prelabel) that any number of `clipseg worker`s share; `--status RUN` shows a run chunk by
+chunk. `--exemplar` stores an annotated region as the project's exemplar and pre-labels every task with everything
+like it (a visual prompt) instead of the phrases."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +17,9 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     parser.add_argument("--unlabeled-only", action="store_true", help="only tasks without an annotation")
     parser.add_argument("--chunk", type=int, default=settings.prelabel_chunk,
                         help=f"tasks per chunk, the unit workers share (default PRELABEL_CHUNK={settings.prelabel_chunk})")
+    parser.add_argument("--exemplar", metavar="TASK[:REGION]",
+                        help="pre-label with everything like this annotated region (default: the first region of the "
+                             "task's latest annotation) instead of the phrases; stored with the corrections")
     parser.add_argument("--wait", action="store_true", help="show a progress bar until the run is done")
     parser.add_argument("--status", metavar="RUN", help="show a run (chunk by chunk) instead of queueing one")
     parser.add_argument("--json", action="store_true", help="with --status or --wait: the summary as JSON")
@@ -45,6 +50,25 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         print(f"  task {f['task']}: no prediction: {f['error']}")
 
 
+def _store_exemplar(settings, conn, project: str, ref: str) -> str:
+    """Take the region `ref` from Label Studio, store it as an exemplar of `project`, and return its name."""
+    from backend.images import ImageFetcher, ImageFetchError
+    from backend.prelabel.client import connect
+    from backend.prelabel.exemplar_source import exemplar_from_task
+    from backend.prelabel.runs import PrelabelError
+    from finetune.exemplars import ExemplarStore
+
+    try:
+        client, label_config = connect(settings, project)
+        exemplar = exemplar_from_task(ExemplarStore(conn), client, ImageFetcher.from_settings(settings), project,
+                                      label_config, ref)
+    except (PrelabelError, ImageFetchError) as exc:
+        raise ClipsegError(f"--exemplar {ref}: {exc}") from None
+    print(f"exemplar {exemplar.name}: label {exemplar.label!r}, {int(exemplar.mask.sum())} pixels of "
+          f"{exemplar.mask.shape[1]}x{exemplar.mask.shape[0]}, from {exemplar.origin}")
+    return exemplar.name
+
+
 def run(args: argparse.Namespace, settings) -> int:
     from backend.prelabel import PrelabelRuns, PrelabelSpec, queue_prelabel
     from finetune.commands import _redis
@@ -59,7 +83,9 @@ def run(args: argparse.Namespace, settings) -> int:
         return 0
     if not args.project:
         raise ClipsegError("--project is required (or --status RUN)")
-    spec = PrelabelSpec.from_settings(settings, args.project, unlabeled_only=args.unlabeled_only, chunk_size=args.chunk)
+    exemplar = _store_exemplar(settings, conn, args.project, args.exemplar) if args.exemplar else None
+    spec = PrelabelSpec.from_settings(settings, args.project, unlabeled_only=args.unlabeled_only, chunk_size=args.chunk,
+                                      exemplar=exemplar)
     run_id, created = queue_prelabel(conn, spec, reason="clipseg prelabel")
     print(f"{'queued' if created else 'already running:'} pre-label run {run_id} for project {args.project}; "
           f"`clipseg worker`s on any machine with REDIS_URL, LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY share it")

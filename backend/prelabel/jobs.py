@@ -18,6 +18,7 @@ from backend.prelabel.chunk import BATCH_CPU, BATCH_CUDA, ChunkPredictor, ChunkR
 from backend.prelabel.client import connect, list_task_ids
 from backend.prelabel.runs import RENEW_S, PrelabelError, PrelabelRuns, RunInfo, plan_job_id, work_job_id
 from backend.prelabel.spec import PrelabelSpec
+from finetune.exemplars import ExemplarStore
 from backend.prelabel.worker import WorkerContext
 from backend.studio.run_notice import RunNotice, done_notice, failed_notice, progress_notice
 from finetune.triggers import PRELABEL_QUEUE
@@ -183,6 +184,7 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
     config = parse_label_config(label_config, polygon=recipe.polygon, prompt_field=recipe.prompt_field,
                                 label_prompts=recipe.label_prompts)
     service = context.service(conn)
+    exemplar = ExemplarStore(conn, namespace).get(info.project, recipe.exemplar) if recipe.exemplar else None
     # Versions this backend made or started from (a record's parent is the version it replaced, e.g. the base model):
     # only their predictions are ever replaced; predictions imported from elsewhere stay.
     registry = VersionRegistry(conn)
@@ -214,9 +216,10 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
             progress(ChunkResult(total=len(runs.chunk_tasks(run_id, index))))
             with _Lease(runs, run_id, index, token) as lease:
                 predictor = ChunkPredictor(client, info.project, config, segmenter, service, our_versions=ours,
-                                           unlabeled_only=info.unlabeled_only, replace_older=recipe.replace_older,
+                                           unlabeled_only=info.unlabeled_only,
+                                           replace_older=recipe.replace_older and exemplar is None,
                                            batch=batch, still_mine=lambda lease=lease: lease.mine,
-                                           on_progress=progress)
+                                           on_progress=progress, exemplar=exemplar)
                 try:
                     result = predictor.run(runs.chunk_tasks(run_id, index))
                 except JobAbandoned:  # the worker shuts down: this job is requeued, the chunk is free at once

@@ -42,6 +42,9 @@ class PrelabelSpec:
         precision: PRECISION for the worker: a server queues the precision it chose (fp32, bf16, int8), so the
             run's masks are the ones /predict answers; "auto": the worker chooses on its own CPU.
         notify: show the run's progress and end in the ML backend's title (SYNC_LABEL_STUDIO).
+        exemplar: name of a stored exemplar of the project (`finetune.exemplars`): every task is pre-labelled with
+            everything like it (its label) instead of the phrases; its predictions are versioned
+            "<version>+<exemplar>", so they sit beside the phrase predictions and a rerun skips what it wrote.
     """
 
     project: str
@@ -57,6 +60,7 @@ class PrelabelSpec:
     job_timeout: int = 3600
     notify: bool = True
     precision: str = "auto"
+    exemplar: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # options of later versions; ignored today
 
     def __post_init__(self) -> None:
@@ -97,5 +101,7 @@ class PrelabelSpec:
         """One line for `clipseg prelabel --status` and `clipseg jobs`."""
         thr = "calibrated" if self.threshold is None else f"{self.threshold:g}"
         prompts = f"PROMPT_FIELD={self.prompt_field}" if self.prompt_field else "labels/typed"
+        if self.exemplar:
+            prompts = f"exemplar {self.exemplar}"
         return (f"model {self.model}, version {self.version or 'served'}, threshold {thr}, prompts {prompts}, "
                 f"{'polygons' if self.polygon else 'brush'}, chunks of {self.chunk_size}")

@@ -21,6 +21,7 @@ from backend.metrics import BackendMetrics
 from backend.serving.visual_prompts import VisualPrompts
 from backend.labelstudio.results import mask_to_results
 from clipseg_model.predictor import MaskPrediction, Segmenter
+from finetune.exemplars import Exemplar
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ class PredictService:
         return self._fetch(config, task, decode=False)
 
     def answer(self, segmenter: Segmenter, config: LabelConfig, tasks: Sequence[Mapping[str, Any]],
-               context: Mapping[str, Any] | None, project: str | None = None) -> list[TaskAnswer]:
-        """One TaskAnswer per task, in order."""
+               context: Mapping[str, Any] | None, project: str | None = None,
+               exemplar: Exemplar | None = None) -> list[TaskAnswer]:
+        """One TaskAnswer per task, in order. With `exemplar` (a stored example region), every task is answered with
+        everything like it, labelled with its label, instead of the phrases (`clipseg prelabel --exemplar`)."""
         answers: list[TaskAnswer | None] = [None] * len(tasks)
         version = segmenter.version
         for start in range(0, len(tasks), IMAGES_PER_PASS):
@@ -94,13 +97,15 @@ class PredictService:
             # Example regions drawn with a smart tool make it a visual prompt (interactive requests: one task).
             regions_of = {i: context_regions(context, image.width, image.height) for i, image, _ in ok} if context else {}
             visual = {i: regions for i, regions in regions_of.items() if any(r.positive for r in regions)}
+            if exemplar is not None:
+                visual = {i: regions_of.get(i, []) for i, _, _ in ok}
             batched = [(i, image, prompts) for i, image, prompts in ok if i not in visual]
             results = segmenter.predict_batch([f.image for _, f, _ in batched],
                                               [[p.text for p in ps] for _, _, ps in batched]) if batched else []
             for i, image, prompts in ok:
                 if i in visual:
                     try:
-                        prompts, preds = self._visual(segmenter, config, image, visual[i], prompts)
+                        prompts, preds = self._visual(segmenter, config, image, visual[i], prompts, exemplar)
                     except NotImplementedError as exc:  # a model that cannot take visual prompts: its text answer
                         log.warning("task %s: visual prompt ignored: %s", tasks[i].get("id"), exc)
                         preds = segmenter.predict_batch([image.image], [[p.text for p in prompts]])[0]
@@ -116,15 +121,17 @@ class PredictService:
         return [a if a is not None else TaskAnswer([], 0.0) for a in answers]
 
     def _visual(self, segmenter: Segmenter, config: LabelConfig, image: FetchedImage, regions: Sequence[ContextRegion],
-                prompts: Sequence[PromptRequest]) -> tuple[list[PromptRequest], list[MaskPrediction]]:
+                prompts: Sequence[PromptRequest], exemplar: Exemplar | None = None,
+                ) -> tuple[list[PromptRequest], list[MaskPrediction]]:
         """The answer to a visual prompt (`backend.serving.visual_prompts`): one region, labelled with the example's
         label (else as the phrase would be), for the typed phrase mixed in when there is one. The request's phrase
         (the typed one, else the label's) is what a correction of this region is trained with."""
         typed = next((p.text for p in prompts if p.source == "typed"), None)
-        example = next(r for r in regions if r.positive)
-        control, label = label_for_text(config, example.label or (typed or ""))
+        example_label = exemplar.label if exemplar is not None else next(r for r in regions if r.positive).label
+        control, label = label_for_text(config, example_label or (typed or ""))
         similar = any(r.from_name in config.similar_tools for r in regions if r.positive)
-        pred = self.visual_prompts.predict(segmenter, image.image, regions, typed, similar)
+        examples = [(exemplar.image, exemplar.mask)] if exemplar is not None else []
+        pred = self.visual_prompts.predict(segmenter, image.image, regions, typed, similar, examples)
         text = typed or label_phrase(config, control, label)
         return [PromptRequest(text, label, control, "typed" if typed else "label")], [replace(pred, prompt=text)]
 

@@ -69,18 +69,19 @@ class VisualPrompts:
         return found
 
     def predict(self, segmenter: Segmenter | StateSegmenter, image, regions: Sequence[ContextRegion],
-                text: str | None, similar: bool) -> MaskPrediction:
+                text: str | None, similar: bool, examples: Sequence[tuple[object, np.ndarray]] = ()) -> MaskPrediction:
         """The mask for the positive `regions` of `image` (a PIL image at the size the regions' masks have), mixed
         with the phrase `text` when given, scoped as the module docstring says; a `StateSegmenter` (a project's
-        version) decodes with its state."""
+        version) decodes with its state. `examples` ((PIL image, (H, W) bool mask) pairs, e.g. a stored exemplar
+        from another task) are used as well as, or instead of, the regions."""
         positives = [r for r in regions if r.positive]
         negatives = [r for r in regions if not r.positive]
-        if not positives:
+        shown = [(image, r.mask) for r in positives] + list(examples)
+        if not shown:
             raise ValueError("a visual prompt needs at least one positive example region")
         state = segmenter.state if isinstance(segmenter, StateSegmenter) else None
         backbone = segmenter.segmenter if isinstance(segmenter, StateSegmenter) else segmenter
-        pred = self.exemplar(backbone).predict(image, [(image, r.mask) for r in positives], text=text,
-                                           visual_weight=VISUAL_WEIGHT, state=state)
-        mask = scope_mask(pred.mask, positives, negatives, similar)
+        pred = self.exemplar(backbone).predict(image, shown, text=text, visual_weight=VISUAL_WEIGHT, state=state)
+        mask = scope_mask(pred.mask, positives, negatives, similar or not positives)
         score = float(pred.probability[mask].mean()) if mask.any() else 0.0
         return replace(pred, mask=mask, score=score)

@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -329,3 +330,50 @@ def test_a_worker_with_other_settings_writes_what_predict_answers(world: World):
         assert pred["model_version"] == want["model_version"]
         assert _regions(pred["result"]) == _regions(want["result"]), task["id"]
         assert pred["score"] == pytest.approx(want["score"], abs=1e-4)
+
+
+def test_an_exemplar_run_prelabels_every_task_with_everything_like_the_region(world: World):
+    """`clipseg prelabel --exemplar TASK` (issue 28): the first region of the task's annotation is stored as the
+    project's exemplar (listed by `clipseg corrections`), and every task gets one prediction of "<version>+<name>"
+    labelled like it, beside any phrase predictions; a rerun skips what it wrote."""
+    import base64
+    import io
+
+    from backend.labelstudio.results import mask_to_brush
+
+    c = world.ls.client
+    project = c.create_project("exemplar run", LABEL_CONFIG)
+    tasks = []
+    for i in range(3):
+        image = Image.new("RGB", (64, 48), (235, 235, 235))
+        ImageDraw.Draw(image).ellipse((4 + 8 * i, 4, 28 + 8 * i, 28), fill=(220, 20, 20))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        tasks.append({"image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()})
+    c.import_tasks(project, tasks)
+    c.add_ml_backend(project, world.backend.base_url, "clipseg", is_interactive=False)
+    first = min(t["id"] for t in c.tasks(project))
+    circle = np.zeros((48, 64), bool)
+    circle[6:26, 6:26] = True
+    region = mask_to_brush(circle, from_name="tag", to_name="image", label="circle", id="ex1")
+    c.create_annotation(first, [region])
+    env = {**os.environ, **world.backend.env, "PYTHONPATH": str(ROOT)}
+    if not any(w.alive() for w in world.workers.values()):
+        world.worker("exemplar-worker", world.ls.legacy_token)
+    cmd = [*clipseg_command(), "prelabel", "--project", str(project), "--exemplar", str(first), "--wait"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr + world.logs()
+    name = f"task{first}-ex1"
+    assert f"exemplar {name}: label 'circle', 400 pixels of 64x48" in done.stdout, done.stdout
+    by_task = {t["id"]: [p for p in c.predictions(project) if p["task"] == t["id"]] for t in c.tasks(project)}
+    assert len(by_task) == 3 and all(len(v) == 1 for v in by_task.values()), by_task
+    versions = {p["model_version"] for v in by_task.values() for p in v}
+    assert len(versions) == 1 and versions.pop().endswith(f"+{name}"), by_task
+    regions = [r for v in by_task.values() for p in v for r in p["result"]]
+    assert regions and all(r["value"]["brushlabels"] == ["circle"] for r in regions), regions
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert again.returncode == 0 and "0 written" in again.stdout, again.stdout
+    listed = subprocess.run([*clipseg_command(), "corrections", "--project", str(project)], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT, env=env)
+    assert f"exemplar {name}: label 'circle', 400 pixels of 64x48, from task {first} region ex1" in listed.stdout, \
+        listed.stdout + listed.stderr
