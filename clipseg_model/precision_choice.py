@@ -38,9 +38,18 @@ def candidates(model: SegmentationModel, mode: str, support: dict[str, object]) 
             skipped.append("bf16: no native bf16 (avx512_bf16/amx) on this CPU")
     if mode in ("auto", "int8"):
         if support["int8_engine"]:
-            out.append((PRECISIONS["int8"], lambda m: apply_precision(copy.deepcopy(m), PRECISIONS["int8"])))
+            quantised: dict[int, SegmentationModel] = {}
+
+            def int8(m: SegmentationModel) -> SegmentationModel:
+                # int8 and int8+bf16 differ only in the decoder's autocast: one quantised copy serves both (two
+                # deep copies of a full-size CLIPSeg raised the server's peak memory to 2.1 GB)
+                if id(m) not in quantised:
+                    quantised[id(m)] = apply_precision(copy.deepcopy(m), PRECISIONS["int8"])
+                return quantised[id(m)]
+
+            out.append((PRECISIONS["int8"], int8))
             if native_bf16:
-                out.append((PRECISIONS["int8+bf16"], lambda m: apply_precision(copy.deepcopy(m), PRECISIONS["int8"])))
+                out.append((PRECISIONS["int8+bf16"], int8))
         else:
             skipped.append("int8: torch has no x86/fbgemm quantised engine")
     return out, skipped
