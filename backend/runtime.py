@@ -114,12 +114,12 @@ class BackendRuntime:
         return PrelabelSpec.from_settings(self.settings, project, **{"precision": self.chosen_precision(), **changes})
 
     def chosen_precision(self) -> str:
-        """The PRECISION mode that reproduces this server's choice: fp32, bf16 or int8 (int8+bf16: int8, whose
-        decoder precision the worker measures again), or the setting itself before the model is loaded."""
+        """The PRECISION mode that reproduces this server's choice (fp32, bf16, int8, int8+bf16: each taken as set but
+        int8, whose decoder precision is measured), or the setting itself before the model is loaded or on CUDA."""
         choice = self.model.choice
         if choice is None or choice.precision.name == "fp16":
             return self.settings.precision_mode
-        return choice.precision.name.split("+")[0]
+        return choice.precision.name
 
     def announce_prelabel(self, project: str, tasks: int, segmenter_version: str | None) -> None:
         """In a thread (each title change makes Label Studio call this server): the ML backend's title says that a

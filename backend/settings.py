@@ -38,7 +38,7 @@ class Settings:
 
     model: str = field(default=DEFAULT_MODEL, metadata={"env": "MODEL", "help": "hub id or local directory of the model"})
     device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto, cpu, cuda or cuda:N"})
-    precision: str = field(default="auto", metadata={"env": "PRECISION", "help": "CPU inference arithmetic: auto (the fastest of fp32, bf16, int8 whose masks match fp32's, measured once per machine and model), fp32, bf16 or int8; CUDA always uses fp16 autocast"})
+    precision: str = field(default="auto", metadata={"env": "PRECISION", "help": "CPU inference arithmetic: auto (the fastest of fp32, bf16, int8 whose masks match fp32's, measured once per machine and model), fp32, bf16, int8 or int8+bf16; CUDA always uses fp16 autocast"})
     bf16: bool = field(default=False, metadata={"env": "BF16", "help": "older spelling of PRECISION=bf16 (used when PRECISION is unset)"})
     threshold: float | None = field(default=None, metadata={"env": "THRESHOLD", "help": "probability above which a pixel is in the mask; unset: the served version's calibrated threshold, else 0.5"})
     data_dir: Path = field(default=Path("data"), metadata={"env": "DATA_DIR", "help": "checkpoints, embedded Redis, spool"})

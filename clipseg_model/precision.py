@@ -31,7 +31,7 @@ MIN_IOU = 0.99  # every probe mask must agree with fp32's at least this much
 MIN_GAIN = 1.05  # a candidate must be this much faster than fp32 (below: noise, not a reason to change numerics)
 PROBE_PROMPTS = ("a red car", "the person on the left", "a dog")
 PROBE_IMAGES = 2
-MODES = ("auto", "fp32", "bf16", "int8")
+MODES = ("auto", "fp32", "bf16", "int8", "int8+bf16")  # int8+bf16: as set (what a measured choice travels as)
 
 
 @dataclass(frozen=True)

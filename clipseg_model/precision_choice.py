@@ -92,9 +92,9 @@ def cache_key(model: SegmentationModel, mode: str, threshold: float, support: di
 
 def choose_precision(model: SegmentationModel, mode: str = "auto", cache_dir: str | os.PathLike | None = None,
                      threshold: float = 0.5, options: Sequence[Candidate] | None = None, name: str = "") -> Choice:
-    """The precision to serve `model` with under PRECISION=`mode` (auto, fp32, bf16, int8).
+    """The precision to serve `model` with under PRECISION=`mode` (auto, fp32, bf16, int8, int8+bf16).
 
-    fp32 and bf16 are taken as set; auto and int8 measure their candidates (int8: with the decoder in fp32 or bf16)
+    fp32, bf16 and int8+bf16 are taken as set; auto and int8 measure their candidates (int8: with the decoder in fp32 or bf16)
     on the probe, or read the choice cached under `cache_dir` for this machine and model. `options` replaces the
     candidates (tests inject a bad one). `name` (MODEL as configured) is recorded with a cached choice, so that
     `cached_choices` can say which model it is for."""
@@ -102,7 +102,7 @@ def choose_precision(model: SegmentationModel, mode: str = "auto", cache_dir: st
         raise ValueError(f"PRECISION must be one of {', '.join(MODES)}, not {mode!r}")
     if model.device.type == "cuda":
         return Choice(PRECISIONS["fp16"], "CUDA: fp16 autocast (not measured)")
-    if mode in ("fp32", "bf16"):
+    if mode in ("fp32", "bf16", "int8+bf16"):
         return Choice(PRECISIONS[mode], f"PRECISION={mode}")
     support = cpu_support()
     path = None

@@ -56,6 +56,9 @@ def test_the_choice_is_cached_per_machine_and_model(model, tmp_path):
     choose_precision(model, "int8", tmp_path)  # another mode: another entry
     assert len(list(tmp_path.glob("*.json"))) == 2
     assert choose_precision(model, "fp32", tmp_path).precision.name == "fp32"  # set: nothing measured
+    # int8+bf16, what a measured choice travels as in a pre-label run's spec, is taken as set too
+    assert choose_precision(model, "int8+bf16", tmp_path).precision.name == "int8+bf16"
+    assert len(list(tmp_path.glob("*.json"))) == 2
     with pytest.raises(ValueError, match="PRECISION"):
         choose_precision(model, "fp8", tmp_path)
 

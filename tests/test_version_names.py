@@ -56,6 +56,18 @@ def test_health_setup_metrics_and_status_name_the_base_model_alike(tiny_model_fa
     text = subprocess.run([sys.executable, "-m", "backend.cli", "status"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, env=env).stdout
     assert f"precision {chosen.precision.name} under PRECISION=auto: {chosen.reason}" in text, text
+    # A run queued from the command line carries that measured choice, so its worker writes the masks /predict
+    # answers instead of timing its own (issue 29).
+    queued = subprocess.run([sys.executable, "-m", "backend.cli", "prelabel", "--project", "5"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert queued.returncode == 0, queued.stderr
+    import redis
+    from rq import Queue
+
+    from finetune.triggers import PRELABEL_QUEUE
+
+    (job,) = Queue(PRELABEL_QUEUE, connection=redis.Redis.from_url(redis_url)).jobs
+    assert job.kwargs["spec"]["precision"] == chosen.precision.name, job.kwargs
     fresh = subprocess.run([sys.executable, "-m", "backend.cli", "status", "--json"], cwd=ROOT, capture_output=True,
                            text=True, timeout=60, env={**env, "DATA_DIR": str(tmp_path / "elsewhere")})
     assert json.loads(fresh.stdout)["precision"]["precision"] is None  # nothing measured there: not made up

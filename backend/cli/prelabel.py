@@ -84,8 +84,13 @@ def run(args: argparse.Namespace, settings) -> int:
     if not args.project:
         raise ClipsegError("--project is required (or --status RUN)")
     exemplar = _store_exemplar(settings, conn, args.project, args.exemplar) if args.exemplar else None
+    from backend.cli.status import precision_state
+
+    # The precision a server on this machine measured for MODEL (cached under DATA_DIR): the run's masks are then
+    # the ones /predict answers, instead of the worker timing its own choice.
+    measured = precision_state(settings)["precision"]
     spec = PrelabelSpec.from_settings(settings, args.project, unlabeled_only=args.unlabeled_only, chunk_size=args.chunk,
-                                      exemplar=exemplar)
+                                      exemplar=exemplar, precision=measured or settings.precision_mode)
     run_id, created = queue_prelabel(conn, spec, reason="clipseg prelabel")
     print(f"{'queued' if created else 'already running:'} pre-label run {run_id} for project {args.project}; "
           f"`clipseg worker`s on any machine with REDIS_URL, LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY share it")
