@@ -413,3 +413,18 @@ def test_garbage_rle_webhooks_are_rejected_not_retried(redis_app, host, tmp_path
         runtime.inbox.pending(), runtime.inbox.last)
     assert [s.annotation_id for s in store.samples("1")] == [300]
     assert len(list((spool / "rejected").glob("*.json"))) == accepted - 1
+
+
+@pytest.mark.parametrize("item", [
+    {"type": "rectanglelabels", "value": {"x": "a", "y": 1}}, {"type": "rectanglelabels", "value": [1, 2]},
+    {"type": "keypointlabels", "value": {"x": 1e308, "y": float("nan")}},
+    {"type": "rectanglelabels", "value": {"x": 10, "y": 10, "width": -5, "height": 20}},
+    {"type": "brushlabels", "original_width": 10**6, "original_height": 10**6, "value": {"rle": [1, 2, 3]}},
+    {"type": "brushlabels", "value": {"rle": "not a list"}},
+    {"type": "keypointlabels", "value": {"x": 50, "y": 50, "keypointlabels": {"a": 1}}, "is_positive": "no"},
+], ids=range(7))
+def test_malformed_visual_prompt_items(client, item):
+    """Smart-tool regions (visual prompts, issue 28) are client input too: odd ones are skipped or answered, never
+    a 500."""
+    response = _predict(client, [_good(1)], context={"result": [item, "junk", 5]})
+    assert response.status_code == 200, response.get_data(as_text=True)

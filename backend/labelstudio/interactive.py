@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from backend.labelstudio.rle import rle_to_mask
+from backend.labelstudio.rle import check_mask_size, rle_to_mask
 
 CONTEXT_TYPES = ("rectanglelabels", "keypointlabels", "brushlabels")
 
@@ -46,36 +46,51 @@ def context_regions(context: Mapping[str, Any] | None, width: int, height: int, 
     Items of other types, or without coordinates, are skipped; an empty or missing context gives [].
     """
     out: list[ContextRegion] = []
-    for item in (context or {}).get("result") or []:
-        kind = item.get("type")
-        value = item.get("value") or {}
-        if kind not in CONTEXT_TYPES:
+    items = context.get("result") if isinstance(context, Mapping) else None
+    for item in items if isinstance(items, list) else []:
+        # client input: anything malformed is skipped, never an error
+        if not isinstance(item, Mapping) or not isinstance(item.get("type"), str) or item["type"] not in CONTEXT_TYPES:
             continue
-        labels = value.get(kind) or []
-        label = str(labels[0]) if labels else None
-        positive = bool(item.get("is_positive", True))
-        mask = np.zeros((height, width), dtype=bool)
-        if kind == "brushlabels":
-            if not value.get("rle"):
-                continue
-            h = int(item.get("original_height") or height)
-            w = int(item.get("original_width") or width)
-            stroke = rle_to_mask(value["rle"], h, w)
-            if (h, w) != (height, width):
-                ys = (np.arange(height) * h // height)[:, None]
-                xs = (np.arange(width) * w // width)[None, :]
-                stroke = stroke[ys, xs]
-            mask = stroke.astype(bool)
-        elif "x" in value and "y" in value:
-            if kind == "rectanglelabels":
-                x0, y0, x1, y1 = _percent_box(value, width, height)
-                mask[y0:y1, x0:x1] = True
-            else:
-                cx, cy = float(value["x"]) * width / 100.0, float(value["y"]) * height / 100.0
-                r = max(click_radius * min(width, height), 1.0)
-                ys, xs = np.ogrid[:height, :width]
-                mask = (xs + 0.5 - cx) ** 2 + (ys + 0.5 - cy) ** 2 <= r * r
-        if mask.any():
-            from_name = item.get("from_name")
-            out.append(ContextRegion(kind, label, positive, mask, from_name if isinstance(from_name, str) else None))
+        try:
+            region = _region(item, width, height, click_radius)
+        except (TypeError, ValueError, KeyError, OverflowError):
+            continue
+        if region is not None:
+            out.append(region)
     return out
+
+
+def _region(item: Mapping[str, Any], width: int, height: int, click_radius: float) -> ContextRegion | None:
+    """One context item as a ContextRegion, None when it marks nothing; raises on malformed values."""
+    kind = item["type"]
+    value = item.get("value") or {}
+    if not isinstance(value, Mapping):
+        return None
+    labels = value.get(kind) or []
+    labels = labels if isinstance(labels, list) else [labels]
+    label = str(labels[0]) if labels and isinstance(labels[0], (str, int, float)) else None
+    positive = bool(item.get("is_positive", True))
+    mask = np.zeros((height, width), dtype=bool)
+    if kind == "brushlabels":
+        if not value.get("rle"):
+            return None
+        h, w = check_mask_size(item.get("original_height") or height, item.get("original_width") or width)
+        stroke = rle_to_mask(value["rle"], h, w)
+        if (h, w) != (height, width):
+            ys = (np.arange(height) * h // height)[:, None]
+            xs = (np.arange(width) * w // width)[None, :]
+            stroke = stroke[ys, xs]
+        mask = stroke.astype(bool)
+    elif "x" in value and "y" in value:
+        if kind == "rectanglelabels":
+            x0, y0, x1, y1 = _percent_box(value, width, height)
+            mask[y0:y1, x0:x1] = True
+        else:
+            cx, cy = float(value["x"]) * width / 100.0, float(value["y"]) * height / 100.0
+            r = max(click_radius * min(width, height), 1.0)
+            ys, xs = np.ogrid[:height, :width]
+            mask = (xs + 0.5 - cx) ** 2 + (ys + 0.5 - cy) ** 2 <= r * r
+    if not mask.any():
+        return None
+    from_name = item.get("from_name")
+    return ContextRegion(kind, label, positive, mask, from_name if isinstance(from_name, str) else None)
