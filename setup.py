@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         "datasets": ["datasets>=2.18"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "datasets>=2.18", "pytest-timeout>=2.3", "pyyaml>=6", "psutil>=5.9"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "datasets>=2.18", "pytest-timeout>=2.3", "pyyaml>=6", "psutil>=5.9", "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["clipseg=backend.cli:main"]},
 )

@@ -1,0 +1,426 @@
+"""What the annotator sees: Label Studio 1.23's own UI in a real headless chromium, driven by selenium.
+
+One Label Studio and one `clipseg serve` (tiny random-weight model, PRECISION=fp32 so masks are exact, no worker,
+PREDICT_BUDGET=4 s) for the module; one browser, logged in through Label Studio's login page as a user would.
+Project "small" (the README's labeling config, four 320x240 scenes) and project "big" (1,000 small scenes, more
+than the /predict budget allows) are connected to the backend as Settings -> Model -> Connect does it (API).
+
+- Data manager: select two tasks -> Actions -> Retrieve Predictions -> OK; open a task: the brush masks are drawn
+  where the stored RLE says (screenshots with and without "Hide all regions", sampled at each image pixel's
+  centre on screen, IoU >= 0.9 with the decoded masks); the "Prediction score" column shows the stored scores.
+- Editor: type a phrase in the TextArea, paint a brush stroke, Submit: `clipseg corrections` lists that stroke
+  with the phrase just typed.
+- Big project: select all -> Retrieve Predictions: the model card (Settings -> Model) says a pre-label run was
+  queued (Label Studio itself shows nothing of the backend's 503).
+
+Failures save a screenshot and the page's HTML under test-artifacts/browser/ (paths printed); passing runs leave
+the screenshots docs/ may use there too. Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's `chromium`
+and `chromium-driver`; `.ci/run` installs them).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image, ImageDraw
+
+from tests.conftest import REDIS_TEST_URL
+from tests.e2e.ls_harness import LabelStudioServer, ManagedProcess, free_port
+from tests.e2e.test_backend_e2e import clipseg_command, decode_brush, scene_png, wait_backend_ready
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+WINDOW = (1400, 1000)
+PLACEHOLDER = "e.g. left player"
+# The README's labeling config, verbatim.
+README_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="player"/><Label value="ball"/>
+  </BrushLabels>
+  <!-- optional: type a phrase, the mask comes back at once -->
+  <TextArea name="prompt" toName="image" editable="true" showSubmitButton="true" placeholder="e.g. left player"/>
+  <!-- optional, RefCOCO style: a phrase per task in task data (or set PROMPT_FIELD) -->
+  <Header value="$expression"/>
+</View>"""
+SMALL_SIZE = (320, 240)
+# The budget (estimate = tasks x measured seconds per task x 1.5): 2 tasks fit while a task takes < 1.3 s (the tiny
+# model takes 0.01-0.3 s here, 1 s on a first call under load), 1,000 do not while it takes > 0.003 s.
+N_BIG = 1000
+PREDICT_BUDGET_S = 4.0
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def small_scene(i: int) -> bytes:
+    """A 64x48 PNG with a red circle somewhere (the big project's tasks)."""
+    image = Image.new("RGB", (64, 48), (235, 235, 235))
+    x = i % 40
+    ImageDraw.Draw(image).ellipse((x, 4, x + 20, 24), fill=(220, 20, 20))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            value = predicate()
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Studio:
+    ls: LabelStudioServer
+    backend: ManagedProcess
+    small: int
+    big: int
+    small_tasks: list[int]
+    version: str
+
+    @property
+    def client(self):
+        return self.ls.client
+
+    def logs(self) -> str:
+        return f"--- backend\n{self.backend.log_tail(30)}\n--- label studio\n{self.ls.log_tail(20)}"
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_model_factory, tmp_path_factory):
+    import redis
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.fail(f"{path} is missing: install Debian's chromium and chromium-driver (.ci/run does)")
+    model_dir = tiny_model_factory("tiny-clipseg")
+    conn = redis.Redis.from_url(REDIS_TEST_URL)
+    conn.flushdb()
+    tmp = tmp_path_factory.mktemp("browser-e2e")
+    port = free_port()
+    with contextlib.ExitStack() as resources:
+        ls = resources.enter_context(LabelStudioServer("legacy"))
+        backend = ManagedProcess(
+            [*clipseg_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker", "--no-scheduler"],
+            env={"MODEL": str(model_dir), "DATA_DIR": str(tmp / "data"), "REDIS_URL": REDIS_TEST_URL,
+                 "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token, "LOG_LEVEL": "INFO",
+                 "PREDICT_BUDGET": str(PREDICT_BUDGET_S), "PRECISION": "fp32"},
+            cwd=ROOT, log_path=tmp / "backend.log", name="backend",
+            health_url=f"http://127.0.0.1:{port}/health")
+        resources.callback(backend.stop)
+        backend.start()
+        wait_backend_ready(backend)
+        c = ls.client
+        small = c.create_project("browser small", README_CONFIG)
+        c.import_tasks(small, [{"image": data_url(scene_png(*SMALL_SIZE)[0])} for _ in range(4)])
+        big = c.create_project("browser big", README_CONFIG)
+        c.import_tasks(big, [{"image": data_url(small_scene(i))} for i in range(N_BIG)])
+        for project in (small, big):
+            c.add_ml_backend(project, backend.base_url, "clipseg", is_interactive=True)
+        small_tasks = sorted(t["id"] for t in c.tasks(small))
+        version = requests.get(f"{backend.base_url}/health", timeout=10).json()["model_version"]
+        # The budget estimates a request from the time per task measured so far (1 s before any): one task, which
+        # always runs, measures the tiny model, as the first interactive suggestion of a session would.
+        r = requests.post(f"{backend.base_url}/predict", json={
+            "tasks": [c.task(small_tasks[-1])], "project": f"{small}.0", "label_config": README_CONFIG}, timeout=60)
+        assert r.status_code == 200, r.text
+        yield Studio(ls, backend, small, big, small_tasks, version)
+    conn.flushdb()
+    conn.close()
+
+
+class Browser:
+    """One chromium for the module, logged in through Label Studio's login page."""
+
+    def __init__(self, base_url: str):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                    f"--window-size={WINDOW[0]},{WINDOW[1]}", "--force-device-scale-factor=1"):
+            options.add_argument(arg)
+        self.base_url = base_url
+        self.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        self.driver.set_page_load_timeout(60)
+
+    def login(self, username: str, password: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        d = self.driver
+        d.get(f"{self.base_url}/user/login/")
+        d.find_element(By.NAME, "email").send_keys(username)
+        d.find_element(By.NAME, "password").send_keys(password)
+        d.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+        wait_until(lambda: "/user/login" not in d.current_url, 30, "the login to finish")
+
+    def open(self, path: str) -> None:
+        self.driver.get(f"{self.base_url}{path}")
+
+    def find(self, css: str, timeout: float = 30.0):
+        from selenium.webdriver.common.by import By
+
+        return wait_until(lambda: self.driver.find_element(By.CSS_SELECTOR, css), timeout, f"element {css!r}")
+
+    def find_text(self, text: str, tag: str = "*", timeout: float = 30.0):
+        """The first visible element whose own text (normalised) is `text`."""
+        from selenium.webdriver.common.by import By
+
+        xpath = f"//{tag}[normalize-space(.)={json.dumps(text)}]"
+        return wait_until(lambda: next(e for e in self.driver.find_elements(By.XPATH, xpath) if e.is_displayed()),
+                          timeout, f"{tag} with text {text!r}")
+
+    def screenshot(self) -> np.ndarray:
+        """The viewport as (H, W, 3) int array."""
+        png = self.driver.get_screenshot_as_png()
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+
+    def save(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.driver.save_screenshot(str(path))
+        return path
+
+    def quit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser(studio: Studio):
+    b = Browser(studio.ls.url)
+    try:
+        b.login(studio.ls.username, studio.ls.password)
+        yield b
+    finally:
+        b.quit()
+
+
+@pytest.fixture(autouse=True)
+def artefacts_on_failure(request, browser: Browser, studio: Studio):
+    """A failed test leaves the screen, the page's HTML and the server logs under test-artifacts/browser/."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        name = re.sub(r"[^\w.-]", "_", request.node.name)
+        shot = browser.save(f"FAILED-{name}")
+        (ARTIFACTS / f"FAILED-{name}.html").write_text(browser.driver.page_source)
+        (ARTIFACTS / f"FAILED-{name}.log").write_text(studio.logs())
+        print(f"\n[browser] failure artefacts: {shot} (+ .html, .log)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# UI steps
+
+
+def data_manager(browser: Browser, project: int) -> None:
+    browser.open(f"/projects/{project}/data")
+    browser.find('input[aria-label="Select all rows"]')
+
+
+def retrieve_predictions(browser: Browser, select: list[int] | None) -> None:
+    """In the open data manager: tick the tasks (None: the header's select-all), Actions -> Retrieve Predictions
+    -> OK."""
+    if select is None:
+        browser.find('input[aria-label="Select all rows"]').click()
+    else:
+        for task in select:
+            browser.find(f'input[aria-label="Select Task {task}"]').click()
+    browser.find('button[aria-label="Tasks Actions"]').click()
+    browser.find_text("Retrieve Predictions", "span").click()
+    browser.find_text("OK", "button").click()
+
+
+def open_task(browser: Browser, project: int, task: int) -> None:
+    browser.open(f"/projects/{project}/data?task={task}")
+    browser.find('img[alt="image"]')
+    browser.find('button[aria-label="Hide all regions"]')
+    time.sleep(1.5)  # the image and the regions' bitmaps are drawn asynchronously
+
+
+def drawn_mask(browser: Browser, image_size: tuple[int, int], toggle_css: str) -> tuple[np.ndarray, np.ndarray]:
+    """Which image pixels the editor draws something on: screenshots before and after clicking `toggle_css` (Hide
+    all regions), compared at each image pixel's centre on screen. Returns (changed, visible), both (H, W) bool:
+    visible is False where the pixel is off the canvas or under another element (the zoom toolbar)."""
+    width, height = image_size
+    d = browser.driver
+    img = browser.find('img[alt="image"]')
+    # Screen position of each image pixel's centre: the <img> under Konva's stage has the zoom as a CSS transform.
+    left, top, shown_w, shown_h = d.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height]", img)
+    xs = left + (np.arange(width) + 0.5) * shown_w / width
+    ys = top + (np.arange(height) + 0.5) * shown_h / height
+    visible_flat = d.execute_script("""
+        const [xs, ys] = arguments; const out = [];
+        for (const y of ys) for (const x of xs) {
+            const e = document.elementFromPoint(x, y);
+            out.push(!!(e && e.tagName === 'CANVAS' && e.closest('.konvajs-content')));
+        }
+        return out;""", xs.tolist(), ys.tolist())
+    visible = np.array(visible_flat, bool).reshape(height, width)
+    before = browser.screenshot()
+    browser.find(toggle_css).click()
+    time.sleep(1.0)
+    after = browser.screenshot()
+    ix = np.clip(xs.astype(int), 0, before.shape[1] - 1)
+    iy = np.clip(ys.astype(int), 0, before.shape[0] - 1)
+    delta = np.abs(before - after).max(axis=2)[np.ix_(iy, ix)]
+    # Konva draws a region's bitmap scaled with smoothing, so a pixel next to a region changes a little too; a
+    # region pixel changes by the full overlay (opacity x colour difference). Half the strong changes splits them.
+    strong = np.percentile(delta[visible], 99) if visible.any() else 0
+    return delta > max(12.0, strong / 2), visible
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests
+
+
+@pytest.fixture(scope="module")
+def retrieved(studio: Studio, browser: Browser) -> dict[int, dict]:
+    """Retrieve Predictions on the first two tasks of the small project, through the data manager. Task -> its
+    stored prediction (read from the API)."""
+    tasks = studio.small_tasks[:2]
+    data_manager(browser, studio.small)
+    retrieve_predictions(browser, tasks)
+
+    def stored() -> dict[int, dict] | None:
+        by_task = {p["task"]: p for p in studio.client.predictions(studio.small) if p["task"] in tasks}
+        return by_task if len(by_task) == len(tasks) else None
+
+    return wait_until(stored, 60, f"predictions of tasks {tasks}\n{studio.logs()}")
+
+
+def test_retrieved_prediction_is_drawn_where_its_rle_says(studio: Studio, browser: Browser, retrieved):
+    task = studio.small_tasks[0]
+    pred = retrieved[task]
+    assert pred["model_version"] == studio.version and pred["result"], pred
+    expected = np.zeros(SMALL_SIZE[::-1], bool)
+    for item in pred["result"]:
+        expected |= decode_brush(item)
+    assert 0.01 < expected.mean() < 0.99  # a mask the comparison can tell from nothing and from everything
+    open_task(browser, studio.small, task)
+    # The editor turned the prediction into the annotator's draft: one region per predicted label.
+    labels = {i["value"]["brushlabels"][0] for i in pred["result"]}
+    for label in labels:
+        browser.find_text(label, "span")
+    browser.save("docs-prediction-drawn")
+    changed, visible = drawn_mask(browser, SMALL_SIZE, 'button[aria-label="Hide all regions"]')
+    browser.save("docs-prediction-hidden")
+    assert visible.mean() > 0.8, f"only {visible.mean():.0%} of the image is visible on the canvas"
+    score = iou(changed & visible, expected & visible)
+    assert score >= 0.9, (f"drawn mask vs the prediction's RLE: IoU {score:.3f} (drawn {changed[visible].mean():.3f} "
+                          f"of the visible pixels, expected {expected[visible].mean():.3f})")
+
+
+def test_prediction_score_column_shows_our_scores(studio: Studio, browser: Browser, retrieved):
+    """The data manager averages only predictions of the project's model_version: the backend keeps it equal to the
+    version it serves, so the column holds our scores."""
+    wait_until(lambda: studio.client.project(studio.small)["model_version"] == studio.version, 30,
+               f"the project's model_version to become {studio.version}\n{studio.logs()}")
+    data_manager(browser, studio.small)
+    browser.find_text("Columns", "button").click()
+    browser.find_text("Prediction score", "span").click()
+    browser.find_text("Columns", "button").click()  # close the menu
+
+    def cells() -> dict[int, str | None]:
+        header = browser.find_text("Prediction score", "*")
+        out = {}
+        for task in retrieved:
+            row = browser.find(f'input[aria-label="Select Task {task}"]')
+            out[task] = browser.driver.execute_script("""
+                const [h, r] = arguments; const hb = h.getBoundingClientRect(), rb = r.getBoundingClientRect();
+                const e = document.elementFromPoint(hb.left + hb.width / 2, rb.top + rb.height / 2);
+                return e ? e.innerText : null;""", header, row)
+        return out
+
+    def numbers() -> dict[int, str] | None:
+        read = cells()
+        return read if all(t and re.fullmatch(r"\s*\d+(\.\d+)?\s*", t) for t in read.values()) else None
+
+    # The column's values arrive with the next page of tasks the data manager fetches, not at once.
+    read = numbers() or (time.sleep(3) or numbers())
+    browser.save("docs-prediction-score-column")
+    assert read, f"the Prediction score column reads {cells()} (the stored scores: "\
+                 f"{ {t: p['score'] for t, p in retrieved.items()} })"
+    for task, pred in retrieved.items():
+        assert float(read[task]) == pytest.approx(pred["score"], abs=0.001), (task, read[task], pred["score"])
+
+
+def test_brush_stroke_submitted_is_stored_with_the_phrase_just_typed(studio: Studio, browser: Browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    task = studio.small_tasks[2]
+    phrase = "the red circle on the left"
+    open_task(browser, studio.small, task)
+    field = browser.find(f'[placeholder="{PLACEHOLDER}"]')
+    field.click()
+    field.send_keys(phrase, Keys.ENTER)
+    browser.find_text(phrase, "*")
+    browser.find_text("player", "span").click()  # the label; the brush is the selected tool
+    stage = browser.find(".konvajs-content")
+    ActionChains(browser.driver).move_to_element_with_offset(stage, -250, -180).click_and_hold() \
+        .move_by_offset(40, 15).move_by_offset(40, 15).move_by_offset(30, 30).release().perform()
+    time.sleep(0.5)
+    browser.save("docs-brush-stroke")
+    browser.find_text("Submit", "button").click()
+    (ann,) = wait_until(lambda: studio.client.annotations(task), 20, "the submitted annotation")
+    strokes = [i for i in ann["result"] if i["type"] == "brushlabels" and i.get("origin") != "prediction"]
+    assert len(strokes) == 1, ann["result"]
+    area = int(decode_brush(strokes[0]).sum())
+    assert area > 0
+
+    def rows() -> list[dict]:
+        out = subprocess.run([*clipseg_command(), "corrections", "--project", str(studio.small), "--json"],
+                             env={**os.environ, "REDIS_URL": REDIS_TEST_URL}, cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [r for r in map(json.loads, out.stdout.splitlines()) if r["task"] == task]
+
+    mine = wait_until(lambda: [r for r in rows() if r["area"] == area], 20,
+                      f"the stroke ({area} px) in `clipseg corrections`\n{studio.logs()}")
+    assert [(r["label"], r["prompt"], r["source"]) for r in mine] == [("player", phrase, "typed")], mine
+
+
+def test_selection_over_the_budget_shows_the_queued_run_on_the_model_card(studio: Studio, browser: Browser):
+    data_manager(browser, studio.big)
+    retrieve_predictions(browser, None)
+
+    def card_title() -> str | None:
+        browser.open(f"/projects/{studio.big}/settings/ml")
+        browser.find_text("Connected", "*")
+        text = browser.driver.find_element("css selector", "body").text
+        return text if "pre-label run" in text else None
+
+    text = wait_until(card_title, 30, f"the run notice on the model card\n{studio.logs()}", interval=2)
+    browser.save("docs-model-card-run-queued")
+    assert re.search(rf"clipseg · pre-label run of {N_BIG} tasks queued", text), text
+    assert studio.client.predictions(studio.big) == []  # nothing stored by /predict: it queued the run instead
