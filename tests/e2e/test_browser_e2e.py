@@ -8,8 +8,10 @@ than the /predict budget allows) are connected to the backend as Settings -> Mod
 - Data manager: select two tasks -> Actions -> Retrieve Predictions -> OK; open a task: the brush masks are drawn
   where the stored RLE says (screenshots with and without "Hide all regions", sampled at each image pixel's
   centre on screen, IoU >= 0.9 with the decoded masks); the "Prediction score" column shows the stored scores.
-- Editor: type a phrase in the TextArea, paint a brush stroke, Submit: `clipseg corrections` lists that stroke
-  with the phrase just typed.
+- Editor, Auto-Annotation on: a phrase typed in the TextArea comes back as a suggestion drawn where the backend's
+  mask is (same pixel comparison); accepted and submitted, it is the annotation's region.
+- Editor: type two lines in the TextArea, paint a brush stroke, Submit: `clipseg corrections` lists that stroke
+  with the line just typed (not the older one).
 - Big project: select all -> Retrieve Predictions: the model card (Settings -> Model) says a pre-label run was
   queued (Label Studio itself shows nothing of the backend's 503).
 
@@ -97,7 +99,10 @@ class Studio:
     backend: ManagedProcess
     small: int
     big: int
+    typed: int  # "Use predictions to pre-label" and "retrieve predictions on task load" off: a blank canvas
     small_tasks: list[int]
+    typed_task: int
+    typed_ml: int
     version: str
 
     @property
@@ -137,16 +142,20 @@ def studio(tiny_model_factory, tmp_path_factory):
         c.import_tasks(small, [{"image": data_url(scene_png(*SMALL_SIZE)[0])} for _ in range(4)])
         big = c.create_project("browser big", README_CONFIG)
         c.import_tasks(big, [{"image": data_url(small_scene(i))} for i in range(N_BIG)])
-        for project in (small, big):
-            c.add_ml_backend(project, backend.base_url, "clipseg", is_interactive=True)
+        typed = c.create_project("browser typed", README_CONFIG, show_collab_predictions=False,
+                                 evaluate_predictions_automatically=False)
+        c.import_tasks(typed, [{"image": data_url(scene_png(*SMALL_SIZE)[0])}])
+        ml_ids = [c.add_ml_backend(project, backend.base_url, "clipseg", is_interactive=True)
+                  for project in (small, big, typed)]
         small_tasks = sorted(t["id"] for t in c.tasks(small))
+        (typed_task,) = [t["id"] for t in c.tasks(typed)]
         version = requests.get(f"{backend.base_url}/health", timeout=10).json()["model_version"]
         # The budget estimates a request from the time per task measured so far (1 s before any): one task, which
         # always runs, measures the tiny model, as the first interactive suggestion of a session would.
         r = requests.post(f"{backend.base_url}/predict", json={
             "tasks": [c.task(small_tasks[-1])], "project": f"{small}.0", "label_config": README_CONFIG}, timeout=60)
         assert r.status_code == 200, r.text
-        yield Studio(ls, backend, small, big, small_tasks, version)
+        yield Studio(ls, backend, small, big, typed, small_tasks, typed_task, ml_ids[2], version)
     conn.flushdb()
     conn.close()
 
@@ -261,10 +270,20 @@ def open_task(browser: Browser, project: int, task: int) -> None:
     time.sleep(1.5)  # the image and the regions' bitmaps are drawn asynchronously
 
 
-def drawn_mask(browser: Browser, image_size: tuple[int, int], toggle_css: str) -> tuple[np.ndarray, np.ndarray]:
-    """Which image pixels the editor draws something on: screenshots before and after clicking `toggle_css` (Hide
-    all regions), compared at each image pixel's centre on screen. Returns (changed, visible), both (H, W) bool:
-    visible is False where the pixel is off the canvas or under another element (the zoom toolbar)."""
+def type_phrase(browser: Browser, phrase: str) -> None:
+    """Type a line into the README config's TextArea and press Enter (what its Add button does)."""
+    from selenium.webdriver.common.keys import Keys
+
+    field = browser.find(f'[placeholder="{PLACEHOLDER}"]')
+    field.click()
+    field.send_keys(phrase, Keys.ENTER)
+    browser.find_text(phrase, "*")
+
+
+def drawn_mask(browser: Browser, image_size: tuple[int, int], change: Callable[[], Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Which image pixels change on screen when `change()` runs (e.g. a click on "Hide all regions"): screenshots
+    before and after, compared at each image pixel's centre on screen. Returns (changed, visible), both (H, W)
+    bool: visible is False where the pixel is off the canvas or under another element (the zoom toolbar)."""
     width, height = image_size
     d = browser.driver
     img = browser.find('img[alt="image"]')
@@ -282,7 +301,7 @@ def drawn_mask(browser: Browser, image_size: tuple[int, int], toggle_css: str) -
         return out;""", xs.tolist(), ys.tolist())
     visible = np.array(visible_flat, bool).reshape(height, width)
     before = browser.screenshot()
-    browser.find(toggle_css).click()
+    change()
     time.sleep(1.0)
     after = browser.screenshot()
     ix = np.clip(xs.astype(int), 0, before.shape[1] - 1)
@@ -332,7 +351,8 @@ def test_retrieved_prediction_is_drawn_where_its_rle_says(studio: Studio, browse
     for label in labels:
         browser.find_text(label, "span")
     browser.save("docs-prediction-drawn")
-    changed, visible = drawn_mask(browser, SMALL_SIZE, 'button[aria-label="Hide all regions"]')
+    changed, visible = drawn_mask(browser, SMALL_SIZE,
+                                  lambda: browser.find('button[aria-label="Hide all regions"]').click())
     browser.save("docs-prediction-hidden")
     assert visible.mean() > 0.8, f"only {visible.mean():.0%} of the image is visible on the canvas"
     score = iou(changed & visible, expected & visible)
@@ -374,17 +394,47 @@ def test_prediction_score_column_shows_our_scores(studio: Studio, browser: Brows
         assert float(read[task]) == pytest.approx(pred["score"], abs=0.001), (task, read[task], pred["score"])
 
 
+def test_typed_phrase_is_answered_with_a_suggestion_drawn_on_the_image(studio: Studio, browser: Browser):
+    """Auto-Annotation on, a phrase typed into the TextArea: Label Studio sends the backend an interactive /predict
+    with the text as context, and draws the answer as a suggestion; accepted and submitted, it is the annotation."""
+    phrase = "the red circle"
+    task = studio.typed_task
+    open_task(browser, studio.typed, task)
+    browser.find_text("Auto-Annotation", "span").click()
+
+    def type_and_wait() -> None:
+        type_phrase(browser, phrase)
+        browser.find_text("1 suggestions", "div", timeout=20)
+
+    changed, visible = drawn_mask(browser, SMALL_SIZE, type_and_wait)
+    browser.save("docs-typed-phrase-suggestion")
+    # What the backend answers for this task and phrase (fp32, deterministic), asked the way the editor asks.
+    context = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
+                           "value": {"text": [phrase]}}]}
+    (item,) = studio.client.interactive_annotating(studio.typed_ml, task, context)["data"]["result"]
+    expected = decode_brush(item)
+    assert 0.01 < expected.mean() < 0.99
+    assert visible.mean() > 0.8, f"only {visible.mean():.0%} of the image is visible on the canvas"
+    score = iou(changed & visible, expected & visible)
+    assert score >= 0.9, f"the suggestion drawn vs the backend's answer for {phrase!r}: IoU {score:.3f}"
+    browser.find('[data-testid="bottombar-accept-suggestions-button"]').click()
+    browser.find_text("Submit", "button").click()
+    (ann,) = wait_until(lambda: studio.client.annotations(task), 20, "the submitted annotation")
+    brushes = [i for i in ann["result"] if i["type"] == "brushlabels"]
+    texts = [i["value"]["text"] for i in ann["result"] if i["type"] == "textarea"]
+    assert texts == [[phrase]], ann["result"]
+    assert len(brushes) == 1 and np.array_equal(decode_brush(brushes[0]), expected), brushes
+
+
 def test_brush_stroke_submitted_is_stored_with_the_phrase_just_typed(studio: Studio, browser: Browser):
     from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.keys import Keys
 
     task = studio.small_tasks[2]
     phrase = "the red circle on the left"
     open_task(browser, studio.small, task)
-    field = browser.find(f'[placeholder="{PLACEHOLDER}"]')
-    field.click()
-    field.send_keys(phrase, Keys.ENTER)
-    browser.find_text(phrase, "*")
+    # An earlier line stays in the TextArea (as a restored draft's does): the phrase just typed is the last one.
+    type_phrase(browser, "the blue square")
+    type_phrase(browser, phrase)
     browser.find_text("player", "span").click()  # the label; the brush is the selected tool
     stage = browser.find(".konvajs-content")
     ActionChains(browser.driver).move_to_element_with_offset(stage, -250, -180).click_and_hold() \
@@ -407,7 +457,8 @@ def test_brush_stroke_submitted_is_stored_with_the_phrase_just_typed(studio: Stu
 
     mine = wait_until(lambda: [r for r in rows() if r["area"] == area], 20,
                       f"the stroke ({area} px) in `clipseg corrections`\n{studio.logs()}")
-    assert [(r["label"], r["prompt"], r["source"]) for r in mine] == [("player", phrase, "typed")], mine
+    got = [(r["label"], r["prompt"], r["source"]) for r in mine]
+    assert got == [("player", phrase, "typed")], f"the stroke is stored as {got}, typed last: {phrase!r}"
 
 
 def test_selection_over_the_budget_shows_the_queued_run_on_the_model_card(studio: Studio, browser: Browser):
