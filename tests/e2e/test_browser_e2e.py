@@ -15,6 +15,9 @@ than the /predict budget allows) are connected to the backend as Settings -> Mod
 - Big project: select all -> Retrieve Predictions: the model card (Settings -> Model) says a pre-label run was
   queued (Label Studio itself shows nothing of the backend's 503).
 
+Measured (2 cores shared with other sessions, LS venv and template cached): 43 s for the file at load 1.5-2,
+91-135 s at load 3-15; the fixtures (Label Studio, the backend, 1,000 tasks imported) take 40-57 s of it.
+
 Failures save a screenshot and the page's HTML under test-artifacts/browser/ (paths printed); passing runs leave
 the screenshots docs/ may use there too. Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's `chromium`
 and `chromium-driver`; `.ci/run` installs them).
@@ -27,6 +30,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -220,6 +224,7 @@ class Browser:
 
 @pytest.fixture(scope="module")
 def browser(studio: Studio):
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)  # this run's screenshots only
     b = Browser(studio.ls.url)
     try:
         b.login(studio.ls.username, studio.ls.password)
@@ -432,6 +437,8 @@ def test_typed_phrase_is_answered_with_a_suggestion_drawn_on_the_image(studio: S
     texts = [i["value"]["text"] for i in ann["result"] if i["type"] == "textarea"]
     assert texts == [[phrase]], ann["result"]
     assert len(brushes) == 1 and np.array_equal(decode_brush(brushes[0]), expected), brushes
+    # The editor keeps the result item's meta: the accepted region says which phrase it was made for.
+    assert brushes[0].get("meta", {}).get("prompt") == phrase, brushes[0].get("meta")
 
 
 def test_brush_stroke_submitted_is_stored_with_the_phrase_just_typed(studio: Studio, browser: Browser):
