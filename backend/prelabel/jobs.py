@@ -180,8 +180,7 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
     recipe = _spec_of(info, spec, context)
     client, label_config = connect(context.settings, info.project)
     segmenter = context.segmenter(conn, recipe)
-    config = parse_label_config(label_config, polygon=recipe.polygon, prompt_field=recipe.prompt_field,
-                                label_prompts=recipe.label_prompts)
+    config = parse_label_config(label_config, polygon=recipe.polygon)
     service = context.service(conn)
     # Versions this backend made or started from (a record's parent is the version it replaced, e.g. the base model):
     # only their predictions are ever replaced; predictions imported from elsewhere stay.
@@ -213,8 +212,9 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
 
             progress(ChunkResult(total=len(runs.chunk_tasks(run_id, index))))
             with _Lease(runs, run_id, index, token) as lease:
-                predictor = ChunkPredictor(client, info.project, config, segmenter, service, our_versions=ours,
-                                           unlabeled_only=info.unlabeled_only, replace_older=recipe.replace_older,
+                predictor = ChunkPredictor(client, info.project, config, recipe.prompt_settings, segmenter, service,
+                                           our_versions=ours, unlabeled_only=info.unlabeled_only,
+                                           replace_older=recipe.replace_older,
                                            batch=batch, still_mine=lambda lease=lease: lease.mine,
                                            on_progress=progress)
                 try:
