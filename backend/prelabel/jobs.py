@@ -23,6 +23,7 @@ from backend.studio.run_notice import RunNotice, done_notice, failed_notice, pro
 from finetune.triggers import PRELABEL_QUEUE
 from finetune.versions import VersionRegistry
 from finetune.worker import JobAbandoned
+from finetune.keyspace import NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _retry():
 
 
 def queue_prelabel(conn: Redis, spec: PrelabelSpec, *, task_ids: Sequence[int] | None = None,
-                   reason: str = "manual", namespace: str = "clipseg") -> tuple[str, bool]:
+                   reason: str = "manual", namespace: str = NAMESPACE) -> tuple[str, bool]:
     """Queue a pre-label run of `spec.project` (all its tasks, or `task_ids`); (run id, created). A project has at
     most one unfinished run: asking again returns that run. With `spec.version` the run waits until it is served."""
     from rq import Queue
@@ -80,7 +81,7 @@ def _job_start(run_id: str, namespace: str):
     return job, job.connection, WorkerContext.current(), runs, runs.info(run_id)
 
 
-def plan_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def plan_job(run_id: str, namespace: str = NAMESPACE, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """RQ job: check Label Studio access, list the run's tasks, split them into chunks, queue one work job each."""
     from rq import Queue
 
@@ -170,7 +171,7 @@ class _Lease:
         self._thread.join()
 
 
-def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def work_job(run_id: str, namespace: str = NAMESPACE, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """RQ job: claim chunks of the run until none is left (waiting for others' leases to finish or run out)."""
     from backend.labelstudio.config import parse_label_config
 
