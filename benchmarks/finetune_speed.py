@@ -83,7 +83,7 @@ def run(model_dir: Path, samples: list[ReferringSample], steps: int, cache_dir: 
     evaluate_on(parent, held, frozen, 0.5)
     evaluate_on(parent, base_val, frozen, 0.5)
     timings["parent_eval"] = time.perf_counter() - t
-    del parent
+    parent = None  # free its weights before the candidate loads (`soft` is not called again)
     candidate = load_model(model_dir, "cpu")
     t = time.perf_counter()
     # a constant learning rate, so that runs of different lengths take the same first steps (the time is the same)
