@@ -10,6 +10,7 @@ from pathlib import Path
 
 from backend.images import ImageFetcher
 from backend.labelstudio.config import LabelConfig, LabelConfigs
+from backend.labelstudio.prompts import PromptSettings
 from backend.metrics import BackendMetrics, gauge
 from backend.serving.prediction_log import PredictionRecorder
 from backend.labelstudio.protocol import BadRequest
@@ -28,6 +29,7 @@ class BackendRuntime:
         self.metrics = BackendMetrics()
         self.fetcher = ImageFetcher.from_settings(settings)
         self.configs = LabelConfigs(settings)
+        self.prompts = PromptSettings.from_settings(settings)  # the prompt rule's settings: /predict and ingest alike
         # one version-activated listener per server: the model, the refresher and the Label Studio sync subscribe
         self.events = VersionEvents(self.registry) if settings.redis_url else None
         self.model = ServingModel.from_settings(settings, registry_factory=self.registry if settings.redis_url else None,
@@ -71,7 +73,7 @@ class BackendRuntime:
     def ingester(self):
         from backend.intake.ingest import CorrectionIngester
 
-        return CorrectionIngester(self.store(), self.configs, self.fetcher.fetch_bytes)
+        return CorrectionIngester(self.store(), self.configs, self.prompts, self.fetcher.fetch_bytes)
 
     def trigger(self, project: str, reason: str):
         from finetune.triggers import maybe_enqueue_finetune

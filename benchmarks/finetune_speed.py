@@ -1,6 +1,7 @@
 """Fine-tune speed: today's path (the whole model forward on every step and evaluation) vs frozen features cached.
 
     .venv/bin/python benchmarks/finetune_speed.py [--steps 200] [--reference-steps 10] [--cached-steps 0]
+    .venv/bin/python benchmarks/finetune_speed.py --tiny --steps 4 --reference-steps 2 --corrections 8  # seconds
 
 One run, one process, full-size `clipseg-rd64` with random weights (built once, as `clipseg bench` does), 30
 corrections (640 x 480 generated scenes), the default replay (self-distillation, one replayed sample per training
@@ -39,7 +40,8 @@ from finetune.replay import DEFAULT_DISTILL_PHRASES, distillation_replay  # noqa
 from finetune.samples import ReferringSample  # noqa: E402
 
 
-def corrections(n: int) -> list[ReferringSample]:
+def corrections(n: int, size: tuple[int, int] = (640, 480)) -> list[ReferringSample]:
+    """`n` generated scenes of `size` (W, H) as corrections of "the object"."""
     import io
 
     from PIL import Image
@@ -48,7 +50,7 @@ def corrections(n: int) -> list[ReferringSample]:
 
     out = []
     for i in range(n):
-        jpeg, mask = scene(640, 480, seed=i)
+        jpeg, mask = scene(*size, seed=i)
         out.append(ReferringSample(Image.open(io.BytesIO(jpeg)).convert("RGB"), "the object", mask, "correction",
                                    {"annotation": 1000 + i}))
     return out
@@ -81,7 +83,7 @@ def run(model_dir: Path, samples: list[ReferringSample], steps: int, cache_dir: 
     evaluate_on(parent, held, frozen, 0.5)
     evaluate_on(parent, base_val, frozen, 0.5)
     timings["parent_eval"] = time.perf_counter() - t
-    del parent
+    parent = None  # free its weights before the candidate loads (`soft` is not called again)
     candidate = load_model(model_dir, "cpu")
     t = time.perf_counter()
     # a constant learning rate, so that runs of different lengths take the same first steps (the time is the same)
@@ -108,11 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the tests' tiny-clipseg and 160 x 120 scenes: a seconds-long run that checks the script")
     args = parser.parse_args(argv)
     flush_denormals()
     torch.set_num_threads(args.threads)
-    model_dir = build_or_reuse("clipseg-rd64", args.work_dir, 0)
-    samples = corrections(args.corrections)
+    preset = "tiny-clipseg" if args.tiny else "clipseg-rd64"
+    model_dir = build_or_reuse(preset, args.work_dir, 0)
+    samples = corrections(args.corrections, (160, 120) if args.tiny else (640, 480))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="features-") as cache:
         print("cached path ...", file=sys.stderr, flush=True)
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_total = cold_total - cached["timings"]["features"] + warm_features
     diff = float(np.max(np.abs(np.array(cached["losses"][:k]) - np.array(today["losses"]))))
     result = {
-        "steps": args.steps, "corrections": args.corrections, "samples": cached["samples"],
+        "preset": preset, "steps": args.steps, "corrections": args.corrections, "samples": cached["samples"],
         "today": {**today["timings"], "per_step": round(per_step_today, 2), "total_extrapolated": round(today_total, 1)},
         "cached_cold": {**cached["timings"], "per_step": round(per_step_cached, 3), "steps_timed": cached_steps,
                         "total": round(cold_total, 1)},
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
     }
     print(json.dumps(result, indent=2))
-    print(f"fine-tune of {args.corrections} corrections, {args.steps} steps, clipseg-rd64 full size: today's path "
+    print(f"fine-tune of {args.corrections} corrections, {args.steps} steps, {preset}: today's path "
           f"{today_total:.0f} s (extrapolated from {k} steps at {per_step_today:.2f} s), cached {cold_total:.0f} s cold "
           f"/ {warm_total:.0f} s warm: {result['speedup_cold']}x / {result['speedup_warm']}x; losses of the first {k} "
           f"steps differ by at most {diff:.2e}; load {result['load_before']} -> {result['load_after']}")

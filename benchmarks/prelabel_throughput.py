@@ -119,7 +119,7 @@ def prelabel_through_label_studio(model_dir: Path, folder: Path, n: int, redis_u
             SimpleWorker([Queue(PRELABEL_QUEUE, connection=conn)], connection=conn).work(burst=True)
             elapsed = time.perf_counter() - t0
             ls_cpu = label_studio_cpu_seconds(ls) - ls_cpu
-            summary = PrelabelRuns(conn, "clipseg").summary(run_id)
+            summary = PrelabelRuns(conn).summary(run_id)
             stored = ls.client.predictions(project)
             assert summary["state"] == "done" and summary["written"] == n == len(stored), (summary, len(stored))
             payload = sum(len(json.dumps(p.get("result"))) for p in stored) / n

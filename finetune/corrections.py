@@ -11,7 +11,7 @@ off); task URLs can change or the upload can be deleted; and the mask belongs to
 Storing the bytes once per sha256 makes the worker self-sufficient, deduplicates several annotations of one task,
 and a reference count frees the bytes atomically when the last annotation using them goes.
 
-Redis keys (`ns` = namespace, default "clipseg"; `p` project id, `t` task id, `a` annotation id):
+Redis keys (`ns` = namespace, default `finetune.keyspace.NAMESPACE`; `p` project id, `t` task id, `a` annotation id):
 
 | key                          | type   | content                                                                    |
 |------------------------------|--------|----------------------------------------------------------------------------|
@@ -56,6 +56,7 @@ from finetune.correction_types import (
     mask_to_png,
     png_to_mask,
 )
+from finetune.keyspace import NAMESPACE
 
 __all__ = ["CorrectionSample", "CorrectionStore", "PutResult", "Region", "StoredAnnotation", "mask_iou",
            "mask_to_png", "png_to_mask"]
@@ -78,7 +79,7 @@ class CorrectionStore:
     regions is `backend.intake.ingest`'s job.
     """
 
-    def __init__(self, redis_conn: Any, namespace: str = "clipseg", *, prediction_ttl: int = 30 * 24 * 3600) -> None:
+    def __init__(self, redis_conn: Any, namespace: str = NAMESPACE, *, prediction_ttl: int = 30 * 24 * 3600) -> None:
         self.conn = redis_conn
         self.ns = namespace
         self.prediction_ttl = prediction_ttl

@@ -56,6 +56,7 @@ from rq.timeouts import TimerDeathPenalty
 from clipseg_model.atomic import pid_running
 from finetune.corrections import CorrectionStore
 from finetune.worker import JobAbandoned
+from finetune.keyspace import NAMESPACE
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class TriggerResult:
     new_corrections: int = 0
 
 
-def lock_key(project: int | str, namespace: str = "clipseg") -> str:
+def lock_key(project: int | str, namespace: str = NAMESPACE) -> str:
     """Redis key naming the project's queued or running fine-tune job (value: the RQ job id)."""
     return f"{namespace}:finetune:lock:{project}"
 
@@ -101,16 +102,16 @@ HEARTBEAT_S = 2.0
 SWEEP_S = 5.0
 
 
-def _alive_key(worker_name: str, namespace: str = "clipseg") -> str:
+def _alive_key(worker_name: str, namespace: str = NAMESPACE) -> str:
     return f"{namespace}:worker:alive:{worker_name}"
 
 
-def _beats_key(worker_name: str, namespace: str = "clipseg") -> str:
+def _beats_key(worker_name: str, namespace: str = NAMESPACE) -> str:
     """Set once by a worker that sends heartbeats: only such workers can be declared gone by their absence."""
     return f"{namespace}:worker:beats:{worker_name}"
 
 
-def worker_gone(conn: Redis, worker_name: str | None, namespace: str = "clipseg") -> bool:
+def worker_gone(conn: Redis, worker_name: str | None, namespace: str = NAMESPACE) -> bool:
     """True when `worker_name` sends heartbeats and has stopped: its key expired, or it names a dead local PID."""
     if not worker_name or not conn.exists(_beats_key(worker_name, namespace)):
         return False  # not one of ours (a plain `rq worker`): RQ's own, slower expiry applies
@@ -127,7 +128,7 @@ def _started_registry(conn: Redis, queue_name: str) -> StartedJobRegistry:
     return StartedJobRegistry(queue_name, connection=conn, death_penalty_class=penalty)
 
 
-def recover_abandoned(conn: Redis, queue_name: str = QUEUE_NAME, namespace: str = "clipseg",
+def recover_abandoned(conn: Redis, queue_name: str = QUEUE_NAME, namespace: str = NAMESPACE,
                       only: str | None = None) -> list[str]:
     """Fail (or schedule the retry of) started jobs whose worker is gone; returns their ids.
 
@@ -165,7 +166,7 @@ class WorkerHeartbeat:
     queue it serves (`queue_names`: a pre-label chunk of a killed worker is recovered like a fine-tune)."""
 
     def __init__(self, conn: Redis, worker_name: str, *, queue_names: Sequence[str] = WORKER_QUEUES,
-                 namespace: str = "clipseg", interval: float = HEARTBEAT_S, ttl: int = ALIVE_TTL,
+                 namespace: str = NAMESPACE, interval: float = HEARTBEAT_S, ttl: int = ALIVE_TTL,
                  sweep: float = SWEEP_S) -> None:
         self.conn, self.name, self.queue_names, self.namespace = conn, worker_name, tuple(queue_names), namespace
         self.interval, self.ttl, self.sweep = interval, ttl, sweep
@@ -231,7 +232,7 @@ def _status(conn: Redis, job_id: str, queue_name: str) -> JobStatus | None:
     return status
 
 
-def active_job_id(conn: Redis, project: int | str, *, namespace: str = "clipseg", queue_name: str = QUEUE_NAME) -> str | None:
+def active_job_id(conn: Redis, project: int | str, *, namespace: str = NAMESPACE, queue_name: str = QUEUE_NAME) -> str | None:
     """Id of the project's fine-tune job if one is queued, scheduled for retry or running; else None."""
     raw = conn.get(lock_key(project, namespace))
     if raw is None:
@@ -246,7 +247,7 @@ def maybe_enqueue_finetune(
     reason: str = "correction",
     every_n: int = 20,
     *,
-    namespace: str = "clipseg",
+    namespace: str = NAMESPACE,
     queue_name: str = QUEUE_NAME,
     job_func: str = DEFAULT_JOB,
     job_kwargs: Mapping[str, Any] | None = None,
@@ -383,7 +384,7 @@ def periodic_check(conn: Redis | None = None, **trigger_kwargs: Any) -> list[dic
         if job is None:
             raise ValueError("periodic_check needs a connection outside an RQ job")
         conn = job.connection
-    store = CorrectionStore(conn, trigger_kwargs.get("namespace", "clipseg"))
+    store = CorrectionStore(conn, trigger_kwargs.get("namespace", NAMESPACE))
     results = [maybe_enqueue_finetune(conn, p, "periodic", store=store, **trigger_kwargs) for p in store.projects()]
     enqueued = [r.project for r in results if r.enqueued]
     logger.info("periodic check", extra={"projects": len(results), "enqueued": enqueued})

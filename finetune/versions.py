@@ -1,7 +1,7 @@
 """Model versions, per Label Studio project: every fine-tuned candidate is recorded under the project it was
 trained on; each project has its own active version; servers follow each project's pointer.
 
-Redis keys (`ns` = namespace, default "clipseg"):
+Redis keys (`ns` = namespace, default `finetune.keyspace.NAMESPACE`):
 
 | key                 | type    | content                                                                      |
 |---------------------|---------|------------------------------------------------------------------------------|
@@ -38,6 +38,7 @@ from redis.exceptions import WatchError
 from clipseg_model.atomic import atomic_directory
 from clipseg_model.checkpoint import CHECKSUM_KEY, is_checkpoint, read_checkpoint_config
 from finetune.version_events import VersionActivated
+from finetune.keyspace import NAMESPACE
 
 STATUSES = ("candidate", "promoted", "rejected", "inconclusive", "base")  # inconclusive: too little evidence
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _text(value: str | bytes) -> str:
 class VersionRegistry:
     """Version records and the per-project active pointers in Redis (shared by servers, workers and the CLI)."""
 
-    def __init__(self, conn: Redis, namespace: str = "clipseg"):
+    def __init__(self, conn: Redis, namespace: str = NAMESPACE):
         self.conn = conn
         self.ns = namespace
 

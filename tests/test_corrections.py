@@ -12,6 +12,7 @@ from backend.labelstudio.results import result_to_mask
 from backend.labelstudio.rle import rle_to_mask
 from backend.intake.ingest import CorrectionIngester
 from backend.labelstudio.config import LabelConfigs
+from backend.labelstudio.prompts import PromptSettings
 from backend.settings import Settings
 from finetune.corrections import CorrectionStore, mask_iou, mask_to_png, png_to_mask
 from tests.fixtures.webhooks import (
@@ -33,7 +34,7 @@ def store(redis_conn):
 
 @pytest.fixture
 def ingester(store):
-    return CorrectionIngester(store, LabelConfigs(Settings(prompt_field="expression", label_prompts={"dog": "a dog"})))
+    return CorrectionIngester(store, LabelConfigs(Settings()), PromptSettings("expression", {"dog": "a dog"}))
 
 
 def loader_for(image: bytes, calls: list | None = None):
@@ -70,7 +71,7 @@ def test_event_becomes_samples(store, ingester):
 
 def test_prompt_precedence_textarea_field_label(redis_conn):
     store = CorrectionStore(redis_conn)
-    ingester = CorrectionIngester(store, LabelConfigs(Settings(label_prompts={"dog": "a sleeping dog"})))
+    ingester = CorrectionIngester(store, LabelConfigs(Settings()), PromptSettings(label_prompts={"dog": "a sleeping dog"}))
     image, mask = scene(seed=3)
     poly = polygon_region([[10, 10], [40, 10], [40, 50], [10, 50]], 640, 480, "dog", "p1")
     result = [brush_region(mask, "cat", "r1"), textarea_region("the cat on the left", "r1"), poly]

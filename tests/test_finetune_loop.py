@@ -172,9 +172,11 @@ def test_corrections_train_promote_hot_reload_review_and_rollback(redis_conn, re
             assert server.webhook(correction(task_id, mask, image)).status_code == 201
         store = CorrectionStore(redis_conn)
         wait_for(lambda: store.count(7) == EVERY - 1, 60, "the inbox to store the corrections")
-        time.sleep(0.5)
         assert fine_tune_jobs(redis_conn) == []
         assert server.webhook(correction(EVERY, mask, image)).status_code == 201
+        # No sleep to let the N-1 triggers run: the inbox thread stores and triggers one drain after the other, so
+        # any of them runs before the N-th correction's trigger; one that had queued a job would be this one (or a
+        # second job), with fewer new corrections or another reason.
         [job] = wait_for(lambda: fine_tune_jobs(redis_conn), 60, "the trigger to enqueue a job")
         assert job.func_name == "finetune.jobs.finetune_project" and job.args == ("7",)
         assert job.meta["reason"] == "correction" and job.meta["new_corrections"] == EVERY

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from backend.labelstudio.config import LabelConfig, UnsupportedConfigError, parse_label_config
-from backend.labelstudio.prompts import PromptRequest, predict_prompts
+from backend.labelstudio.prompts import PromptRequest, PromptSettings, predict_prompts
 from backend.settings import Settings
 
 BRUSH = """<View>
@@ -38,6 +38,8 @@ BOTH = """<View>
   <BrushLabels name="brush" toName="image"><Label value="cat"/></BrushLabels>
   <PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels>
 </View>"""
+
+NONE = PromptSettings()  # no PROMPT_FIELD, no LABEL_PROMPTS
 
 POLY_ONLY = """<View>
   <Image name="image" value="$image"/>
@@ -75,9 +77,10 @@ def test_brush_config():
 
 def test_label_prompts_default_and_mapped():
     task = {"id": 1, "data": {"image": "/data/upload/1/a.jpg"}}
-    prompts = predict_prompts(parse_label_config(BRUSH), task)
+    prompts = predict_prompts(parse_label_config(BRUSH), NONE, task)
     assert [(p.text, p.label, p.source) for p in prompts] == [("person", "person", "label"), ("car", "vehicle", "label")]
-    mapped = predict_prompts(parse_label_config(BRUSH, label_prompts={"person": "a person", "car": "a car"}), task)
+    mapped = predict_prompts(parse_label_config(BRUSH), PromptSettings(label_prompts={"person": "a person", "car": "a car"}),
+                             task)
     assert [(p.text, p.label) for p in mapped] == [("a person", "person"), ("a car", "vehicle")]
     assert all(isinstance(p, PromptRequest) and p.control.from_name == "tag" for p in mapped)
 
@@ -91,56 +94,56 @@ def test_image_ref():
 
 
 def test_interactive_textarea_context_wins():
-    cfg = parse_label_config(INTERACTIVE, prompt_field="expression")
+    cfg, settings = parse_label_config(INTERACTIVE), PromptSettings(prompt_field="expression")
     assert cfg.textarea == "prompt"
     task = {"id": 3, "data": {"image": "x", "expression": "the man on the left"}}
-    (p,) = predict_prompts(cfg, task, textarea_context("a sleeping cat"))
+    (p,) = predict_prompts(cfg, settings, task, textarea_context("a sleeping cat"))
     assert (p.text, p.label, p.source, p.control.from_name) == ("a sleeping cat", "cats", "typed", "tag")
     # Without context (batch predictions) the field is used; empty/None context means no interaction.
     for context in (None, {}, {"result": []}):
-        (p,) = predict_prompts(cfg, task, context)
+        (p,) = predict_prompts(cfg, settings, task, context)
         assert (p.text, p.source) == ("the man on the left", "field")
 
 
 def test_typed_text_matching_a_label_gets_that_label():
     cfg = parse_label_config(INTERACTIVE)
-    (p,) = predict_prompts(cfg, {"data": {"image": "x"}}, textarea_context("House "))
+    (p,) = predict_prompts(cfg, NONE, {"data": {"image": "x"}}, textarea_context("House "))
     assert (p.text, p.label) == ("House", "house")
 
 
 def test_selected_label_in_context_is_used():
     cfg = parse_label_config(INTERACTIVE)
     selected = {"from_name": "tag", "to_name": "image", "type": "brushlabels", "value": {"brushlabels": ["house"]}}
-    (p,) = predict_prompts(cfg, {"data": {"image": "x"}}, textarea_context("the red building", extra=[selected]))
+    (p,) = predict_prompts(cfg, NONE, {"data": {"image": "x"}}, textarea_context("the red building", extra=[selected]))
     assert (p.text, p.label) == ("the red building", "house")
 
 
 def test_several_typed_texts_and_unknown_textarea_name():
     cfg = parse_label_config(INTERACTIVE)
-    prompts = predict_prompts(cfg, {"data": {"image": "x"}}, textarea_context("cat", "", "  dog ", "cat", from_name="renamed"))
+    prompts = predict_prompts(cfg, NONE, {"data": {"image": "x"}}, textarea_context("cat", "", "  dog ", "cat", from_name="renamed"))
     # Only the most recent line is a prompt (issue 26: older lines are a restored draft), even one repeating an older.
     assert [p.text for p in prompts] == ["cat"]
     # A bare string (not a list) in value.text is accepted too.
     ctx = {"result": [{"from_name": "prompt", "type": "textarea", "value": {"text": "tree"}}]}
-    assert [p.text for p in predict_prompts(cfg, {"data": {}}, ctx)] == ["tree"]
+    assert [p.text for p in predict_prompts(cfg, NONE, {"data": {}}, ctx)] == ["tree"]
 
 
 def test_malformed_context_is_ignored():
     cfg = parse_label_config(INTERACTIVE)
     for context in ({"result": None}, {"result": "x"}, {"result": [1, None, {"type": "textarea"}]}, "junk"):
-        assert [p.source for p in predict_prompts(cfg, {"data": {"image": "x"}}, context)] == ["label", "label"]
+        assert [p.source for p in predict_prompts(cfg, NONE, {"data": {"image": "x"}}, context)] == ["label", "label"]
 
 
 def test_referenced_field_from_header():
     cfg = parse_label_config(REFERRING)
     assert cfg.text_fields == ("expression",)
-    (p,) = predict_prompts(cfg, {"data": {"picture": "x", "expression": "  zebra in front  "}})
+    (p,) = predict_prompts(cfg, NONE, {"data": {"picture": "x", "expression": "  zebra in front  "}})
     assert (p.text, p.label, p.source) == ("zebra in front", "referent", "field")
     # A list of expressions (RefCOCO has several per object) gives one prompt each.
-    prompts = predict_prompts(cfg, {"data": {"picture": "x", "expression": ["left zebra", "zebra in front"]}})
+    prompts = predict_prompts(cfg, NONE, {"data": {"picture": "x", "expression": ["left zebra", "zebra in front"]}})
     assert [p.text for p in prompts] == ["left zebra", "zebra in front"]
     # Missing or empty field: fall back to labels.
-    (p,) = predict_prompts(cfg, {"data": {"picture": "x", "expression": ""}})
+    (p,) = predict_prompts(cfg, NONE, {"data": {"picture": "x", "expression": ""}})
     assert (p.text, p.source) == ("referent", "label")
 
 
@@ -148,19 +151,23 @@ def test_text_tag_and_prompt_field_setting():
     config = BRUSH.replace("</View>", '<Text name="caption" value="$caption"/><Header value="Instructions"/></View>')
     cfg = parse_label_config(config)
     assert cfg.text_fields == ("caption",)  # a literal Header is not a data reference
-    (p,) = predict_prompts(cfg, {"data": {"image": "x", "caption": "red car"}})
+    (p,) = predict_prompts(cfg, NONE, {"data": {"image": "x", "caption": "red car"}})
     assert (p.text, p.label) == ("red car", "person")  # first label of the control
-    cfg2 = parse_label_config(config, prompt_field="ref")
-    assert predict_prompts(cfg2, {"data": {"image": "x", "caption": "red car", "ref": "a dog"}})[0].text == "a dog"
+    ref = PromptSettings(prompt_field="ref")
+    assert predict_prompts(cfg, ref, {"data": {"image": "x", "caption": "red car", "ref": "a dog"}})[0].text == "a dog"
     # prompt_field set but missing in the task: labels, not the config's caption field.
-    assert [p.source for p in predict_prompts(cfg2, {"data": {"image": "x", "caption": "red car"}})] == ["label", "label"]
+    assert [p.source for p in predict_prompts(cfg, ref, {"data": {"image": "x", "caption": "red car"}})] == ["label", "label"]
 
 
 def test_from_settings():
+    """POLYGONS picks the controls; PROMPT_FIELD and LABEL_PROMPTS reach the rule as PromptSettings only."""
     settings = Settings(prompt_field="expression", label_prompts={"cat": "a cat"}, polygon=True)
     cfg = LabelConfig.from_settings(BOTH, settings)
-    assert cfg.output == "polygon" and cfg.prompt_field == "expression"
-    assert [p.text for p in predict_prompts(cfg, {"data": {"image": "x"}})] == ["a cat", "dog"]
+    assert cfg.output == "polygon" and cfg == parse_label_config(BOTH, polygon=True)
+    prompts = PromptSettings.from_settings(settings)
+    assert prompts == PromptSettings("expression", {"cat": "a cat"})
+    assert [p.text for p in predict_prompts(cfg, prompts, {"data": {"image": "x"}})] == ["a cat", "dog"]
+    assert [p.text for p in predict_prompts(cfg, prompts, {"data": {"image": "x", "expression": "a cat"}})] == ["a cat"]
 
 
 def test_brush_vs_polygon_choice():
@@ -186,8 +193,8 @@ def test_control_on_second_image():
 
 def test_control_without_labels():
     cfg = parse_label_config('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i"/></View>')
-    assert predict_prompts(cfg, {"data": {"i": "x"}}) == []
-    (p,) = predict_prompts(cfg, {"data": {"i": "x"}}, textarea_context("a cat"))
+    assert predict_prompts(cfg, NONE, {"data": {"i": "x"}}) == []
+    (p,) = predict_prompts(cfg, NONE, {"data": {"i": "x"}}, textarea_context("a cat"))
     assert (p.text, p.label) == ("a cat", "a cat")
 
 

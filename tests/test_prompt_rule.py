@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from backend.http.app import create_app
+from backend.labelstudio.prompts import PromptSettings
 from backend.labelstudio.webhooks import reprompt
 from backend.settings import Settings
 from finetune.corrections import CorrectionStore
@@ -62,7 +63,17 @@ CASES = [
                                         '</BrushLabels>'), {}, {}, None, "d", None, None, "Big dog"),
     ("mapped label", view(IMAGE, CAT_DOG), {"label_prompts": {"dog": "a sleeping dog"}},
      {}, None, "dog", None, None, "a sleeping dog"),
+    # No config known where the annotation arrives (rows in NO_CONFIG): the rule runs with the settings alone.
+    ("no config: PROMPT_FIELD", view(IMAGE, '<Header value="$caption"/>', CAT_DOG), {"prompt_field": "ref"},
+     {"ref": "the big cat", "caption": "ignore me"}, None, "cat", None, None, "the big cat"),
+    ("no config: mapped label", view(IMAGE, CAT_DOG), {"label_prompts": {"dog": "a sleeping dog"}},
+     {}, None, "dog", None, None, "a sleeping dog"),
+    ("no config: typed", view(IMAGE, CAT_DOG, '<TextArea name="prompt" toName="image" editable="true"/>'), {},
+     {}, typed(["the green cat", "the red cat"]), "cat", None, ["the green cat", "the red cat"], "the red cat"),
 ]
+# The webhook carries no `label_config` and reaches a server process that never saw the project (another gunicorn
+# worker than the one /predict ran in): `region_prompt` gets config=None and must still give /predict's phrase.
+NO_CONFIG = {c[0] for c in CASES if c[0].startswith("no config:")}
 
 
 def jpeg_uri(seed: int) -> tuple[str, np.ndarray]:
@@ -89,11 +100,15 @@ def model_dir(tiny_model_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_stored_prompt_is_the_phrase_predict_used(case, model_dir, tmp_path, redis_url, redis_conn):
-    _, config, settings, data, context, label, region_text, whole_text, expected = case
+    case_id, config, settings, data, context, label, region_text, whole_text, expected = case
     app = create_app(Settings(model=str(model_dir), data_dir=tmp_path, redis_url=redis_url, finetune_every=1000,
                               **settings))
     runtime = app.extensions["clipseg_runtime"]
     client = app.test_client()
+    webhook_app = app
+    if case_id in NO_CONFIG:
+        webhook_app = create_app(Settings(model=str(model_dir), data_dir=tmp_path / "other", redis_url=redis_url,
+                                          finetune_every=1000, **settings))
     try:
         assert runtime.model.wait_ready(60)
         image, mask = jpeg_uri(seed=len(expected))
@@ -119,15 +134,22 @@ def test_stored_prompt_is_the_phrase_predict_used(case, model_dir, tmp_path, red
             item["value"]["text"] = lines
             result.append(item)
         event = annotation_event(result, project_id=7, task_id=21, annotation_id=31, data=task["data"])
-        event["project"]["label_config"] = config
-        assert client.post("/webhook", json=event).status_code == 201
-        runtime.inbox.drain_once()
+        if case_id in NO_CONFIG:
+            del event["project"]["label_config"]
+        else:
+            event["project"]["label_config"] = config
+        assert webhook_app.test_client().post("/webhook", json=event).status_code == 201
+        webhook_runtime = webhook_app.extensions["clipseg_runtime"]
+        webhook_runtime.inbox.drain_once()
         wait_for(lambda: store.count("7") == 1)
         (sample,) = store.samples("7")
         assert sample.prompt == predicted_phrase
         assert sample.label == label and np.array_equal(sample.mask, mask)
+        assert (webhook_runtime.configs.for_project("7") is None) == (case_id in NO_CONFIG)
     finally:
         runtime.stop()
+        if webhook_app is not app:
+            webhook_app.extensions["clipseg_runtime"].stop()
 
 
 def test_webhook_of_a_project_never_set_up_uses_the_payloads_config(model_dir, tmp_path, redis_url, redis_conn):
@@ -191,6 +213,6 @@ def test_an_accepted_suggestion_keeps_the_phrase_it_was_made_for(model_dir, tmp_
         assert by_key == {suggestion["id"]: ("the sleeping cat", "suggestion"), "r2": ("the dog", "typed"),
                           "r3": ("the dog", "typed")}
         # Re-resolving after a settings change (`clipseg corrections --reprompt`) keeps the rule: meta is stored.
-        assert reprompt(stored.context, list(by_key), None) == list(by_key.values())
+        assert reprompt(stored.context, list(by_key), None, PromptSettings()) == list(by_key.values())
     finally:
         runtime.stop()

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipseg_model.errors import ClipsegError
+
+if TYPE_CHECKING:  # imported where used: `clipseg --help` stays quick
+    from backend.labelstudio.config import LabelConfigs
+    from backend.labelstudio.prompts import PromptSettings
+    from finetune.corrections import CorrectionStore
 
 
 def configure(parser: argparse.ArgumentParser, settings) -> None:
@@ -23,18 +28,17 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
                         help="rewrite stored phrases with the current prompt settings (PROMPT_FIELD, LABEL_PROMPTS)")
 
 
-def rows(store, configs, project: str) -> list[dict[str, Any]]:
-    """One dict per stored region of `project`, with `now`: the (phrase, source) the current settings give."""
+def rows(store: "CorrectionStore", configs: "LabelConfigs", prompts: "PromptSettings", project: str) -> list[dict[str, Any]]:
+    """One dict per stored region of `project`, with `now`: the (phrase, source) `prompts` (the current
+    PROMPT_FIELD and LABEL_PROMPTS) give."""
     from backend.intake.ingest import project_label_config
-    from backend.labelstudio.prompts import PromptSettings
     from backend.labelstudio.webhooks import reprompt
 
     xml = project_label_config(store, project)
     config = configs.for_project(project, xml) if xml else None
-    fallback = PromptSettings(configs.settings.prompt_field, dict(configs.settings.label_prompts))
     out = []
     for ann in store.annotations(project):
-        now = reprompt(ann.context, [r.get("key") for r in ann.regions], config, fallback) if ann.context else []
+        now = reprompt(ann.context, [r.get("key") for r in ann.regions], config, prompts) if ann.context else []
         for i, region in enumerate(ann.regions):
             current = now[i] if i < len(now) else None
             out.append({
@@ -49,6 +53,7 @@ def rows(store, configs, project: str) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace, settings) -> int:
     from backend.labelstudio.config import LabelConfigs
+    from backend.labelstudio.prompts import PromptSettings
     from finetune.commands import _redis
     from finetune.corrections import CorrectionStore
 
@@ -56,7 +61,8 @@ def run(args: argparse.Namespace, settings) -> int:
 
     store = CorrectionStore(_redis(settings))
     project = str(args.project)
-    listing = rows(store, LabelConfigs(settings), project)
+    prompts = PromptSettings.from_settings(settings)
+    listing = rows(store, LabelConfigs(settings), prompts, project)
     exemplars = ExemplarStore(store.conn, store.ns).list(project)
     if not listing and not exemplars:
         if project not in store.projects():
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace, settings) -> int:
                                f"{', '.join(store.projects()) or 'none'})")
     if args.reprompt:
         changed = _reprompt(store, project, listing)
-        listing = rows(store, LabelConfigs(settings), project)
+        listing = rows(store, LabelConfigs(settings), prompts, project)
         print(f"re-prompted {changed} region(s) of project {project}")
     if args.json:
         for row in listing:

@@ -166,7 +166,7 @@ def create_app(settings: Settings | None = None, runtime: BackendRuntime | None 
             return _error(str(exc), 503)
         if not budget.fits(len(tasks)) and settings.redis_url and project:
             return _over_budget(tasks, project, segmenter.version)
-        answers = runtime.predict_service.answer(segmenter, config, tasks, context, project)
+        answers = runtime.predict_service.answer(segmenter, config, runtime.prompts, tasks, context, project)
         version = segmenter.version
         budget.observe(len(tasks), time.perf_counter() - started)
         runtime.metrics.predict_latency.observe(time.perf_counter() - started)

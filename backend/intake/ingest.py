@@ -50,15 +50,16 @@ class CorrectionIngester:
     Args:
         store: the corrections store.
         configs: parsed labeling configs of this process (shared with /setup and /predict).
+        prompts: the prompt rule's settings (the server's PROMPT_FIELD and LABEL_PROMPTS, as /predict uses them).
         image_loader: default `(ref, task_id) -> bytes` used when `ingest_event` is given none.
     """
 
-    def __init__(self, store: CorrectionStore, configs: LabelConfigs, image_loader: ImageLoader | None = None):
+    def __init__(self, store: CorrectionStore, configs: LabelConfigs, prompts: PromptSettings,
+                 image_loader: ImageLoader | None = None):
         self.store = store
         self.configs = configs
+        self.prompts = prompts
         self.image_loader = image_loader
-        settings = configs.settings
-        self.fallback = PromptSettings(settings.prompt_field, dict(settings.label_prompts))
 
     def ingest_event(self, payload: Mapping[str, Any], image_loader: ImageLoader | None = None, *,
                      image_bytes: bytes | None = None) -> IngestResult:
@@ -102,7 +103,7 @@ class CorrectionIngester:
         if config is None:
             log.warning("project %s: no labeling config in the webhook and none seen here; prompts use PROMPT_FIELD "
                         "and the labels, the image is the first image reference in the task data", event.project)
-        regions = regions_from_result(event.result, event.task, config, self.fallback)
+        regions = regions_from_result(event.result, event.task, config, self.prompts)
         if not regions:
             store.delete_annotation(event.annotation_id, project=event.project, task_id=event.task_id)
             return IngestResult(event.action, "empty", event.project, event.task_id, ids)

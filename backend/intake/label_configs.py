@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from redis import Redis
 
+from finetune.keyspace import NAMESPACE
+
 
 class StoredLabelConfigs:
     """Get and set project labeling configs (XML strings) in Redis."""
 
-    def __init__(self, conn: Redis, namespace: str = "clipseg"):
+    def __init__(self, conn: Redis, namespace: str = NAMESPACE):
         self.conn, self.ns = conn, namespace
 
     def key(self, project: str) -> str:

@@ -4,7 +4,8 @@ Label Studio sends the project's labeling config (XML) to /setup (`schema`), /pr
 webhook (`project.label_config`). This module finds the Image object, the BrushLabels/PolygonLabels controls that
 target it, the TextAreas (typed prompts) and the task data fields shown next to the image (`$field` on
 Text/Header/...), which may hold a referring phrase. Which phrase a region is about is decided in one place,
-`backend.labelstudio.prompts` (which imports this module; this one never imports it).
+`backend.labelstudio.prompts` (which imports this module; this one never imports it), with the prompt settings
+(PROMPT_FIELD, LABEL_PROMPTS) its callers give it: a `LabelConfig` says what the config shows, nothing else.
 """
 from __future__ import annotations
 
@@ -60,8 +61,6 @@ class LabelConfig:
     output: OutputKind
     textareas: tuple[str, ...] = ()  # from_names of TextArea controls (interactive prompts)
     text_fields: tuple[str, ...] = ()  # data keys referenced by Text/Header/... tags, config order
-    prompt_field: str = ""
-    label_prompts: Mapping[str, str] = field(default_factory=dict, compare=False)
     similar_tools: tuple[str, ...] = ()  # from_names of smart controls marked similar="true": "more like this"
 
     @property
@@ -71,13 +70,8 @@ class LabelConfig:
 
     @classmethod
     def from_settings(cls, config: str, settings: Settings) -> "LabelConfig":
-        """`parse_label_config` with `polygon`, `prompt_field` and `label_prompts` from `settings`."""
-        return parse_label_config(
-            config,
-            polygon=settings.polygon,
-            prompt_field=settings.prompt_field,
-            label_prompts=settings.label_prompts,
-        )
+        """`parse_label_config` with `polygon` (POLYGONS: which controls answer) from `settings`."""
+        return parse_label_config(config, polygon=settings.polygon)
 
     def image_ref(self, task: Mapping[str, Any]) -> str | None:
         """The task's image reference (URL, `/data/upload/...`, `s3://...`, `data:`), or None when missing."""
@@ -85,13 +79,7 @@ class LabelConfig:
         return value if isinstance(value, str) and value.strip() else None
 
 
-def parse_label_config(
-    config: str,
-    *,
-    polygon: bool = False,
-    prompt_field: str = "",
-    label_prompts: Mapping[str, str] | None = None,
-) -> LabelConfig:
+def parse_label_config(config: str, *, polygon: bool = False) -> LabelConfig:
     """Parse a labeling config (XML string) with label-studio-sdk's `LabelInterface`.
 
     Output kind: brush by default; polygons when the config has only PolygonLabels for the image, or when
@@ -159,8 +147,6 @@ def parse_label_config(
         output=output,
         textareas=textareas,
         text_fields=text_fields,
-        prompt_field=prompt_field,
-        label_prompts=dict(label_prompts or {}),
         similar_tools=similar_tools,
     )
 

@@ -17,13 +17,18 @@ Steps 2 and 3 may give several phrases (a list field, several typed lines); /pre
 a label for it (the label selected in the editor, else the label whose name or phrase is the text, else the
 first). A stored region has a label already, so it takes the phrase whose label is its own (else the first):
 the phrase /predict used for that region. `tests/test_prompt_rule.py` checks both paths agree for every source.
+
+The rule reads two inputs: the project's `LabelConfig` (what the config shows: controls, TextAreas, `$field`s; None
+when no config is known, which the rule reads as a config showing none of them) and `PromptSettings` (PROMPT_FIELD,
+LABEL_PROMPTS: the only settings it takes, given by each caller: /predict, ingest, re-prompting, pre-labelling).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from backend.labelstudio.config import LabelConfig, LabelControl
+from backend.settings import Settings
 
 PromptSource = Literal["region_text", "suggestion", "typed", "field", "label"]
 _ORIGIN_PROMPT, _ORIGIN_LABEL = "prompt", "prompt_label"  # keys of a result item's `meta` (rule step 1b)
@@ -48,21 +53,31 @@ class PromptRequest:
 
 @dataclass(frozen=True)
 class PromptSettings:
-    """The prompt settings that apply when no labeling config is known (a webhook without `label_config`)."""
+    """The prompt rule's settings: `prompt_field` (PROMPT_FIELD: the task data field holding the phrase; "" = the
+    config's `$field`s) and `label_prompts` (LABEL_PROMPTS: label, stored or human value -> phrase)."""
 
     prompt_field: str = ""
-    label_prompts: Mapping[str, str] | None = None
+    label_prompts: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label_prompts", dict(self.label_prompts or {}))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PromptSettings":
+        """PROMPT_FIELD and LABEL_PROMPTS of `settings` (a server's, or a pre-label run's queuer's)."""
+        return cls(settings.prompt_field, settings.label_prompts)
 
 
 # ---- /predict ----------------------------------------------------------------------------------------------
 
 
-def predict_prompts(config: LabelConfig, task: Mapping[str, Any],
+def predict_prompts(config: LabelConfig, settings: PromptSettings, task: Mapping[str, Any],
                     context: Mapping[str, Any] | None = None) -> list[PromptRequest]:
     """Prompts /predict segments for one task (rule steps 2-4), in a stable order.
 
     Args:
         config: the project's parsed labeling config.
+        settings: PROMPT_FIELD and LABEL_PROMPTS.
         task: a Label Studio task (`{"id", "data": {...}, ...}`).
         context: /predict's `params.context` (None or `{}` outside interactive mode).
     Returns:
@@ -70,14 +85,14 @@ def predict_prompts(config: LabelConfig, task: Mapping[str, Any],
     """
     items = _result_items(context)
     selected = _selected_label(config, items)
-    for source, texts in (("typed", _typed_texts(config, items)), ("field", field_texts(config, task))):
+    for source, texts in (("typed", _typed_texts(config, items)), ("field", field_texts(config, settings, task))):
         if texts:
             out = []
             for text in texts:
-                control, label = selected if selected is not None else label_for_text(config, text)
+                control, label = selected if selected is not None else label_for_text(config, settings, text)
                 out.append(PromptRequest(text, label, control, source))  # type: ignore[arg-type]
             return out
-    return [PromptRequest(label_phrase(config, control, label), label, control, "label")
+    return [PromptRequest(label_phrase(settings, control, label), label, control, "label")
             for control in config.controls for label in control.labels]
 
 
@@ -90,13 +105,14 @@ def origin_meta(request: PromptRequest) -> dict[str, str]:
 # ---- stored corrections ----------------------------------------------------------------------------------------
 
 
-def region_prompt(config: LabelConfig | None, task: Mapping[str, Any], result: Sequence[Mapping[str, Any]],
-                  region: Mapping[str, Any], *, fallback: PromptSettings = PromptSettings()) -> tuple[str, PromptSource] | None:
+def region_prompt(config: LabelConfig | None, settings: PromptSettings, task: Mapping[str, Any],
+                  result: Sequence[Mapping[str, Any]], region: Mapping[str, Any]) -> tuple[str, PromptSource] | None:
     """The phrase a stored region is trained with (rule steps 1-4), and its source; None when nothing gives one.
 
     Args:
-        config: the project's labeling config, or None when unknown (then `fallback` gives PROMPT_FIELD and
-            LABEL_PROMPTS, and any TextArea counts as typed text).
+        config: the project's labeling config, or None when unknown (a config showing no controls, TextAreas or
+            `$field`s: any TextArea counts as typed text, only PROMPT_FIELD names a field).
+        settings: PROMPT_FIELD and LABEL_PROMPTS.
         task: the task the annotation belongs to (`data` is read).
         result: the annotation's whole `result` list (textarea items are read from it).
         region: the brush/polygon result item.
@@ -111,21 +127,15 @@ def region_prompt(config: LabelConfig | None, task: Mapping[str, Any], result: S
     if origin:
         return origin, "suggestion"
     whole = [r for r in result if r.get("type") == "textarea" and r.get("id") not in shape_ids]
-    if config is None:  # no config known: the same rule over a config with no controls, TextAreas or `$field`s
-        config = LabelConfig(image_name="", image_key="", controls=(), all_controls=(), output="brush",
-                             prompt_field=fallback.prompt_field, label_prompts=dict(fallback.label_prompts or {}))
-    control = next((c for c in config.all_controls if c.from_name == region.get("from_name")), None)
-    for source, texts in (("typed", _typed_texts(config, whole)), ("field", field_texts(config, task))):
+    for source, texts in (("typed", _typed_texts(config, whole)), ("field", field_texts(config, settings, task))):
         if texts:
-            return _text_for_label(config, texts, label), source  # type: ignore[return-value]
+            return _text_for_label(config, settings, texts, label), source  # type: ignore[return-value]
     if label is None:
         return None
-    if control is None:
-        control = next((c for c in config.all_controls if label in c.labels), None)
-    if control is None:
-        mapped = config.label_prompts.get(label, "").strip()
-        return mapped or label, "label"
-    return label_phrase(config, control, label), "label"
+    controls = config.all_controls if config is not None else ()
+    control = (next((c for c in controls if c.from_name == region.get("from_name")), None)
+               or next((c for c in controls if label in c.labels), None))
+    return label_phrase(settings, control, label), "label"
 
 
 def _origin(region: Mapping[str, Any], label: str | None) -> str | None:
@@ -137,11 +147,12 @@ def _origin(region: Mapping[str, Any], label: str | None) -> str | None:
     return text.strip() if isinstance(text, str) and text.strip() else None
 
 
-def _text_for_label(config: LabelConfig, texts: Sequence[str], label: str | None) -> str:
+def _text_for_label(config: LabelConfig | None, settings: PromptSettings, texts: Sequence[str],
+                    label: str | None) -> str:
     """Of several phrases, the one /predict would have given `label` (else the first)."""
-    if label is not None and len(texts) > 1 and config.controls:
+    if label is not None and len(texts) > 1 and config is not None and config.controls:
         for text in texts:
-            if label_for_text(config, text)[1] == label:
+            if label_for_text(config, settings, text)[1] == label:
                 return text
     return texts[0]
 
@@ -155,21 +166,22 @@ def _region_label(region: Mapping[str, Any]) -> str | None:
 # ---- pieces of the rule ----------------------------------------------------------------------------------------
 
 
-def label_phrase(config: LabelConfig, control: LabelControl, label: str) -> str:
-    """Rule step 4: LABEL_PROMPTS for the label (stored value or human value), else the label's human value."""
-    text = control.label_texts.get(label, label)
+def label_phrase(settings: PromptSettings, control: LabelControl | None, label: str) -> str:
+    """Rule step 4: LABEL_PROMPTS for the label (stored value or human value), else the label's human value (the
+    label itself when no control of the config has it)."""
+    text = control.label_texts.get(label, label) if control is not None else label
     for key in (label, text):
-        if key in config.label_prompts and config.label_prompts[key].strip():
-            return config.label_prompts[key].strip()
+        if settings.label_prompts.get(key, "").strip():
+            return settings.label_prompts[key].strip()
     return text
 
 
-def label_for_text(config: LabelConfig, text: str) -> tuple[LabelControl, str]:
+def label_for_text(config: LabelConfig, settings: PromptSettings, text: str) -> tuple[LabelControl, str]:
     """A label whose name or phrase equals the text (case-insensitive), else the first control's first label."""
     wanted = text.strip().lower()
     for control in config.controls:
         for label in control.labels:
-            names = {label, control.label_texts.get(label, label), config.label_prompts.get(label, "")}
+            names = {label, control.label_texts.get(label, label), settings.label_prompts.get(label, "")}
             if wanted in {n.strip().lower() for n in names if n}:
                 return control, label
     control = config.controls[0]
@@ -177,12 +189,13 @@ def label_for_text(config: LabelConfig, text: str) -> tuple[LabelControl, str]:
     return control, control.labels[0] if control.labels else text
 
 
-def field_texts(config: LabelConfig, task: Mapping[str, Any]) -> list[str]:
+def field_texts(config: LabelConfig | None, settings: PromptSettings, task: Mapping[str, Any]) -> list[str]:
     """Rule step 3: phrases in the task data field (PROMPT_FIELD, else the first `$field` shown that has one)."""
     data = task.get("data") or {}
     if not isinstance(data, Mapping):
         return []
-    keys = [config.prompt_field] if config.prompt_field else list(config.text_fields)
+    shown = config.text_fields if config is not None else ()
+    keys = [settings.prompt_field] if settings.prompt_field else list(shown)
     for key in keys:
         texts = _texts(_as_list(data.get(key)))
         if texts:
@@ -190,10 +203,10 @@ def field_texts(config: LabelConfig, task: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _typed_texts(config: LabelConfig, items: Sequence[Mapping[str, Any]]) -> list[str]:
+def _typed_texts(config: LabelConfig | None, items: Sequence[Mapping[str, Any]]) -> list[str]:
     """Rule step 2: the most recent typed line; the config's own TextAreas first, any when names don't match."""
     textareas = [i for i in items if i.get("type") == "textarea"]
-    own = [i for i in textareas if i.get("from_name") in config.textareas]
+    own = [i for i in textareas if config is not None and i.get("from_name") in config.textareas]
     return _latest_line(own or textareas)
 
 

@@ -105,8 +105,9 @@ def annotation_event(payload: Mapping[str, Any]) -> AnnotationEvent:
 
 
 def regions_from_result(result: Sequence[Mapping[str, Any]], task: Mapping[str, Any], config: LabelConfig | None,
-                        fallback: PromptSettings = PromptSettings()) -> list[Region]:
-    """An annotation's brush/polygon items as Regions: (H, W) bool masks at the image size, each with its phrase.
+                        prompts: PromptSettings) -> list[Region]:
+    """An annotation's brush/polygon items as Regions: (H, W) bool masks at the image size, each with its phrase
+    (`region_prompt` with the project's config, None when unknown, and `prompts`).
 
     Items without an original size, an empty mask or no phrase are skipped (logged). Raises ValueError for a region
     larger than the mask size limit (before allocating it) and for undecodable RLE.
@@ -125,7 +126,7 @@ def regions_from_result(result: Sequence[Mapping[str, Any]], task: Mapping[str, 
         h, w = check_mask_size(h, w)  # before allocating: a 100,000 x 100,000 region is 10 GB
         if kind in {"brushlabels", "brush"} and (value.get("format", "rle") != "rle" or not value.get("rle")):
             continue
-        prompt = region_prompt(config, task, result, r, fallback=fallback)
+        prompt = region_prompt(config, prompts, task, result, r)
         if prompt is None:
             logger.warning("region %s has no prompt (no TextArea, field or label); skipped", r.get("id"))
             continue
@@ -156,13 +157,14 @@ def prompt_context(event: AnnotationEvent, config: LabelConfig | None) -> dict[s
 
 
 def reprompt(context: Mapping[str, Any], region_keys: Sequence[str | None], config: LabelConfig | None,
-             fallback: PromptSettings = PromptSettings()) -> list[tuple[str, str] | None]:
-    """The (phrase, source) each stored region would get now, from its `prompt_context`; None where none would."""
+             prompts: PromptSettings) -> list[tuple[str, str] | None]:
+    """The (phrase, source) each stored region would get now with `prompts`, from its `prompt_context`; None where
+    none would."""
     task = context.get("task") or {}
     result = list(context.get("result") or [])
     by_id = {str(r.get("id")): r for r in result if r.get("type") in SHAPE_TYPES}
     out: list[tuple[str, str] | None] = []
     for key in region_keys:
         region = by_id.get(str(key))
-        out.append(None if region is None else region_prompt(config, task, result, region, fallback=fallback))
+        out.append(None if region is None else region_prompt(config, prompts, task, result, region))
     return out

@@ -34,10 +34,11 @@ class ChunkPredictor:
     """Predicts one chunk: re-read its tasks, skip what already has this version, download ahead, predict in
     batches, import predictions in batches on a writer thread (so API writes overlap the next batch's inference)."""
 
-    def __init__(self, client, project: str, config, segmenter, service, *, our_versions: Iterable[str] = (),
+    def __init__(self, client, project: str, config, prompts, segmenter, service, *, our_versions: Iterable[str] = (),
                  unlabeled_only: bool = False, replace_older: bool = True, batch: int = BATCH_CPU,
                  still_mine=lambda: True, on_progress=lambda result: None, exemplar=None):
-        self.client, self.project, self.config = client, project, config
+        # config: the project's LabelConfig; prompts: the run's PromptSettings (its spec's, not this worker's)
+        self.client, self.project, self.config, self.prompts = client, project, config, prompts
         self.segmenter, self.service = segmenter, service
         self.our_versions = set(our_versions)
         self.unlabeled_only, self.replace_older, self.batch = unlabeled_only, replace_older, batch
@@ -113,8 +114,8 @@ class ChunkPredictor:
             t1 = time.perf_counter()
             self.timings["wait_downloads"] += t1 - t0
             rows = []
-            for task, answer in zip(ok, self.service.answer(self.segmenter, self.config, ok, None, self.project,
-                                                                   exemplar=self.exemplar)):
+            for task, answer in zip(ok, self.service.answer(self.segmenter, self.config, self.prompts, ok, None,
+                                                            self.project, exemplar=self.exemplar)):
                 if answer.error:  # the bytes did not decode
                     result.failed_tasks.append({"task": task["id"], "error": answer.error})
                 else:

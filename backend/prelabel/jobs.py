@@ -24,6 +24,7 @@ from backend.studio.run_notice import RunNotice, done_notice, failed_notice, pro
 from finetune.triggers import PRELABEL_QUEUE
 from finetune.versions import VersionRegistry
 from finetune.worker import JobAbandoned
+from finetune.keyspace import NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _retry():
 
 
 def queue_prelabel(conn: Redis, spec: PrelabelSpec, *, task_ids: Sequence[int] | None = None,
-                   reason: str = "manual", namespace: str = "clipseg") -> tuple[str, bool]:
+                   reason: str = "manual", namespace: str = NAMESPACE) -> tuple[str, bool]:
     """Queue a pre-label run of `spec.project` (all its tasks, or `task_ids`); (run id, created). A project has at
     most one unfinished run: asking again returns that run. With `spec.version` the run waits until it is served."""
     from rq import Queue
@@ -81,7 +82,7 @@ def _job_start(run_id: str, namespace: str):
     return job, job.connection, WorkerContext.current(), runs, runs.info(run_id)
 
 
-def plan_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def plan_job(run_id: str, namespace: str = NAMESPACE, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """RQ job: check Label Studio access, list the run's tasks, split them into chunks, queue one work job each."""
     from rq import Queue
 
@@ -171,7 +172,7 @@ class _Lease:
         self._thread.join()
 
 
-def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def work_job(run_id: str, namespace: str = NAMESPACE, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """RQ job: claim chunks of the run until none is left (waiting for others' leases to finish or run out)."""
     from backend.labelstudio.config import parse_label_config
 
@@ -181,8 +182,7 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
     recipe = _spec_of(info, spec, context)
     client, label_config = connect(context.settings, info.project)
     segmenter = context.segmenter(conn, recipe)
-    config = parse_label_config(label_config, polygon=recipe.polygon, prompt_field=recipe.prompt_field,
-                                label_prompts=recipe.label_prompts)
+    config = parse_label_config(label_config, polygon=recipe.polygon)
     service = context.service(conn)
     exemplar = ExemplarStore(conn, namespace).get(info.project, recipe.exemplar) if recipe.exemplar else None
     # Versions this backend made or started from (a record's parent is the version it replaced, e.g. the base model):
@@ -215,8 +215,8 @@ def work_job(run_id: str, namespace: str = "clipseg", spec: Mapping[str, Any] | 
 
             progress(ChunkResult(total=len(runs.chunk_tasks(run_id, index))))
             with _Lease(runs, run_id, index, token) as lease:
-                predictor = ChunkPredictor(client, info.project, config, segmenter, service, our_versions=ours,
-                                           unlabeled_only=info.unlabeled_only,
+                predictor = ChunkPredictor(client, info.project, config, recipe.prompt_settings, segmenter, service,
+                                           our_versions=ours, unlabeled_only=info.unlabeled_only,
                                            replace_older=recipe.replace_older and exemplar is None,
                                            batch=batch, still_mine=lambda lease=lease: lease.mine,
                                            on_progress=progress, exemplar=exemplar)

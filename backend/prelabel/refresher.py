@@ -10,6 +10,7 @@ from backend.prelabel.jobs import queue_prelabel
 from backend.prelabel.runs import PrelabelRuns
 from backend.prelabel.spec import PrelabelSpec
 from finetune.version_events import VersionActivated, VersionEvents
+from finetune.keyspace import NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ class PromotionRefresher:
     of that project's unannotated tasks with that version (once per version, however many servers listen). The run
     carries this server's `PrelabelSpec`, so its suggestions are what /predict would answer."""
 
-    def __init__(self, conn: Redis, settings, namespace: str = "clipseg", events: VersionEvents | None = None,
+    def __init__(self, conn: Redis, settings, namespace: str = NAMESPACE, events: VersionEvents | None = None,
                  spec_for: Callable[..., PrelabelSpec] | None = None):
         from finetune.versions import VersionRegistry
 

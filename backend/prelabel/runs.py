@@ -1,6 +1,6 @@
 """The Redis side of pre-label runs: run records, chunk leases (Lua, so a claim is atomic) and progress.
 
-Redis keys (`ns` = namespace, default "clipseg"; `R` = run id):
+Redis keys (`ns` = namespace, default `finetune.keyspace.NAMESPACE`; `R` = run id):
 
 | key                          | type   | content                                                                  |
 |------------------------------|--------|--------------------------------------------------------------------------|
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from redis import Redis
+
+from finetune.keyspace import NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class RunInfo:
 class PrelabelRuns:
     """The Redis side of pre-label runs: create, plan, claim/renew/finish chunks, read progress."""
 
-    def __init__(self, conn: Redis, namespace: str = "clipseg"):
+    def __init__(self, conn: Redis, namespace: str = NAMESPACE):
         self.conn = conn
         self.ns = namespace
         self._claim = conn.register_script(_CLAIM)

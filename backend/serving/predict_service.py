@@ -15,7 +15,8 @@ from backend.images import FetchedImage, ImageFetchError, ImageFetcher
 from backend.labelstudio.config import LabelConfig
 from backend.labelstudio.image_refs import task_image_ref
 from backend.labelstudio.interactive import ContextRegion, context_regions
-from backend.labelstudio.prompts import PromptRequest, label_for_text, label_phrase, origin_meta, predict_prompts
+from backend.labelstudio.prompts import (PromptRequest, PromptSettings, label_for_text, label_phrase, origin_meta,
+                                         predict_prompts)
 from backend.labelstudio.protocol import prediction_json
 from backend.metrics import BackendMetrics
 from backend.serving.visual_prompts import VisualPrompts
@@ -74,11 +75,12 @@ class PredictService:
         the error that task's answer would carry, or None."""
         return self._fetch(config, task, decode=False)
 
-    def answer(self, segmenter: Segmenter, config: LabelConfig, tasks: Sequence[Mapping[str, Any]],
-               context: Mapping[str, Any] | None, project: str | None = None,
-               exemplar: Exemplar | None = None) -> list[TaskAnswer]:
-        """One TaskAnswer per task, in order. With `exemplar` (a stored example region), every task is answered with
-        everything like it, labelled with its label, instead of the phrases (`clipseg prelabel --exemplar`)."""
+    def answer(self, segmenter: Segmenter, config: LabelConfig, prompts: PromptSettings,
+               tasks: Sequence[Mapping[str, Any]], context: Mapping[str, Any] | None,
+               project: str | None = None, exemplar: Exemplar | None = None) -> list[TaskAnswer]:
+        """One TaskAnswer per task, in order; phrases by the prompt rule with `config` and `prompts`. With `exemplar`
+        (a stored example region), every task is answered with everything like it, labelled with its label, instead
+        of the phrases (`clipseg prelabel --exemplar`)."""
         answers: list[TaskAnswer | None] = [None] * len(tasks)
         version = segmenter.version
         for start in range(0, len(tasks), IMAGES_PER_PASS):
@@ -92,47 +94,48 @@ class PredictService:
                     self.metrics.tasks.labels("error").inc()
                     answers[i] = TaskAnswer([], 0.0, str(item))
                     continue
-                prompts = [p for p in predict_prompts(config, tasks[i], context) if p.text.strip()]
-                ok.append((i, item, prompts))
+                requests = [p for p in predict_prompts(config, prompts, tasks[i], context) if p.text.strip()]
+                ok.append((i, item, requests))
             # Example regions drawn with a smart tool make it a visual prompt (interactive requests: one task).
             regions_of = {i: context_regions(context, image.width, image.height) for i, image, _ in ok} if context else {}
             visual = {i: regions for i, regions in regions_of.items() if any(r.positive for r in regions)}
             if exemplar is not None:
                 visual = {i: regions_of.get(i, []) for i, _, _ in ok}
-            batched = [(i, image, prompts) for i, image, prompts in ok if i not in visual]
+            batched = [(i, image, requests) for i, image, requests in ok if i not in visual]
             results = segmenter.predict_batch([f.image for _, f, _ in batched],
                                               [[p.text for p in ps] for _, _, ps in batched]) if batched else []
-            for i, image, prompts in ok:
+            for i, image, requests in ok:
                 if i in visual:
                     try:
-                        prompts, preds = self._visual(segmenter, config, image, visual[i], prompts, exemplar)
+                        requests, preds = self._visual(segmenter, config, prompts, image, visual[i], requests,
+                                                       exemplar)
                     except NotImplementedError as exc:  # a model that cannot take visual prompts: its text answer
                         log.warning("task %s: visual prompt ignored: %s", tasks[i].get("id"), exc)
-                        preds = segmenter.predict_batch([image.image], [[p.text for p in prompts]])[0]
+                        preds = segmenter.predict_batch([image.image], [[p.text for p in requests]])[0]
                 else:
                     preds = results.pop(0)
-                answers[i] = self._to_answer(image, prompts, preds, config)
+                answers[i] = self._to_answer(image, requests, preds, config)
                 self.metrics.tasks.labels("ok").inc()
-                if self.on_prediction is not None and prompts:
+                if self.on_prediction is not None and requests:
                     try:
-                        self.on_prediction(project, tasks[i], list(zip(prompts, preds)), version)
+                        self.on_prediction(project, tasks[i], list(zip(requests, preds)), version)
                     except Exception as exc:  # noqa: BLE001 - the review signal is best effort
                         log.warning("could not record the prediction of task %s: %s", tasks[i].get("id"), exc)
         return [a if a is not None else TaskAnswer([], 0.0) for a in answers]
 
-    def _visual(self, segmenter: Segmenter, config: LabelConfig, image: FetchedImage, regions: Sequence[ContextRegion],
-                prompts: Sequence[PromptRequest], exemplar: Exemplar | None = None,
+    def _visual(self, segmenter: Segmenter, config: LabelConfig, settings: PromptSettings, image: FetchedImage,
+                regions: Sequence[ContextRegion], prompts: Sequence[PromptRequest], exemplar: Exemplar | None = None,
                 ) -> tuple[list[PromptRequest], list[MaskPrediction]]:
         """The answer to a visual prompt (`backend.serving.visual_prompts`): one region, labelled with the example's
         label (else as the phrase would be), for the typed phrase mixed in when there is one. The request's phrase
         (the typed one, else the label's) is what a correction of this region is trained with."""
         typed = next((p.text for p in prompts if p.source == "typed"), None)
         example_label = exemplar.label if exemplar is not None else next(r for r in regions if r.positive).label
-        control, label = label_for_text(config, example_label or (typed or ""))
+        control, label = label_for_text(config, settings, example_label or (typed or ""))
         similar = any(r.from_name in config.similar_tools for r in regions if r.positive)
         examples = [(exemplar.image, exemplar.mask)] if exemplar is not None else []
         pred = self.visual_prompts.predict(segmenter, image.image, regions, typed, similar, examples)
-        text = typed or label_phrase(config, control, label)
+        text = typed or label_phrase(settings, control, label)
         return [PromptRequest(text, label, control, "typed" if typed else "label")], [replace(pred, prompt=text)]
 
     def _to_answer(self, image: FetchedImage, prompts: Sequence[PromptRequest], preds: Sequence[MaskPrediction],
