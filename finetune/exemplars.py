@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from finetune.corrections import mask_to_png, png_to_mask
+from finetune.keyspace import NAMESPACE
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Exemplar:
 class ExemplarStore:
     """Exemplars of each project in Redis (keys in the module docstring), in the corrections store's namespace."""
 
-    def __init__(self, redis_conn: Any, namespace: str = "clipseg") -> None:
+    def __init__(self, redis_conn: Any, namespace: str = NAMESPACE) -> None:
         self.conn = redis_conn
         self.ns = namespace
 

@@ -13,7 +13,7 @@ Redis keys (`ns` = namespace, default `finetune.keyspace.NAMESPACE`):
 |                     |         | (`clipseg versions --set-default V`); absent: the configured base (MODEL)     |
 | `ns:artifact:{v}`   | hash    | file name -> bytes of version v's checkpoint (config JSON + trainable weights), |
 |                     |         | so servers on other machines can materialise it without a shared disk        |
-| `ns:events`         | channel | a `VersionActivated` (finetune.version_events): project null = the default    |
+| `ns:events[:dbN]`   | channel | a `VersionActivated` (finetune.version_events): project null = the default    |
 |                     |         | published when a pointer changes                                             |
 | `ns:active`         | string  | the single pointer of releases before per-project models: read once, moved  |
 |                     |         | to its version's project (or to `ns:default`), then renamed `ns:active:legacy` |
@@ -93,7 +93,10 @@ class VersionRegistry:
     # ---- key names (one home) ------------------------------------------------------------------------------
     @property
     def channel(self) -> str:
-        return f"{self.ns}:events"
+        """Redis pub/sub ignores the database number, so the channel names it: two deployments sharing one Redis
+        server on different databases must not hear each other's activations (DB 0 keeps the plain name)."""
+        db = int((getattr(getattr(self.conn, "connection_pool", None), "connection_kwargs", None) or {}).get("db") or 0)
+        return f"{self.ns}:events" + (f":db{db}" if db else "")
 
     @property
     def _versions(self) -> str:

@@ -199,3 +199,30 @@ def test_artifact_materializes_elsewhere_and_loads_identically(redis_conn, tiny_
     registry.record(VersionRecord("v2", str(tmp_path / "missing"), "v1"))
     with pytest.raises(UnknownVersionError, match="Redis has no copy"):
         registry.materialize("v2", tmp_path / "server" / "models")
+
+
+def test_activations_are_heard_only_in_their_own_database(redis_url):
+    """Redis pub/sub ignores the database number: two deployments on one Redis server (databases 13 and 12 here)
+    used to hear each other's activations on `clipseg:events` (seen: a browser test's backend set another session's
+    project version in its own Label Studio)."""
+    import redis
+
+    base = redis_url.rsplit("/", 1)[0]
+    mine, other = (redis.Redis.from_url(f"{base}/{db}") for db in (8, 7))
+    for conn in (mine, other):
+        conn.flushdb()
+    try:
+        here, there = VersionRegistry(mine), VersionRegistry(other)
+        assert here.channel != there.channel and VersionRegistry(redis.Redis.from_url(f"{base}/0")).channel == "clipseg:events"
+        pubsub = mine.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(here.channel)
+        pubsub.get_message(timeout=1.0)
+        there.record(VersionRecord("x1", "/nowhere/x1", None, created=time.time(), project="P"))
+        there.activate("x1", project="P")
+        assert pubsub.get_message(timeout=1.0) is None  # the other database's activation is not heard here
+        here.record(VersionRecord("y1", "/nowhere/y1", None, created=time.time(), project="P"))
+        here.activate("y1", project="P")
+        assert json.loads(pubsub.get_message(timeout=2.0)["data"])["version"] == "y1"
+    finally:
+        for conn in (mine, other):
+            conn.flushdb()

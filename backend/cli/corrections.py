@@ -56,7 +56,6 @@ def run(args: argparse.Namespace, settings) -> int:
     from backend.labelstudio.prompts import PromptSettings
     from finetune.commands import _redis
     from finetune.corrections import CorrectionStore
-
     from finetune.exemplars import ExemplarStore
 
     store = CorrectionStore(_redis(settings))
