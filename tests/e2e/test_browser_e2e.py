@@ -21,7 +21,9 @@ than the /predict budget allows) are connected to the backend as Settings -> Mod
   queued (Label Studio itself shows nothing of the backend's 503).
 
 Measured (2 cores shared with other sessions, LS venv and template cached): 43 s for the file at load 1.5-2,
-91-135 s at load 3-15; the fixtures (Label Studio, the backend, 1,000 tasks imported) take 40-57 s of it.
+91-135 s at load 3-15 before the ending project; with it 153 s at load 6-10 (103 s without it in the same hour):
+its test takes 32-47 s (the worker's start and model load ~13 s of it), the second backend ~5-15 s of the fixtures
+(Label Studio, two backends, 1,012 tasks imported: 37-47 s).
 
 Failures save a screenshot and the page's HTML under test-artifacts/browser/ (paths printed); passing runs leave
 the screenshots docs/ may use there too. Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's `chromium`
