@@ -12,11 +12,18 @@ than the /predict budget allows) are connected to the backend as Settings -> Mod
   mask is (same pixel comparison); accepted and submitted, it is the annotation's region.
 - Editor: type two lines in the TextArea, paint a brush stroke, Submit: `clipseg corrections` lists that stroke
   with the line just typed (not the older one).
+- Project "ending" (a dozen tasks, on a second `clipseg serve` whose budget they exceed): select all -> Retrieve
+  Predictions: the model card says the run is queued, waiting for a worker; a real `clipseg worker` is started and
+  takes it; reloading, the card says "12 tasks pre-labelled at HH:MM UTC with <version>" (its "pre-labelling: N of
+  M" title is screenshotted when a reload happens to catch it, never asserted), and the data manager's footer and
+  score column show the 12 predictions.
 - Big project: select all -> Retrieve Predictions: the model card (Settings -> Model) says a pre-label run was
   queued (Label Studio itself shows nothing of the backend's 503).
 
 Measured (2 cores shared with other sessions, LS venv and template cached): 43 s for the file at load 1.5-2,
-91-135 s at load 3-15; the fixtures (Label Studio, the backend, 1,000 tasks imported) take 40-57 s of it.
+91-135 s at load 3-15 before the ending project; with it 153 s at load 6-10 (103 s without it in the same hour):
+its test takes 32-47 s (the worker's start and model load ~13 s of it), the second backend ~5-15 s of the fixtures
+(Label Studio, two backends, 1,012 tasks imported: 37-47 s).
 
 Failures save a screenshot and the page's HTML under test-artifacts/browser/ (paths printed); passing runs leave
 the screenshots docs/ may use there too. Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's `chromium`
@@ -69,6 +76,10 @@ SMALL_SIZE = (320, 240)
 # model takes 0.01-0.3 s here, 1 s on a first call under load), 1,000 do not while it takes > 0.003 s.
 N_BIG = 1000
 PREDICT_BUDGET_S = 4.0
+# The second backend has measured nothing when the ending project's selection arrives, so it assumes 1 s per task:
+# 12 tasks are estimated at 18 s, over its budget whatever the machine's speed.
+N_ENDING = 12
+ENDING_BUDGET_S = 1.0
 
 
 def data_url(png: bytes) -> str:
@@ -108,13 +119,18 @@ class Studio:
     typed_task: int
     typed_ml: int
     version: str
+    budgeted: ManagedProcess  # the second backend, PREDICT_BUDGET=ENDING_BUDGET_S, serving only `ending`
+    ending: int
+    ending_tasks: list[int]
+    tmp: Path
 
     @property
     def client(self):
         return self.ls.client
 
-    def logs(self) -> str:
-        return f"--- backend\n{self.backend.log_tail(30)}\n--- label studio\n{self.ls.log_tail(20)}"
+    def logs(self, *more: ManagedProcess) -> str:
+        procs = "".join(f"--- {p.name}\n{p.log_tail(30)}\n" for p in (self.backend, *more))
+        return f"{procs}--- label studio\n{self.ls.log_tail(20)}"
 
 
 @pytest.fixture(scope="module")
@@ -128,19 +144,26 @@ def studio(tiny_model_factory, tmp_path_factory):
     conn = redis.Redis.from_url(REDIS_TEST_URL)
     conn.flushdb()
     tmp = tmp_path_factory.mktemp("browser-e2e")
-    port = free_port()
     with contextlib.ExitStack() as resources:
         ls = resources.enter_context(LabelStudioServer("legacy"))
-        backend = ManagedProcess(
-            [*clipseg_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker", "--no-scheduler"],
-            env={"MODEL": str(model_dir), "DATA_DIR": str(tmp / "data"), "REDIS_URL": REDIS_TEST_URL,
-                 "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token, "LOG_LEVEL": "INFO",
-                 "PREDICT_BUDGET": str(PREDICT_BUDGET_S), "PRECISION": "fp32"},
-            cwd=ROOT, log_path=tmp / "backend.log", name="backend",
-            health_url=f"http://127.0.0.1:{port}/health")
-        resources.callback(backend.stop)
-        backend.start()
-        wait_backend_ready(backend)
+        backends = []
+        for name, extra in (("backend", {"PREDICT_BUDGET": str(PREDICT_BUDGET_S)}),
+                            ("budgeted", {"PREDICT_BUDGET": str(ENDING_BUDGET_S), "PRELABEL_CHUNK": "4"})):
+            port = free_port()
+            proc = ManagedProcess(
+                [*clipseg_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker",
+                 "--no-scheduler"],
+                env={"MODEL": str(model_dir), "DATA_DIR": str(tmp / f"data-{name}"), "REDIS_URL": REDIS_TEST_URL,
+                     "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token, "LOG_LEVEL": "INFO",
+                     "PRECISION": "fp32", **extra},
+                cwd=ROOT, log_path=tmp / f"{name}.log", name=name)
+            resources.callback(proc.stop)
+            backends.append(proc.start())  # both load at once
+            proc.health_url = f"http://127.0.0.1:{port}/health"
+        for proc in backends:
+            proc.wait_ready()
+            wait_backend_ready(proc)
+        backend, budgeted = backends
         c = ls.client
         small = c.create_project("browser small", README_CONFIG)
         c.import_tasks(small, [{"image": data_url(scene_png(*SMALL_SIZE)[0])} for _ in range(4)])
@@ -149,8 +172,11 @@ def studio(tiny_model_factory, tmp_path_factory):
         typed = c.create_project("browser typed", README_CONFIG, show_collab_predictions=False,
                                  evaluate_predictions_automatically=False)
         c.import_tasks(typed, [{"image": data_url(scene_png(*SMALL_SIZE)[0])}])
+        ending = c.create_project("browser ending", README_CONFIG)
+        c.import_tasks(ending, [{"image": data_url(small_scene(i))} for i in range(N_ENDING)])
         ml_ids = [c.add_ml_backend(project, backend.base_url, "clipseg", is_interactive=True)
                   for project in (small, big, typed)]
+        c.add_ml_backend(ending, budgeted.base_url, "clipseg", is_interactive=False)
         small_tasks = sorted(t["id"] for t in c.tasks(small))
         (typed_task,) = [t["id"] for t in c.tasks(typed)]
         version = requests.get(f"{backend.base_url}/health", timeout=10).json()["model_version"]
@@ -159,7 +185,8 @@ def studio(tiny_model_factory, tmp_path_factory):
         r = requests.post(f"{backend.base_url}/predict", json={
             "tasks": [c.task(small_tasks[-1])], "project": f"{small}.0", "label_config": README_CONFIG}, timeout=60)
         assert r.status_code == 200, r.text
-        yield Studio(ls, backend, small, big, typed, small_tasks, typed_task, ml_ids[2], version)
+        yield Studio(ls, backend, small, big, typed, small_tasks, typed_task, ml_ids[2], version, budgeted, ending,
+                     sorted(t["id"] for t in c.tasks(ending)), tmp)
     conn.flushdb()
     conn.close()
 
@@ -268,6 +295,38 @@ def retrieve_predictions(browser: Browser, select: list[int] | None) -> None:
     browser.find_text("OK", "button").click()
 
 
+def show_column(browser: Browser, title: str) -> None:
+    """In the open data manager: tick `title` in the Columns menu (the view keeps it on reload)."""
+    browser.find_text("Columns", "button").click()
+    browser.find_text(title, "span").click()
+    browser.find_text("Columns", "button").click()  # close the menu
+
+
+def column_cells(browser: Browser, title: str, tasks: list[int]) -> dict[int, str | None]:
+    """The text the open data manager shows in column `title` for each task's row (read where the annotator sees
+    it: the element under the column header's centre, at the row's height)."""
+    header = browser.find_text(title, "*")
+    out = {}
+    for task in tasks:
+        row = browser.find(f'input[aria-label="Select Task {task}"]')
+        out[task] = browser.driver.execute_script("""
+            const [h, r] = arguments; const hb = h.getBoundingClientRect(), rb = r.getBoundingClientRect();
+            const e = document.elementFromPoint(hb.left + hb.width / 2, rb.top + rb.height / 2);
+            return e ? e.innerText : null;""", header, row)
+    return out
+
+
+def is_number(text: str | None) -> bool:
+    return bool(text and re.fullmatch(r"\s*\d+(\.\d+)?\s*", text))
+
+
+def model_card(browser: Browser, project: int) -> str:
+    """Settings -> Model, freshly loaded: the page's text (the card shows the ML backend's title)."""
+    browser.open(f"/projects/{project}/settings/ml")
+    browser.find_text("Connected", "*")
+    return browser.driver.find_element("css selector", "body").text
+
+
 def open_task(browser: Browser, project: int, task: int) -> None:
     browser.open(f"/projects/{project}/data?task={task}")
     browser.find('img[alt="image"]')
@@ -369,24 +428,14 @@ def test_prediction_score_column_shows_our_scores(studio: Studio, browser: Brows
     """The data manager averages only predictions of the project's model_version: the backend keeps it equal to the
     version it serves, so the column holds our scores."""
     data_manager(browser, studio.small)
-    browser.find_text("Columns", "button").click()
-    browser.find_text("Prediction score", "span").click()  # the data manager's view keeps the column on reload
-    browser.find_text("Columns", "button").click()  # close the menu
+    show_column(browser, "Prediction score")
 
     def cells() -> dict[int, str | None]:
-        header = browser.find_text("Prediction score", "*")
-        out = {}
-        for task in retrieved:
-            row = browser.find(f'input[aria-label="Select Task {task}"]')
-            out[task] = browser.driver.execute_script("""
-                const [h, r] = arguments; const hb = h.getBoundingClientRect(), rb = r.getBoundingClientRect();
-                const e = document.elementFromPoint(hb.left + hb.width / 2, rb.top + rb.height / 2);
-                return e ? e.innerText : null;""", header, row)
-        return out
+        return column_cells(browser, "Prediction score", list(retrieved))
 
     def numbers() -> dict[int, str] | None:
         read = cells()
-        return read if all(t and re.fullmatch(r"\s*\d+(\.\d+)?\s*", t) for t in read.values()) else None
+        return read if all(map(is_number, read.values())) else None
 
     def reloaded_numbers() -> dict[int, str] | None:
         data_manager(browser, studio.small)
@@ -476,14 +525,82 @@ def test_brush_stroke_submitted_is_stored_with_the_phrase_just_typed(studio: Stu
     assert got == [("player", phrase, "typed")], f"the stroke is stored as {got}, typed last: {phrase!r}"
 
 
+def test_run_over_the_budget_is_seen_queued_then_done_on_the_model_card(studio: Studio, browser: Browser):
+    """The annotator's whole story of a run over the budget, in the UI only: queued (no worker yet), taken by a
+    real `clipseg worker`, done; then the predictions and their scores in the data manager. Runs before the big
+    project's test, whose run must find no worker: this one's worker is stopped at its end."""
+    from finetune.triggers import PRELABEL_QUEUE  # the worker takes pre-label jobs only, no queued fine-tune
+
+    version = requests.get(f"{studio.budgeted.base_url}/health", timeout=10).json()["model_version"]
+    data_manager(browser, studio.ending)
+    retrieve_predictions(browser, None)
+    queued = rf"clipseg · pre-label run of {N_ENDING} tasks queued \(waiting for a worker\)"
+    wait_until(lambda: re.search(queued, model_card(browser, studio.ending)), 30,
+               f"the queued notice on the model card\n{studio.logs(studio.budgeted)}", interval=1)
+    browser.save("docs-ending-run-queued")
+    assert studio.client.predictions(studio.ending) == []  # /predict stored nothing: it queued the run
+    worker = ManagedProcess(
+        [*clipseg_command(), "worker", "--name", "browser-worker", "--queues", PRELABEL_QUEUE],
+        env={"MODEL": studio.budgeted.env["MODEL"], "DATA_DIR": str(studio.tmp / "data-worker"),
+             "REDIS_URL": REDIS_TEST_URL, "LABEL_STUDIO_URL": studio.ls.url,
+             "LABEL_STUDIO_API_KEY": studio.ls.legacy_token, "LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, log_path=studio.tmp / "worker.log", name="worker")
+    try:
+        worker.start()
+        seen: list[str] = []
+
+        def done() -> bool:
+            text = model_card(browser, studio.ending)
+            progress = re.search(rf"pre-labelling: (\d+) of {N_ENDING} tasks done", text)
+            # A reload that catches the run going is worth a picture, not a condition (the tiny model is fast);
+            # one with some tasks done beats the first "0 of 12".
+            if progress and (not seen or (progress.group(0) not in seen and 0 < int(progress.group(1)) < N_ENDING)):
+                browser.save("docs-ending-run-progress")
+            if progress and progress.group(0) not in seen:
+                seen.append(progress.group(0))
+            return bool(re.search(rf"clipseg · {N_ENDING} tasks pre-labelled at \d\d:\d\d UTC with "
+                                  rf"{re.escape(version)}", text))
+
+        # (each reload costs the browser a second of CPU the worker needs on a small machine: not much faster)
+        wait_until(done, 90, f"the done notice on the model card\n{studio.logs(studio.budgeted, worker)}",
+                   interval=1.5)
+        browser.save("docs-ending-run-done")
+        print(f"\n[browser] progress titles seen on reloads: {seen or 'none'}")
+    finally:
+        worker.stop()
+    preds = studio.client.predictions(studio.ending)
+    assert sorted(p["task"] for p in preds) == studio.ending_tasks, preds  # one each
+    assert {p["model_version"] for p in preds} == {version}
+    # The data manager, reloaded as the notice says: the footer counts them, each row in view shows its score (the
+    # run's end set the project's model_version to the version it wrote; each title change makes Label Studio set
+    # it to the title for a moment, until its /setup call lets the backend set it back: hence the wait).
+    data_manager(browser, studio.ending)
+    show_column(browser, "Prediction score")
+    footer = re.compile(rf"Predictions:\s*{N_ENDING}\b")
+    wait_until(lambda: footer.search(browser.find("body").text), 10,
+               f"{footer.pattern!r} in the data manager's footer")
+    in_view = [t for t in studio.ending_tasks if browser.driver.execute_script(
+        "const b = arguments[0].getBoundingClientRect(); return b.bottom < window.innerHeight - 40",
+        browser.find(f'input[aria-label="Select Task {t}"]'))]
+    assert len(in_view) >= 3, in_view
+    scores = {p["task"]: p["score"] for p in preds}
+
+    def numbers() -> dict[int, str] | None:
+        read = column_cells(browser, "Prediction score", in_view)
+        return read if all(map(is_number, read.values())) else None
+
+    read = wait_until(numbers, 10, "the rows' prediction scores")
+    browser.save("docs-ending-score-column")
+    for task, text in read.items():
+        assert float(text) == pytest.approx(scores[task], abs=0.001), (task, text, scores[task])
+
+
 def test_selection_over_the_budget_shows_the_queued_run_on_the_model_card(studio: Studio, browser: Browser):
     data_manager(browser, studio.big)
     retrieve_predictions(browser, None)
 
     def card_title() -> str | None:
-        browser.open(f"/projects/{studio.big}/settings/ml")
-        browser.find_text("Connected", "*")
-        text = browser.driver.find_element("css selector", "body").text
+        text = model_card(browser, studio.big)
         return text if "pre-label run" in text else None
 
     text = wait_until(card_title, 30, f"the run notice on the model card\n{studio.logs()}", interval=2)
