@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import random
 import time
@@ -33,6 +34,7 @@ from clipseg_model.feature_cache import FeatureCache, FrozenInputs
 from clipseg_model.image_io import to_display_rgb
 from clipseg_model.loading import load_model, resolve_device
 from clipseg_model.segmenter_base import SegmentationModel
+from finetune import mixing
 from finetune import replay as replay_sources
 from finetune.samples import ReferringSample
 from finetune.spec import FinetuneSpec
@@ -115,7 +117,8 @@ def corrections_as_samples(store, project: str) -> tuple[list[ReferringSample], 
         if image.size != (s.mask.shape[1], s.mask.shape[0]):
             log.warning("correction %s: mask %s does not fit image %s; skipped", s.annotation_id, s.mask.shape, image.size)
             continue
-        out.append(ReferringSample(image, s.prompt, s.mask, "correction", {"annotation": s.annotation_id, "task": s.task_id}))
+        out.append(ReferringSample(image, s.prompt, s.mask, "correction",
+                                   {"annotation": s.annotation_id, "task": s.task_id, mixing.SEQ: s.seq}))
     return out, watermark
 
 
@@ -150,14 +153,19 @@ def training_target(sample: ReferringSample, size: int) -> torch.Tensor:
 def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample], steps: int, batch_size: int = 4,
                     lr: float = 1e-4, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
                     frozen: FrozenInputs | None = None, recipe: TrainConfig = FINETUNE_RECIPE,
-                    anchor_weight: float = 0.0) -> list[float]:
+                    anchor_weight: float = 0.0, weights: Sequence[float] | None = None) -> list[float]:
     """Fine-tune the trainable part of `model` in place with `finetune.optimization.training_step`; returns the loss
     per step. With `frozen`, steps run on the cached frozen features (same losses as the full forward pass).
 
     `anchor_weight` > 0 adds L2-SP anchoring: anchor_weight x the sum over trainable tensors of the squared
     distance to the starting (parent) weights, so the candidate moves only as far from what it knew as the
     corrections pay for (Li et al. 2018, "Explicit inductive bias for transfer learning").
+
+    `weights` (one per sample, finetune.mixing.sample_weights): each batch is drawn with these probabilities
+    instead of uniformly (None: uniformly).
     """
+    if weights is not None and len(weights) != len(samples):
+        raise ValueError(f"{len(weights)} weights for {len(samples)} samples")
     cfg = recipe.replace(lr=lr, batch_size=batch_size, steps=steps)
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -175,9 +183,13 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
     if anchor_weight > 0:
         start = [p.detach().clone() for p in params]
         anchor = lambda: anchor_weight * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))  # noqa: E731
+    cumulative = list(itertools.accumulate(weights)) if weights is not None else None
     losses = []
     for step in range(1, steps + 1):
-        picked = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
+        if weights is None:
+            picked = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
+        else:
+            picked = rng.choices(samples, cum_weights=cumulative, k=batch_size)
         masks = torch.stack([training_target(s, size) for s in picked]).to(device)
         if frozen is not None:
             forward = lambda: frozen.logits([s.image for s in picked], [s.phrase for s in picked], model)  # noqa: E731
@@ -220,6 +232,25 @@ class _Progress:
 
 
 # ---- the job -----------------------------------------------------------------------------------------------------
+def parent_watermark(registry, parent_version: str | None, project: str) -> int | None:
+    """The correction watermark of `project` the parent version was trained to (`samples["trained_upto"]` of its
+    record): 0 where it was trained on none of them (the base model, a base record, another project's version),
+    None where unknown (a version recorded before
+    the watermark was, or no record): then every correction counts as new (finetune.mixing.split_new)."""
+    if parent_version is None:
+        return 0
+    from finetune.versions import UnknownVersionError
+
+    try:
+        record = registry.get(parent_version)
+    except UnknownVersionError:
+        return None
+    if record.status == "base" or (record.project is not None and str(record.project) != str(project)):
+        return 0
+    upto = record.samples.get("trained_upto")
+    return int(upto) if upto is not None else None
+
+
 def _replay(spec: FinetuneSpec, source: replay_sources.ReplaySource, n_replay: int, seed: int, data_dir: Path,
             parent: SegmentationModel, frozen: FrozenInputs, corrections: Sequence[ReferringSample],
             ) -> tuple[list[ReferringSample], list[ReferringSample]]:
@@ -290,6 +321,7 @@ def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None
     if active is None:  # the first fine-tune: record the base model so that `clipseg rollback` can return to it
         registry.record_base(parent.version, str(parent_path))
     parent_version = parent_version or parent.version
+    trained_upto = parent_watermark(registry, active[0] if active else None, project)
     gate_threshold = spec.threshold if spec.threshold is not None else DEFAULT_THRESHOLD
 
     precision = precision_policy(device)
@@ -306,10 +338,13 @@ def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None
     parent_base = evaluate_on(parent, base_val, frozen, gate_threshold) if base_val else EvalResult({"n": 0})
     del parent
     candidate = load_model(parent_path, device)
-    progress.stage("training", 0.2, f"{len(train)} corrections + {len(replay)} replayed samples ({source.kind})")
+    new, learnt = mixing.split_new(train, trained_upto)
+    mix, weights, shares = mixing.sample_weights(new, learnt, replay, spec.replay_ratio)
+    progress.stage("training", 0.2, f"{len(train)} corrections ({len(new)} new since the parent, drawn "
+                   f"{shares.new:.0%}) + {len(replay)} replayed samples ({source.kind})")
     train_started = time.perf_counter()
-    losses = train_candidate(candidate, train + replay, spec.steps, spec.batch_size, spec.lr, seed=spec.seed,
-                             on_step=progress.step, frozen=frozen, anchor_weight=spec.anchor_weight)
+    losses = train_candidate(candidate, mix, spec.steps, spec.batch_size, spec.lr, seed=spec.seed,
+                             on_step=progress.step, frozen=frozen, anchor_weight=spec.anchor_weight, weights=weights)
     train_s = time.perf_counter() - train_started
 
     progress.stage("evaluating", 0.85, "scoring the candidate")
@@ -328,11 +363,14 @@ def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None
     metrics = {"corrections_miou": cand_held.metrics["miou"], "base_miou": kept.candidate_score,
                "parent_corrections_miou": parent_held.metrics["miou"], "parent_base_miou": kept.parent_score,
                "forgetting": asdict(kept), "anchor_weight": spec.anchor_weight,
+               "mix": {"new": len(new), "learnt": len(learnt), **{f"share_{k}": round(v, 4) for k, v in asdict(shares).items()}},
                "final_loss": losses[-1] if losses else None, "steps": spec.steps, "lr": spec.lr,
                "threshold": threshold, "threshold_sweep": threshold_info, "evidence": asdict(evidence),
                "replay_source": source.kind, "train_seconds": round(train_s, 2),
                "job_seconds": round(time.perf_counter() - started, 2), "features_computed": frozen.computed_images}
-    counts = {"corrections": len(train), "held_out": len(held), "replay": len(replay), "base_val": len(base_val)}
+    # trained_upto: corrections with seq <= it were in this version's data (the next fine-tune's "learnt")
+    counts = {"corrections": len(train), "held_out": len(held), "replay": len(replay), "base_val": len(base_val),
+              "new_corrections": len(new), "trained_upto": watermark}
 
     progress.stage("saving", 0.95, reason)
     path = models_dir / version
