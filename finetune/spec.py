@@ -33,7 +33,8 @@ class FinetuneSpec:
         steps / lr / batch_size: optimizer steps, AdamW learning rate, samples per step.
         replay: where replayed base data comes from: "auto" (local RefCOCO, else the fetched replay subset, else
             REPLAY_SHAPES when set, else self-distillation), or one source by name, or "none".
-        replay_ratio: replayed base samples per training correction.
+        replay_ratio: replayed base samples per training correction; also sets the draws' share of the corrections
+            newer than the parent, 1 / (1 + replay_ratio) (finetune.mixing).
         refcoco_dir: a local RefCOCO in any of the three formats (finetune.refcoco), "" for none.
         replay_shapes: generator options (JSON) of a model trained on generated shapes, "" for none.
         distill_phrases: phrases the parent is asked about on the project's images (self-distillation).
