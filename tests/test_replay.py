@@ -126,7 +126,8 @@ def test_job_records_its_replay_source_and_evidence(redis_conn, redis_url, tiny_
     assert rec.samples["replay"] == rec.samples["corrections"] > 0
     ev = rec.metrics["evidence"]
     assert ev["n"] == rec.samples["held_out"] >= 3 and ev["min_n"] == 3
-    assert rec.status in ("promoted", "rejected") and summary["status"] == rec.status
+    # the gate has three outcomes; with 12 corrections the forgetting budget may lack base evidence: inconclusive
+    assert rec.status in ("promoted", "rejected", "inconclusive") and summary["status"] == rec.status
     assert 0.1 <= rec.metrics["threshold"] <= 0.9
     assert load_model(rec.path, "cpu").calibrated_threshold == rec.metrics["threshold"]
     # the features of the project's images are on disk for the next fine-tune
