@@ -86,7 +86,10 @@ def measure(model: SegmentationModel, unseen: list[ReferringSample], known: list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500, help="training steps of each model")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of each model (after --shared-steps)")
+    parser.add_argument("--shared-steps", type=int, default=0,
+                        help="first train ONE text-only model this many steps; both models then start from it "
+                             "(a cheaper comparison on a busy machine: they differ in their last --steps only)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--visual-ratio", type=float, default=0.5, help="TrainConfig.visual_prompt_ratio")
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=100, help="held-out scenes per group")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", default="text_only,visual_mixed_in",
+                        help="which models to train (comma-separated; both for the comparison)")
     parser.add_argument("--quick", action="store_true", help="seconds-long: 3 steps, batch 4, 4 scenes per group")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
@@ -116,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = dict(image_size=preset.config.image_size, kinds=("color",), min_radius=0.12, max_radius=0.25,
                   min_objects=2, max_objects=4)
     init = build_random(preset, work / "init", args.seed, word_level_tokenizer(phrase_words()))
+    train_data = ShapesDataset(100_000, seed=1000 + args.seed, exclude_words={UNSEEN}, **shapes)
     unseen = list(ShapesDataset(args.val, seed=3000, require_words={UNSEEN}, **shapes))
     known = list(ShapesDataset(args.val, seed=4000, exclude_words={UNSEEN}, **shapes))
     examples = list(ShapesDataset(max(args.val, 20), seed=5000, require_words={UNSEEN}, **shapes))
@@ -124,17 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"text_only": base,
             "visual_mixed_in": base.replace(visual_prompt_ratio=args.visual_ratio, visual_prompt_mix=args.visual_mix,
                                             visual_prompt_shots=args.visual_shots, visual_prompt_mode=args.mode)}
+    shared_seconds = 0.0
+    if args.shared_steps > 0:
+        t0 = time.time()
+        trunk = train(load_model(init, "cpu"), train_data, None, base.replace(steps=args.shared_steps),
+                      work / "shared", "cpu", progress=sys.stderr.isatty())
+        init, shared_seconds = trunk.last_checkpoint, time.time() - t0
+        # the branches see other scenes than the trunk did, each the same ones
+        train_data = ShapesDataset(100_000, seed=1500 + args.seed, exclude_words={UNSEEN}, **shapes)
+    chosen = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not chosen or not set(chosen) <= set(runs):
+        parser.error(f"--runs: some of {', '.join(runs)}")
     models: dict[str, dict] = {}
-    for name, cfg in runs.items():
+    for name, cfg in ((n, runs[n]) for n in chosen):
         t0 = time.time()
         model = load_model(init, "cpu")
-        train_data = ShapesDataset(100_000, seed=1000 + args.seed, exclude_words={UNSEEN}, **shapes)
         result = train(model, train_data, None, cfg, work / name, "cpu", progress=sys.stderr.isatty())
         trained = time.time() - t0
         models[name] = {**measure(model, unseen, known, examples, args.shots, args.mode),
                         "final_loss": round(result.final_loss, 4), "train_seconds": round(trained, 1)}
         log.info("%s: %s", name, models[name])
-    visual, text_only = models["visual_mixed_in"], models["text_only"]
+    nothing = {key: float("nan") for key in ("unseen_text", "one_shot", "five_shot", "mixed", "self_shot", "known_text")}
+    visual, text_only = models.get("visual_mixed_in", nothing), models.get("text_only", nothing)
     load = [round(x, 2) for x in os.getloadavg()]
     summary = {key: visual[key] for key in ("unseen_text", "one_shot", "five_shot", "mixed", "known_text")}
     summary.update({
@@ -144,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_met": bool(visual["one_shot"] >= 0.60 and visual["unseen_text"] <= 0.1
                            and abs(visual["known_text"] - text_only["known_text"]) <= 0.01),
         "unseen_concept": UNSEEN, "shots": args.shots, "mode": args.mode,
-        "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "train": {"shared_steps": args.shared_steps, "shared_seconds": round(shared_seconds, 1), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                   "visual_prompt_ratio": args.visual_ratio, "visual_prompt_mix": args.visual_mix,
                   "visual_prompt_shots": args.visual_shots},
         "val_scenes": args.val, "models": models, "load_average": load, "threads": args.threads,
