@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=100, help="held-out scenes per group")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unseen-in-training", choices=("absent", "distractor"), default="absent",
+                        help="absent: training scenes never show the unseen colour; distractor: they show it, unnamed "
+                             "and never a target (the loop demo's setting: the model learns it is never the answer)")
     parser.add_argument("--runs", default="text_only,visual_mixed_in",
                         help="which models to train (comma-separated; both for the comparison)")
     parser.add_argument("--quick", action="store_true", help="seconds-long: 3 steps, batch 4, 4 scenes per group")
@@ -121,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     shapes = dict(image_size=preset.config.image_size, kinds=("color",), min_radius=0.12, max_radius=0.25,
                   min_objects=2, max_objects=4)
     init = build_random(preset, work / "init", args.seed, word_level_tokenizer(phrase_words()))
-    train_data = ShapesDataset(100_000, seed=1000 + args.seed, exclude_words={UNSEEN}, **shapes)
+    hidden = {"exclude_from_scenes": {UNSEEN}} if args.unseen_in_training == "absent" else {}
+    train_data = ShapesDataset(100_000, seed=1000 + args.seed, exclude_words={UNSEEN}, **hidden, **shapes)
     unseen = list(ShapesDataset(args.val, seed=3000, require_words={UNSEEN}, **shapes))
-    known = list(ShapesDataset(args.val, seed=4000, exclude_words={UNSEEN}, **shapes))
+    known = list(ShapesDataset(args.val, seed=4000, exclude_words={UNSEEN}, **hidden, **shapes))
     examples = list(ShapesDataset(max(args.val, 20), seed=5000, require_words={UNSEEN}, **shapes))
     base = TRAIN_PRESETS["improved"].replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps,
                                              warmup_fraction=0.03, log_every=25, seed=args.seed)
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                       work / "shared", "cpu", progress=sys.stderr.isatty())
         init, shared_seconds = trunk.last_checkpoint, time.time() - t0
         # the branches see other scenes than the trunk did, each the same ones
-        train_data = ShapesDataset(100_000, seed=1500 + args.seed, exclude_words={UNSEEN}, **shapes)
+        train_data = ShapesDataset(100_000, seed=1500 + args.seed, exclude_words={UNSEEN}, **hidden, **shapes)
     chosen = [r.strip() for r in args.runs.split(",") if r.strip()]
     if not chosen or not set(chosen) <= set(runs):
         parser.error(f"--runs: some of {', '.join(runs)}")
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "one_shot_text_only": text_only["one_shot"], "self_shot": visual["self_shot"],
         "target_met": bool(visual["one_shot"] >= 0.60 and visual["unseen_text"] <= 0.1
                            and abs(visual["known_text"] - text_only["known_text"]) <= 0.01),
-        "unseen_concept": UNSEEN, "shots": args.shots, "mode": args.mode,
+        "unseen_concept": UNSEEN, "unseen_in_training": args.unseen_in_training, "shots": args.shots, "mode": args.mode,
         "train": {"shared_steps": args.shared_steps, "shared_seconds": round(shared_seconds, 1), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                   "visual_prompt_ratio": args.visual_ratio, "visual_prompt_mix": args.visual_mix,
                   "visual_prompt_shots": args.visual_shots},
