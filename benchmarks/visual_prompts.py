@@ -1,8 +1,8 @@
 """Visual-prompt benchmark (issue 28): a concept no training phrase names, segmented from ONE example region.
 
 1. Two models of the loop demo's kind (`small-film` at 64 px, everything random-initialised and trained on the CPU)
-   are trained from the same random start on generated colour phrases that never say "green" (green shapes appear,
-   unnamed, and are never a target): one on phrases only, one with visual prompts mixed in
+   are trained from the same random start on generated colour phrases that never say "green" (no training scene
+   shows green; `--unseen-in-training distractor`: green shapes appear, unnamed, never a target): one on phrases only, one with visual prompts mixed in
    (`TrainConfig.visual_prompt_ratio`: a share of the phrases is conditioned on an engineered crop of another object
    of the same colour in the batch instead of, or mixed with, the text; `finetune.visual_training`).
 2. On held-out scenes with one green shape, each model is asked for it (`ExemplarSegmenter`, the serving path) by
