@@ -20,6 +20,7 @@ from transformers import CLIPModel
 from clipseg_model.config import ModelConfig
 from clipseg_model.segmenter_base import ImageFeatures, SegmentationModel, run_vision_layers
 from clipseg_model.text import tokenize
+from clipseg_model.visual_prompt import VisualPrompts
 
 
 # Fixed offset of the alignment logits: with cosines near 0 at the start, every token begins well on the background
@@ -360,12 +361,14 @@ class FilmDecoderModel(SegmentationModel):
         return F.binary_cross_entropy_with_logits(logits, covered.float())
 
     def forward_with_alignment(self, pixel_values: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor,
-                               image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                               image_index: torch.Tensor | None = None,
+                               visual: VisualPrompts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training path with text-token alignment: B images, P phrases (phrase p on image `image_index[p]`,
-        default p), (P, H, W) target masks → (logits (P, S_out, S_out), alignment loss scalar)."""
+        default p), (P, H, W) target masks → (logits (P, S_out, S_out), alignment loss scalar); tokens align
+        with each phrase's condition (its visual prompt where `visual` gives one)."""
         if self.align_head is None:
             return super().forward_with_alignment(pixel_values, prompts, masks, image_index)  # raises: no head
-        text = self.encode_text(prompts)
+        text = self.conditions(prompts, visual)
         x, stem = self.image_tokens(self.encode_images(pixel_values))
         rows = x if image_index is None else x.index_select(0, image_index.to(x.device))  # (P, 1 + N, d_model)
         return self.decode_tokens(x, stem, text, image_index), self.alignment_loss(rows, text, masks.to(x.device))

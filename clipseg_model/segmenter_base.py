@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from clipseg_model.config import ModelConfig
+from clipseg_model.visual_prompt import VisualPrompts, condition_with
 
 
 @dataclass
@@ -151,19 +152,32 @@ class SegmentationModel(nn.Module):
 
     # ---- shared behaviour ----------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor | None = None,
-                image_index: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                image_index: torch.Tensor | None = None,
+                visual: VisualPrompts | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training path: B images and P phrases → logits (P, S_out, S_out). Phrase p refers to image
         `image_index[p]` ((P,) long); without it P == B, one phrase per image.
 
         With `masks` (P, H, W) (the targets): (logits, text-token alignment loss), for models that have the
-        alignment head (see `forward_with_alignment`)."""
+        alignment head (see `forward_with_alignment`). With `visual`, the phrases it names are conditioned on
+        example crops instead of (or mixed with) their text (`conditions`)."""
         check_image_index(pixel_values.shape[0], len(prompts), image_index)
         if masks is not None:
-            return self.forward_with_alignment(pixel_values, prompts, masks, image_index)
-        return self.decode(self.encode_images(pixel_values), self.encode_text(prompts), image_index)
+            return self.forward_with_alignment(pixel_values, prompts, masks, image_index, visual)
+        return self.decode(self.encode_images(pixel_values), self.conditions(prompts, visual), image_index)
+
+    def conditions(self, prompts: Sequence[str], visual: VisualPrompts | None = None) -> torch.Tensor:
+        """What the decoder is conditioned on for P phrases: `encode_text`'s embeddings, with `visual`'s example
+        crops mixed into the phrases it names (`visual_prompt.condition_with`; pooled embeddings only)."""
+        text = self.encode_text(prompts)
+        if visual is None or not len(visual):
+            return text
+        if getattr(self.config, "word_attention", False):
+            raise ValueError("visual prompts with word_attention models are not supported yet")
+        return condition_with(self, text, visual)
 
     def forward_with_alignment(self, pixel_values: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor,
-                               image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                               image_index: torch.Tensor | None = None,
+                               visual: VisualPrompts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` with masks (prompts already checked against images): (logits, alignment loss); only the
         film-decoder built with `text_alignment` has it."""
         raise ValueError(f"{type(self).__name__} has no text-token alignment head (text_alignment)")

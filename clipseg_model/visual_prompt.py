@@ -13,6 +13,7 @@ Both families expose the projected CLIP under `.hf.clip` (clipseg-rd64) or `.cli
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -84,11 +85,12 @@ def _projected_clip(model: torch.nn.Module) -> torch.nn.Module:
     return clip
 
 
-def encode_visual(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def encode_visual(model: torch.nn.Module, pixel_values: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """V preprocessed example images (V, 3, S, S) → (V, projection_dim) embeddings in the text-embedding space
-    (one full vision pass each, under no_grad: the vision tower stays frozen, as for text)."""
+    (one full vision pass each). Under no_grad unless `grad` (training a model whose vision tower trains: the
+    gradient of a visual-prompt row then reaches the tower, as a phrase's reaches a trained text tower)."""
     clip = _projected_clip(model)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         out = clip.get_image_features(pixel_values=pixel_values)
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
@@ -109,3 +111,40 @@ def mix(text: torch.Tensor | None, visual: torch.Tensor, visual_weight: float = 
     if text is None:
         return prototype
     return (1.0 - visual_weight) * text.float().reshape(1, -1) + visual_weight * prototype
+
+
+@dataclass
+class VisualPrompts:
+    """The visual prompts of a training batch: V engineered example crops, each conditioning one of its P phrases
+    (several crops for one phrase average into a k-shot prototype, as `mix` does at inference).
+
+    Attributes:
+        pixel_values: (V, 3, S, S) float32, the crops through `model.preprocess`.
+        index: (V,) long, the phrase each crop conditions.
+        weight: (V,) float32 in [0, 1], the visual weight w of its phrase (every crop of one phrase has the same):
+            the condition is (1 - w) * text + w * mean of the phrase's crops.
+    """
+
+    pixel_values: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+def condition_with(model: torch.nn.Module, text: torch.Tensor, prompts: VisualPrompts) -> torch.Tensor:
+    """(P, D) phrase embeddings → (P, D) conditions with `prompts` mixed into the phrases they name (the others
+    unchanged). The crops go through the vision tower with autograd when it trains (`model.vision_grad()`)."""
+    if text.dim() != 2:
+        raise ValueError("visual prompts need pooled (P, D) phrase embeddings (not word_attention's packed ones)")
+    device = text.device
+    visual = encode_visual(model, prompts.pixel_values.to(device), grad=model.vision_grad()).to(text.dtype)  # (V, D)
+    index = prompts.index.to(device)
+    sums = torch.zeros_like(text).index_add(0, index, visual)  # (P, D)
+    counts = torch.zeros(text.shape[0], device=device, dtype=text.dtype).index_add(
+        0, index, torch.ones_like(index, dtype=text.dtype))
+    weight = torch.zeros(text.shape[0], device=device, dtype=text.dtype)
+    weight[index] = prompts.weight.to(device, text.dtype)
+    prototype = sums / counts.clamp(min=1)[:, None]
+    return (1 - weight[:, None]) * text + weight[:, None] * prototype

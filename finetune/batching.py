@@ -16,7 +16,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clipseg_model.segmenter_base import SegmentationModel
+from clipseg_model.visual_prompt import VisualPrompts
 from finetune.samples import ReferringDataset, ReferringSample, SceneGroup
+from finetune.visual_training import VisualPromptRecipe, visual_prompts
 
 # Words whose meaning a horizontal flip inverts ("left", "leftmost", "right-hand", ...: whole words that start with
 # left/right, so "bright" and "upright" are not). A flipped image with an unchanged "the leftmost circle" would teach
@@ -35,12 +37,14 @@ class Batch:
             boundary pixels carry the covered fraction (a soft target BCE handles).
         image_index: (P,) long, the image each phrase refers to, where some image has several phrases (items
             that are scene groups); None when P == B, phrase p on image p.
+        visual: with a visual-prompt recipe, the crops that condition some of the P phrases (None: text only).
     """
 
     pixel_values: torch.Tensor
     phrases: list[str]
     masks: torch.Tensor
     image_index: torch.Tensor | None = None
+    visual: VisualPrompts | None = None  # example crops conditioning some phrases (`finetune.visual_training`)
 
     def __len__(self) -> int:
         return len(self.phrases)
@@ -60,9 +64,11 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     return out[0, 0]
 
 
-def collate(items: Sequence[ReferringSample | SceneGroup], model: SegmentationModel) -> Batch:
+def collate(items: Sequence[ReferringSample | SceneGroup], model: SegmentationModel,
+            visual: VisualPromptRecipe | None = None) -> Batch:
     """Samples or scene groups (several phrases of one image) → `Batch`: each image once through
-    `model.preprocess`, masks at the model's output size, `image_index` where a group has more than one phrase."""
+    `model.preprocess`, masks at the model's output size, `image_index` where a group has more than one phrase,
+    and with a `visual` recipe the example crops of the samples drawn for one (`visual_training.visual_prompts`)."""
     size = model.config.output_size
     groups = [list(item) if isinstance(item, (list, tuple)) else [item] for item in items]
     if any(not group for group in groups):
@@ -73,7 +79,8 @@ def collate(items: Sequence[ReferringSample | SceneGroup], model: SegmentationMo
     image_index = None
     if len(samples) != len(groups):
         image_index = torch.tensor([i for i, group in enumerate(groups) for _ in group], dtype=torch.long)
-    return Batch(pixel_values, [s.phrase for s in samples], masks, image_index)
+    prompts = visual_prompts(samples, model, visual) if visual is not None else None
+    return Batch(pixel_values, [s.phrase for s in samples], masks, image_index, prompts)
 
 
 def mirror_phrase(phrase: str) -> str:
@@ -116,8 +123,9 @@ class Augmented:
 
 
 def make_loader(dataset: ReferringDataset, model: SegmentationModel, batch_size: int, indices: Sequence[int],
-                num_workers: int = 0, seed: int = 0) -> DataLoader:
-    """A DataLoader over `dataset[indices]` in that order, yielding `Batch`es.
+                num_workers: int = 0, seed: int = 0, visual: VisualPromptRecipe | None = None) -> DataLoader:
+    """A DataLoader over `dataset[indices]` in that order, yielding `Batch`es (with `visual`: their visual prompts,
+    from samples that carry `visual_training.VisualPromptDraws`' draws).
 
     The collate function holds the model only for `preprocess` (CPU work); with worker processes it is shared by
     fork, not copied. `generator` is fixed so creating the loader draws nothing from torch's global RNG (which
@@ -125,6 +133,6 @@ def make_loader(dataset: ReferringDataset, model: SegmentationModel, batch_size:
     """
     return DataLoader(
         dataset, batch_size=batch_size, sampler=list(indices), num_workers=num_workers,
-        collate_fn=functools.partial(collate, model=model), generator=torch.Generator().manual_seed(seed),
+        collate_fn=functools.partial(collate, model=model, visual=visual), generator=torch.Generator().manual_seed(seed),
         persistent_workers=False, pin_memory=False,
     )

@@ -33,6 +33,13 @@ class TrainConfig:
     hflip: float = 0.0  # probability of a horizontal flip (left/right words swapped); off by default
     phrases_per_image: int = 0  # k >= 2: a training item is up to k phrases of one image (a SceneGroup, encoded
     # once; the step must tell the image's objects apart by phrase alone) and batch_size counts images; 0: one each
+    # Visual prompts mixed in (CLIPSeg's recipe; `finetune.visual_training`): this share of the phrases is
+    # conditioned on engineered crops of another instance of its concept (or of its own target) instead of its text;
+    # visual_prompt_mix of those mix the crop with the text at a random weight; 1..visual_prompt_shots crops each.
+    visual_prompt_ratio: float = 0.0  # 0: phrases only (and the loop is exactly the text-only one)
+    visual_prompt_mix: float = 0.5
+    visual_prompt_shots: int = 1
+    visual_prompt_mode: str = "crop_blur_darken"  # visual_prompt.ENGINEERING
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32
     seed: int = 0
 

@@ -36,7 +36,7 @@ from finetune.shape_render import Scene, SceneObject, render_scene
 __all__ = [  # the public names, re-exported from the render and phrase modules too
     "BACKGROUNDS", "COLORS", "FILLER_WORDS", "KINDS", "SHAPES", "Candidate", "Scene", "SceneObject", "ShapesConfig",
     "ShapesDataset", "candidate_phrases", "concept_vocabulary", "generate", "generate_scene", "phrase_words",
-    "render_scene",
+    "render_scene", "visual_concept",
 ]
 
 def _forced_attributes(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[str | None, str | None]:
@@ -66,6 +66,22 @@ def _choose(rng: np.random.Generator, cands: Sequence[Candidate]) -> Candidate:
     kind = kinds[int(rng.integers(len(kinds)))]
     pool = [c for c in cands if c.kind == kind]
     return pool[int(rng.integers(len(pool)))]
+
+
+def visual_concept(objects: Sequence[SceneObject], choice: Candidate) -> str | None:
+    """What an example crop of the phrase's target shows that picks it out of its scene (`meta["concept"]`): the
+    phrase's own colour and/or shape for those kinds ("red", "red circle", "circle"), for position and size phrases
+    the target's colour + shape where no other object has both, else None (no example stands for "the leftmost
+    circle"). Training with visual prompts pairs samples of one concept (`finetune.visual_training`)."""
+    target = objects[choice.target]
+    if choice.kind == "color":
+        return target.color
+    if choice.kind == "shape":
+        return target.shape
+    look = f"{target.color} {target.shape}"
+    if choice.kind == "color_shape" or sum(o.color == target.color and o.shape == target.shape for o in objects) == 1:
+        return look
+    return None
 
 
 def generate_scene(seed: int, index: int, cfg: ShapesConfig, phrases: int) -> list[ReferringSample]:
@@ -102,7 +118,8 @@ def generate_scene(seed: int, index: int, cfg: ShapesConfig, phrases: int) -> li
                 mask=scene.objects[choice.target].mask.copy(),
                 source="shapes",
                 meta={"seed": int(seed), "index": int(index), "kind": choice.kind, "words": sorted(choice.words),
-                      "target": choice.target, "objects": objects, "attempts": attempt + 1},
+                      "target": choice.target, "objects": objects, "attempts": attempt + 1,
+                      "concept": visual_concept(scene.objects, choice)},
             )
             for choice in chosen
         ]

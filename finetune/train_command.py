@@ -174,6 +174,13 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     train.add_argument("--phrases-per-image", type=int, default=None,
                        help="k >= 2: train on up to k phrases of one image together (the image encoded once; "
                             "--batch-size then counts images); 0: one phrase per item")
+    train.add_argument("--visual-prompt-ratio", type=float, default=None,
+                       help="share of phrases conditioned on an example crop of their concept instead of (or mixed "
+                            "with) the text, so the model also takes visual prompts (CLIPSeg's recipe; default 0)")
+    train.add_argument("--visual-prompt-mix", type=float, default=None,
+                       help="share of those mixed with their phrase at a random weight (default 0.5)")
+    train.add_argument("--visual-prompt-shots", type=int, default=None,
+                       help="up to this many example crops per such phrase, averaged (default 1)")
     train.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too")
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.csv, loss.png)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -187,7 +194,7 @@ def _train_config(args: argparse.Namespace):
     cfg = train_preset(args.preset)
     changes: dict[str, Any] = {}
     for name in ("steps", "epochs", "batch_size", "lr", "eval_every", "num_workers", "seed", "align_weight", "hflip",
-                 "phrases_per_image"):
+                 "phrases_per_image", "visual_prompt_ratio", "visual_prompt_mix", "visual_prompt_shots"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value

@@ -45,6 +45,7 @@ from finetune.recipe import TrainConfig
 from finetune.report import CSVMetricsLogger, write_loss_curve
 from finetune.samples import ReferringDataset
 from finetune.train_state import STATE_DIR, load_train_state, save_train_state
+from finetune.visual_training import VisualPromptDraws, VisualPromptRecipe
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,13 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
     """
     if cfg.align_weight and not model.config.text_alignment:
         raise ClipsegError("align_weight needs a model built with text_alignment (the film-decoder's alignment head)")
+    try:
+        visual = VisualPromptRecipe.from_config(cfg)
+    except ValueError as exc:
+        raise ClipsegError(str(exc)) from exc
+    if visual is not None and getattr(model.config, "word_attention", False):
+        raise ClipsegError("visual_prompt_ratio > 0 needs a model without word_attention (visual prompts condition "
+                           "through the pooled embedding only)")
     started = time.time()
     out = Path(out_dir)
     device = torch.device(device)
@@ -223,13 +231,18 @@ def train(model: SegmentationModel, train_data: ReferringDataset, val_data: Refe
             sampler.set_epoch(epoch)
             indices = list(sampler)[offset * cfg.batch_size :]
             data = Augmented(train_data, cfg.hflip, cfg.seed, epoch) if cfg.hflip > 0 else train_data
-            loader = make_loader(data, model, cfg.batch_size, indices, cfg.num_workers, seed=cfg.seed + epoch)
+            if visual is not None:
+                data = VisualPromptDraws(data, visual, cfg.seed, epoch)
+            loader = make_loader(data, model, cfg.batch_size, indices, cfg.num_workers, seed=cfg.seed + epoch,
+                                 visual=visual)
             for batch in loader:
                 masks = batch.masks.to(device)
                 pixels = batch.pixel_values.to(device, non_blocking=True)
                 image_index = batch.image_index.to(device) if batch.image_index is not None else None
+                # Only a batch with visual prompts passes them: the text-only call stays the one it always was
+                extra = {"visual": batch.visual} if batch.visual is not None else {}
                 forward = functools.partial(ddp_model, pixels, batch.phrases, masks if cfg.align_weight else None,
-                                            image_index)
+                                            image_index, **extra)
                 loss, lr = training_step(forward, masks, optimizer, scheduler, scaler, params, precision, cfg)
                 step += 1
                 value = float(loss.detach())

@@ -121,3 +121,24 @@ def test_loop_demo_runs_rounds_for_real_and_reports_each(tmp_path, replay):
     for r in rounds:
         assert f"round {r['round']} '{r['concept']}': new {r['new_before']:.3f} -> {r['new_after']:.3f}" in done.stdout
     assert "cumulative drop" in done.stdout
+
+
+def test_visual_prompts_benchmark_runs_for_real_in_quick_mode(tmp_path):
+    """benchmarks/visual_prompts.py --quick: both models trained (3 steps each) and measured through the serving
+    path (ExemplarSegmenter); the JSON and the printed summary hold the issue-28 keys, every mIoU in [0, 1]."""
+    out_json = tmp_path / "visual.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "visual_prompts.py"), "--quick",
+                           "--json", str(out_json)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout[:done.stdout.rindex("}") + 1])
+    summary = json.loads(out_json.read_text())
+    assert printed == summary
+    keys = ("unseen_text", "one_shot", "five_shot", "mixed", "known_text")
+    for key in keys:
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert set(summary["models"]) == {"text_only", "visual_mixed_in"}
+    for model in summary["models"].values():
+        assert set(keys) <= set(model)
+    assert summary["known_text_delta"] == pytest.approx(summary["known_text"] - summary["known_text_text_only"], abs=1e-4)
+    assert summary["train"]["visual_prompt_ratio"] > 0 and summary["quick"] is True
+    assert f"one example {summary['one_shot']:.3f}" in done.stdout

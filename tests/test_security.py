@@ -167,7 +167,7 @@ def test_right_password_opens_every_endpoint(locked):
 
 def test_credentials_are_compared_in_constant_time():
     """The auth hook compares user and password with hmac.compare_digest, both always, and never with ==."""
-    source = inspect.getsource(backend.http.app.create_app)
+    source = inspect.getsource(backend.http.app._auth_and_reload)  # the auth hook, a module-level view since issue 25
     tree = ast.parse(source.lstrip())
     compare_digest = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "compare_digest"]
     assert len(compare_digest) >= 2
