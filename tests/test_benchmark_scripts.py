@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "__init__.py")
-RUN_FOR_REAL = {"faults.py", "finetune_speed.py", "learning_cpu.py", "load.py", "loop_demo.py"}
+RUN_FOR_REAL = {"faults.py", "finetune_speed.py", "learning_cpu.py", "load.py", "loop_demo.py", "visual_prompts.py"}
 # A real run of these starts Label Studio (tests/e2e/ls_harness.py: a venv built on first use, minutes, and a
 # server the e2e tests own); here they only start. The pre-label path they time is run for real in tests/e2e.
 NEEDS_LABEL_STUDIO = {"prelabel_throughput.py"}
