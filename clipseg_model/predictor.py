@@ -33,6 +33,12 @@ class MaskPrediction:
     mask: np.ndarray  # (H, W) bool, probability > threshold
     score: float  # mean probability inside the mask (0 when empty): low = uncertain, review first
 
+    @classmethod
+    def of(cls, prompt: str, probability: np.ndarray, mask: np.ndarray) -> "MaskPrediction":
+        """The prediction of `prompt` for an (H, W) probability map and its (H, W) bool mask, scored by the rule
+        above (the one home of the score)."""
+        return cls(prompt, probability, mask, float(probability[mask].mean()) if mask.any() else 0.0)
+
 
 @dataclass
 class _Request:
@@ -304,9 +310,7 @@ class Segmenter:
         prob_np = prob.cpu().numpy().astype(np.float32, copy=False)
         out = []
         for prompt, p in zip(prompts, prob_np):
-            mask = p > threshold
-            score = float(p[mask].mean()) if mask.any() else 0.0
-            out.append(MaskPrediction(prompt, p, mask, score))
+            out.append(MaskPrediction.of(prompt, p, p > threshold))
         return out
 
 

@@ -13,7 +13,6 @@ is one, and decoded over the whole image. Then the scope:
 from __future__ import annotations
 
 import weakref
-from dataclasses import replace
 from typing import Sequence
 
 import cv2
@@ -82,6 +81,5 @@ class VisualPrompts:
         state = segmenter.state if isinstance(segmenter, StateSegmenter) else None
         backbone = segmenter.segmenter if isinstance(segmenter, StateSegmenter) else segmenter
         pred = self.exemplar(backbone).predict(image, shown, text=text, visual_weight=VISUAL_WEIGHT, state=state)
-        mask = scope_mask(pred.mask, positives, negatives, similar or not positives)
-        score = float(pred.probability[mask].mean()) if mask.any() else 0.0
-        return replace(pred, mask=mask, score=score)
+        return MaskPrediction.of(pred.prompt, pred.probability,
+                                 scope_mask(pred.mask, positives, negatives, similar or not positives))
