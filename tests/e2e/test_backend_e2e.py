@@ -102,11 +102,18 @@ def brush_item(mask: np.ndarray, label: str) -> dict[str, Any]:
     }
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll until predicate() is truthy; returns its value or fails with `what`."""
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1,
+             ignore_errors: bool = False) -> Any:
+    """Poll until predicate() is truthy; returns its value or fails with `what`. With `ignore_errors`, a predicate
+    that raises (a page element not there yet) counts as not yet."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except Exception:
+            if not ignore_errors:
+                raise
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

@@ -51,7 +51,7 @@ from PIL import Image, ImageDraw
 
 from tests.conftest import REDIS_TEST_URL
 from tests.e2e.ls_harness import LabelStudioServer, ManagedProcess, free_port
-from tests.e2e.test_backend_e2e import clipseg_command, decode_brush, scene_png, wait_backend_ready
+from tests.e2e.test_backend_e2e import clipseg_command, decode_brush, scene_png, wait_backend_ready, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -97,15 +97,8 @@ def small_scene(i: int) -> bytes:
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(Exception):
-            value = predicate()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    """`wait_for` over a page: a predicate that raises (an element not drawn yet) counts as not yet."""
+    return wait_for(predicate, timeout, what, interval, ignore_errors=True)
 
 
 @dataclass
