@@ -23,6 +23,7 @@ from finetune.batching import Augmented, collate, mirror_phrase, resize_mask
 from finetune.evaluation import evaluate
 from finetune.recipe import TRAIN_PRESETS, TrainConfig, lr_factor
 from finetune.training import train
+from tests.e2e.ls_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -368,7 +369,7 @@ def test_torchrun_trains_with_two_processes_on_cpu(tmp_path, align):
     parameters get no gradient, or its second step fails."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + int(align)),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "backend.cli", "train", "--model-preset", "tiny-pixel", "--init-random", "--data", "shapes",
          "--max-samples", "16", "--max-val-samples", "4", "--steps", "4", "--batch-size", "2", "--device", "cpu",
          "--align-weight", align, "--out", "run", "--no-progress"],
