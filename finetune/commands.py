@@ -321,7 +321,7 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
 
     base = base_version_name(settings.model)
     status = {
-        "redis": {"url": settings.redis_url, "version": conn.info("server").get("redis_version"),
+        "redis": {"url": settings.redis_url, "namespace": settings.namespace, "version": conn.info("server").get("redis_version"),
                   "used_memory": conn.info("memory").get("used_memory_human")},
         "queue": {"queued": len(queue), "running": queue.started_job_registry.count,
                   "failed": queue.failed_job_registry.count, "scheduled": queue.scheduled_job_registry.count},
@@ -337,7 +337,7 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
         print(json.dumps(status, indent=2, default=str))
         return 0
     r = status["redis"]
-    print(f"redis     {r['url']} (v{r['version']}, {r['used_memory']})")
+    print(f"redis     {r['url']} namespace {r['namespace']} (v{r['version']}, {r['used_memory']})")
     q = status["queue"]
     print(f"queue     {q['queued']} queued, {q['running']} running, {q['scheduled']} scheduled, {q['failed']} failed")
     print(f"workers   {len(workers)}: " + (", ".join(f"{w['name']} ({w['state']})" for w in status["workers"]) or "none"))

@@ -82,7 +82,8 @@ def test_two_namespaces_on_one_database_see_nothing_of_each_other(redis_url, tmp
         return json.loads(capsys.readouterr().out)
 
     for runtime, projects, versions in ((a, {"2"}, ["p2-a"]), (b, {"1"}, ["p1-b", "p1-b2"])):
-        assert set(cli(run_status, runtime.settings)["projects"]) == projects
+        status = cli(run_status, runtime.settings)
+        assert set(status["projects"]) == projects and status["redis"]["namespace"] == runtime.settings.namespace
         assert [v["version"] for v in cli(run_versions, runtime.settings)["versions"]] == versions
 
 

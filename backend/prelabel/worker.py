@@ -3,7 +3,8 @@
 A job's recipe comes from the `PrelabelSpec` it carries; a worker adds only what is its own: Redis (the job's
 connection), Label Studio's URL and key (secrets stay out of Redis), DEVICE, DATA_DIR, BF16 and cache sizes. The
 context also holds what a worker process keeps between jobs: the served model per (model, threshold) and one
-predict service (its thread pools and image cache) per Label Studio account.
+predict service (its thread pools and image cache) per Label Studio account. Redis keys are in the run's namespace
+(`PrelabelSpec.namespace`), not the worker's: the caches are kept per namespace.
 """
 from __future__ import annotations
 
