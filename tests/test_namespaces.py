@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from rq import Queue
+from rq.job import Job
 
 from backend.prelabel import PrelabelRuns, WorkerContext, queue_prelabel
 from backend.runtime import BackendRuntime
@@ -118,6 +119,10 @@ def test_a_fine_tune_runs_in_its_namespace_under_the_workers_data_dir(redis_url,
     assert result.enqueued
     (job,) = Queue(QUEUE_NAME, connection=redis_conn).get_jobs()
     assert job.kwargs["spec"]["namespace"] == B and "data_dir" not in job.kwargs["spec"]
+    # as the previous release's enqueuer wrote it: its spec also named the enqueuer's DATA_DIR and DEVICE
+    job.kwargs = {**job.kwargs, "spec": {**job.kwargs["spec"], "data_dir": str(tmp_path / "b"), "device": "cpu"}}
+    job.save()
+    assert Job.fetch(job.id, connection=redis_conn).kwargs["spec"]["data_dir"] == str(tmp_path / "b")
 
     worker_dir = tmp_path / "worker"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
