@@ -63,12 +63,12 @@ class BackendRuntime:
     def registry(self):
         from finetune.versions import VersionRegistry
 
-        return VersionRegistry(self.redis)
+        return VersionRegistry(self.redis, self.settings.namespace)
 
     def store(self):
         from finetune.corrections import CorrectionStore
 
-        return CorrectionStore(self.redis)
+        return CorrectionStore(self.redis, self.settings.namespace)
 
     def ingester(self):
         from backend.intake.ingest import CorrectionIngester
@@ -80,7 +80,7 @@ class BackendRuntime:
 
         s = self.settings
         return maybe_enqueue_finetune(self.redis, project, reason, every_n=s.finetune_every, job_timeout=s.job_timeout,
-                                      spec=s.finetune_spec(project).to_dict())
+                                      namespace=s.namespace, spec=s.finetune_spec(project).to_dict())
 
     def _corrections_arrived(self, project: str) -> None:
         result = self.trigger(project, "correction")

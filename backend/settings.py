@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
+from finetune.keyspace import NAMESPACE
+
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 MB = 1024 * 1024  # the *_CACHE_MB settings' unit
 
@@ -43,6 +45,7 @@ class Settings:
     threshold: float | None = field(default=None, metadata={"env": "THRESHOLD", "help": "probability above which a pixel is in the mask; unset: the served version's calibrated threshold, else 0.5"})
     data_dir: Path = field(default=Path("data"), metadata={"env": "DATA_DIR", "help": "checkpoints, embedded Redis, spool"})
     redis_url: str = field(default="", metadata={"env": "REDIS_URL", "help": "empty: `clipseg serve` starts an embedded Redis"})
+    namespace: str = field(default=NAMESPACE, metadata={"env": "REDIS_NAMESPACE", "help": "prefix of every Redis key of this deployment (RQ's queues aside); queued jobs carry it, so deployments with different namespaces can share one Redis database without seeing each other's corrections, versions or runs"})
     label_studio_url: str = field(default="", metadata={"env": "LABEL_STUDIO_URL", "help": "base URL for image downloads; /setup's hostname when empty"})
     label_studio_api_key: str = field(default="", metadata={"env": "LABEL_STUDIO_API_KEY", "help": "legacy token or personal access token; /setup's token when empty"})
     basic_auth_user: str = field(default="", metadata={"env": "BASIC_AUTH_USER", "help": "HTTP basic auth user for the backend (off when empty)"})
@@ -133,7 +136,7 @@ class Settings:
             promote_epsilon=self.promote_epsilon, distill_epsilon=self.distill_epsilon,
             min_base_evidence=self.min_base_evidence, anchor_weight=self.finetune_anchor,
             min_evidence=self.min_evidence, threshold=self.threshold,
-            data_dir=str(self.data_dir), device=self.device,
+            namespace=self.namespace,
         )
 
 

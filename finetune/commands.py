@@ -46,13 +46,12 @@ def configure_worker(parser: argparse.ArgumentParser, settings) -> None:
 
 def run_worker(args: argparse.Namespace, settings) -> int:
     from finetune.triggers import WORKER_QUEUES, WorkerHeartbeat
-    from finetune.worker import SimpleWorker, SpawnWorker
-
-    from finetune.jobs import set_worker_context
+    from finetune.worker import SimpleWorker, SpawnWorker, WorkerContext
 
     conn = _redis(settings)
-    # What a job does comes with the job (its spec); where it writes and which device trains is this worker's.
-    set_worker_context(settings.data_dir, settings.device)
+    # What a job does comes with the job (its spec, its namespace); where it writes and which device trains is this
+    # worker's, also in a spawned work horse (WorkerContext.hand_down).
+    WorkerContext.install(settings.data_dir, settings.device)
     cls = SimpleWorker if args.worker_class == "simple" else SpawnWorker
     name = args.name or f"clipseg-{socket.gethostname()}-{os.getpid()}"
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else list(WORKER_QUEUES)
@@ -85,7 +84,7 @@ def run_scheduler(args: argparse.Namespace, settings) -> int:
     from finetune.triggers import schedule_periodic_check
 
     scheduler = schedule_periodic_check(_redis(settings), args.interval, job_timeout=settings.job_timeout,
-                                        spec=settings.finetune_spec().to_dict())
+                                        namespace=settings.namespace, spec=settings.finetune_spec().to_dict())
     print(f"scheduler: checking for new corrections every {args.interval} s", file=sys.stderr)
     scheduler.start()
     return 0
@@ -103,16 +102,17 @@ def run_finetune(args: argparse.Namespace, settings) -> int:
     conn = _redis(settings)
     spec = settings.finetune_spec(args.project)
     if args.inline:
-        from finetune.jobs import finetune_project, set_worker_context
+        from finetune.jobs import finetune_project
+        from finetune.worker import WorkerContext
 
-        set_worker_context(settings.data_dir, settings.device)
+        WorkerContext.install(settings.data_dir, settings.device)
         print(json.dumps(finetune_project(args.project, spec, redis_url=settings.redis_url), indent=2, default=str))
         return 0
     from finetune.triggers import maybe_enqueue_finetune
 
     result = maybe_enqueue_finetune(conn, args.project, "manual" if args.now else "correction",
                                     every_n=settings.finetune_every, job_timeout=settings.job_timeout,
-                                    spec=spec.to_dict())
+                                    namespace=settings.namespace, spec=spec.to_dict())
     if not result.enqueued:
         print(f"not queued: {result.detail} (job {result.job_id or '-'}, {result.new_corrections} new corrections)")
         return 0 if result.detail == "active" else 1
@@ -217,7 +217,7 @@ def run_versions(args: argparse.Namespace, settings) -> int:
     from finetune.versions import UnknownVersionError, VersionRegistry
 
     conn = _redis(settings)
-    registry = VersionRegistry(conn)
+    registry = VersionRegistry(conn, settings.namespace)
     if args.set_default:
         try:
             rec = registry.set_default(args.set_default)
@@ -227,7 +227,7 @@ def run_versions(args: argparse.Namespace, settings) -> int:
         return 0
     project = None if args.project is None else str(args.project)
     default, pointers = registry.pointers()
-    store = CorrectionStore(conn)
+    store = CorrectionStore(conn, settings.namespace)
     records = registry.list(project)
     review: dict[str, dict] = {}
     for p in ([project] if project is not None else store.projects()):
@@ -282,7 +282,7 @@ def configure_rollback(parser: argparse.ArgumentParser, settings) -> None:
 def run_rollback(args: argparse.Namespace, settings) -> int:
     from finetune.versions import UnknownVersionError, VersionRegistry, WrongProjectError
 
-    registry = VersionRegistry(_redis(settings))
+    registry = VersionRegistry(_redis(settings), settings.namespace)
     try:
         rec = registry.rollback(args.version, project=args.project)
     except UnknownVersionError as exc:
@@ -313,15 +313,15 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
     conn = _redis(settings)
     queue = Queue(QUEUE_NAME, connection=conn)
     workers = Worker.all(connection=conn)
-    store = CorrectionStore(conn)
-    registry = VersionRegistry(conn)
+    store = CorrectionStore(conn, settings.namespace)
+    registry = VersionRegistry(conn, settings.namespace)
     default, pointers = registry.pointers()
     projects = sorted(set(store.projects()) | set(registry.projects()), key=lambda p: (len(p), p))
     from clipseg_model.checkpoint import base_version_name
 
     base = base_version_name(settings.model)
     status = {
-        "redis": {"url": settings.redis_url, "version": conn.info("server").get("redis_version"),
+        "redis": {"url": settings.redis_url, "namespace": settings.namespace, "version": conn.info("server").get("redis_version"),
                   "used_memory": conn.info("memory").get("used_memory_human")},
         "queue": {"queued": len(queue), "running": queue.started_job_registry.count,
                   "failed": queue.failed_job_registry.count, "scheduled": queue.scheduled_job_registry.count},
@@ -337,7 +337,7 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
         print(json.dumps(status, indent=2, default=str))
         return 0
     r = status["redis"]
-    print(f"redis     {r['url']} (v{r['version']}, {r['used_memory']})")
+    print(f"redis     {r['url']} namespace {r['namespace']} (v{r['version']}, {r['used_memory']})")
     q = status["queue"]
     print(f"queue     {q['queued']} queued, {q['running']} running, {q['scheduled']} scheduled, {q['failed']} failed")
     print(f"workers   {len(workers)}: " + (", ".join(f"{w['name']} ({w['state']})" for w in status["workers"]) or "none"))

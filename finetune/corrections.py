@@ -11,7 +11,7 @@ off); task URLs can change or the upload can be deleted; and the mask belongs to
 Storing the bytes once per sha256 makes the worker self-sufficient, deduplicates several annotations of one task,
 and a reference count frees the bytes atomically when the last annotation using them goes.
 
-Redis keys (`ns` = namespace, default `finetune.keyspace.NAMESPACE`; `p` project id, `t` task id, `a` annotation id):
+Redis keys (`ns` = the namespace, REDIS_NAMESPACE (finetune.keyspace); `p` project id, `t` task id, `a` annotation id):
 
 | key                          | type   | content                                                                    |
 |------------------------------|--------|----------------------------------------------------------------------------|

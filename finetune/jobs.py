@@ -6,7 +6,8 @@
                                anchored to the parent └─ lower bound <= the forgetting budget (finetune.gate)
 
 Everything the job does comes from the `FinetuneSpec` its enqueuer put in the job (finetune.spec); the worker
-supplies only its Redis connection, DATA_DIR and DEVICE (`set_worker_context`). The frozen part of the model
+supplies only its Redis connection, DATA_DIR and DEVICE (`finetune.worker.WorkerContext`); every key the job reads
+and writes is in the spec's namespace. The frozen part of the model
 (`SegmentationModel.encode_frozen`) runs once per image and once per phrase, cached on disk under
 DATA_DIR/features for later fine-tunes (clipseg_model.feature_cache); training steps and every evaluation of the
 job run the trained part only. Replay sources: finetune.replay. Progress (stage, step, loss, %) goes to the RQ
@@ -20,7 +21,7 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,6 +39,7 @@ from finetune import mixing
 from finetune import replay as replay_sources
 from finetune.samples import ReferringSample
 from finetune.spec import FinetuneSpec
+from finetune.worker import WorkerContext
 from finetune.batching import resize_mask
 from finetune.evaluation import EvalResult, evaluate
 from finetune.gate import (
@@ -53,29 +55,6 @@ HELD_OUT_FRACTION = 0.2
 # The fine-tune recipe: AdamW, cosine decay to 0, BCE + Dice, gradient clipping (lr, steps, batch from the spec).
 FINETUNE_RECIPE = TrainConfig(optimizer="adamw", lr=1e-4, weight_decay=1e-4, schedule="cosine", dice_weight=1.0,
                               grad_clip=1.0, batch_size=4)
-
-
-# ---- the worker's own context ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WorkerContext:
-    """What the worker, not the job, decides: where files go and which device trains."""
-
-    data_dir: str
-    device: str
-
-
-_worker: WorkerContext | None = None
-
-
-def set_worker_context(data_dir: str | Path, device: str) -> None:
-    """Called by `clipseg worker` with its DATA_DIR and DEVICE before it takes jobs."""
-    global _worker
-    _worker = WorkerContext(str(data_dir), device)
-
-
-def _context(spec: FinetuneSpec) -> WorkerContext:
-    # A spawned work horse does not inherit module state: it falls back to the enqueuer's values.
-    return _worker or WorkerContext(spec.data_dir, spec.device)
 
 
 # ---- corrections -------------------------------------------------------------------------------------------------
@@ -300,8 +279,8 @@ def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None
     if job is None and not redis_url:
         raise ValueError("finetune_project needs redis_url outside an RQ job")
     conn = job.connection if job is not None else redis.Redis.from_url(redis_url)
-    ctx = _context(spec)
-    store, registry = CorrectionStore(conn), VersionRegistry(conn)
+    ctx = WorkerContext.current()  # this worker's DATA_DIR and DEVICE, never the enqueuer's
+    store, registry = CorrectionStore(conn, spec.namespace), VersionRegistry(conn, spec.namespace)
     progress = _Progress(job, spec.steps)
     data_dir = Path(ctx.data_dir)
     models_dir = data_dir / "models"

@@ -1,7 +1,9 @@
 """What a fine-tune job does, decided by whoever enqueues it (server, CLI or scheduler) and carried in the job.
 
 The worker reads nothing of the job's recipe from its own environment: it needs only REDIS_URL (to find the job),
-DATA_DIR (where checkpoints and the feature cache go) and DEVICE. `clipseg jobs` shows the spec of every job.
+DATA_DIR (where checkpoints and the feature cache go) and DEVICE (`finetune.worker.WorkerContext`). The Redis
+namespace is the job's, not the worker's: a worker serves the queues of every deployment on its database.
+`clipseg jobs` shows the spec of every job.
 Plain JSON types only: RQ stores job kwargs in Redis and the spec must read the same in any process.
 """
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from finetune.keyspace import NAMESPACE
 
 REPLAY_CHOICES = ("auto", "refcoco", "fetched", "shapes", "distill", "none")
 
@@ -50,7 +54,8 @@ class FinetuneSpec:
         threshold: the mask threshold set explicitly (None: calibrate one per version).
         threshold_min_samples: fewest held-out corrections a calibrated threshold is chosen on (else 0.5).
         feature_cache_bytes: bound of the on-disk cache of frozen features under DATA_DIR/features.
-        data_dir / device: the enqueuer's values, used only where the worker has none of its own (a spawned horse).
+        namespace: REDIS_NAMESPACE of the enqueuer: the prefix of every key the job reads and writes
+            (finetune.keyspace); a spec of the previous release has none: the default.
     """
 
     project: str
@@ -73,8 +78,7 @@ class FinetuneSpec:
     threshold_min_samples: int = 6
     feature_cache_bytes: int = 4 * 1024**3
     seed: int = 0
-    data_dir: str = "data"
-    device: str = "auto"
+    namespace: str = NAMESPACE
     extra: dict[str, Any] = field(default_factory=dict)  # room for options of later versions; ignored today
 
     def __post_init__(self) -> None:

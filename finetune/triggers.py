@@ -16,11 +16,14 @@ queue's StartedJobRegistry is cleaned first, which fails (or retries) executions
 
 Abandoned jobs are found in seconds: RQ alone notices a worker killed with SIGKILL only when the job's execution
 entry expires (its monitoring interval + 60 s, ~3,660 s for the default JOB_TIMEOUT). `clipseg worker` therefore
-runs a `WorkerHeartbeat` thread that refreshes `{ns}:worker:alive:{name}` ("host:pid", TTL `ALIVE_TTL` s) every
+runs a `WorkerHeartbeat` thread that refreshes `clipseg:worker:alive:{name}` ("host:pid", TTL `ALIVE_TTL` s) every
 `HEARTBEAT_S` s. A started job whose worker sends these heartbeats and whose key has expired, or names a dead PID
 on this host (a restart: found at once), is abandoned: its execution entry is expired and RQ's own clean-up fails
 it or schedules its retry, running the callbacks that release the lock. Every heartbeat thread sweeps the
 started jobs every `SWEEP_S` s, and every trigger checks the job it finds, so no trigger waits on a dead worker.
+The liveness keys are not under a deployment's namespace (REDIS_NAMESPACE): like RQ's queues and worker registry
+they belong to the Redis database, since a worker serves the jobs of every namespace there and any deployment's
+trigger must be able to tell that it is gone. Their prefix stays the one earlier releases wrote (`WORKER_KEYS`).
 
 Periodic scheduling, what rq 3.0 offers: `Queue.enqueue_in/enqueue_at` (needs a worker started with
 `--with-scheduler`; re-scheduling itself from inside the job is a chain that breaks or forks if one link is lost),
@@ -102,20 +105,23 @@ HEARTBEAT_S = 2.0
 SWEEP_S = 5.0
 
 
-def _alive_key(worker_name: str, namespace: str = NAMESPACE) -> str:
-    return f"{namespace}:worker:alive:{worker_name}"
+WORKER_KEYS = NAMESPACE  # prefix of the workers' liveness keys: one per Redis database, like RQ's (module docstring)
 
 
-def _beats_key(worker_name: str, namespace: str = NAMESPACE) -> str:
+def _alive_key(worker_name: str) -> str:
+    return f"{WORKER_KEYS}:worker:alive:{worker_name}"
+
+
+def _beats_key(worker_name: str) -> str:
     """Set once by a worker that sends heartbeats: only such workers can be declared gone by their absence."""
-    return f"{namespace}:worker:beats:{worker_name}"
+    return f"{WORKER_KEYS}:worker:beats:{worker_name}"
 
 
-def worker_gone(conn: Redis, worker_name: str | None, namespace: str = NAMESPACE) -> bool:
+def worker_gone(conn: Redis, worker_name: str | None) -> bool:
     """True when `worker_name` sends heartbeats and has stopped: its key expired, or it names a dead local PID."""
-    if not worker_name or not conn.exists(_beats_key(worker_name, namespace)):
+    if not worker_name or not conn.exists(_beats_key(worker_name)):
         return False  # not one of ours (a plain `rq worker`): RQ's own, slower expiry applies
-    raw = conn.get(_alive_key(worker_name, namespace))
+    raw = conn.get(_alive_key(worker_name))
     if raw is None:
         return True
     host, _, pid = raw.decode().rpartition(":")
@@ -128,8 +134,7 @@ def _started_registry(conn: Redis, queue_name: str) -> StartedJobRegistry:
     return StartedJobRegistry(queue_name, connection=conn, death_penalty_class=penalty)
 
 
-def recover_abandoned(conn: Redis, queue_name: str = QUEUE_NAME, namespace: str = NAMESPACE,
-                      only: str | None = None) -> list[str]:
+def recover_abandoned(conn: Redis, queue_name: str = QUEUE_NAME, only: str | None = None) -> list[str]:
     """Fail (or schedule the retry of) started jobs whose worker is gone; returns their ids.
 
     Expires their execution entries in the StartedJobRegistry, then lets RQ's clean-up do the rest (failure
@@ -150,7 +155,7 @@ def recover_abandoned(conn: Redis, queue_name: str = QUEUE_NAME, namespace: str 
         if job.get_status(refresh=False) != JobStatus.STARTED:
             continue
         if job.worker_name not in workers:
-            workers[job.worker_name] = worker_gone(conn, job.worker_name, namespace)
+            workers[job.worker_name] = worker_gone(conn, job.worker_name)
         if workers[job.worker_name]:
             abandoned.setdefault(job_id, []).append(member)
     if abandoned:
@@ -166,16 +171,15 @@ class WorkerHeartbeat:
     queue it serves (`queue_names`: a pre-label chunk of a killed worker is recovered like a fine-tune)."""
 
     def __init__(self, conn: Redis, worker_name: str, *, queue_names: Sequence[str] = WORKER_QUEUES,
-                 namespace: str = NAMESPACE, interval: float = HEARTBEAT_S, ttl: int = ALIVE_TTL,
-                 sweep: float = SWEEP_S) -> None:
-        self.conn, self.name, self.queue_names, self.namespace = conn, worker_name, tuple(queue_names), namespace
+                 interval: float = HEARTBEAT_S, ttl: int = ALIVE_TTL, sweep: float = SWEEP_S) -> None:
+        self.conn, self.name, self.queue_names = conn, worker_name, tuple(queue_names)
         self.interval, self.ttl, self.sweep = interval, ttl, sweep
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
 
     def beat(self) -> None:
-        self.conn.set(_beats_key(self.name, self.namespace), 1, ex=30 * 24 * 3600)
-        self.conn.set(_alive_key(self.name, self.namespace), f"{socket.gethostname()}:{os.getpid()}", ex=self.ttl)
+        self.conn.set(_beats_key(self.name), 1, ex=30 * 24 * 3600)
+        self.conn.set(_alive_key(self.name), f"{socket.gethostname()}:{os.getpid()}", ex=self.ttl)
 
     def start(self) -> "WorkerHeartbeat":
         self.beat()
@@ -188,12 +192,12 @@ class WorkerHeartbeat:
 
     def sweep_abandoned(self) -> list[str]:
         """`recover_abandoned` on each of this worker's queues; the ids it failed or scheduled for retry."""
-        return [job_id for queue in self.queue_names for job_id in recover_abandoned(self.conn, queue, self.namespace)]
+        return [job_id for queue in self.queue_names for job_id in recover_abandoned(self.conn, queue)]
 
     def stop(self) -> None:
         self._stop.set()
         try:
-            self.conn.delete(_alive_key(self.name, self.namespace))
+            self.conn.delete(_alive_key(self.name))
         except RedisError:
             pass
 
@@ -268,8 +272,11 @@ def maybe_enqueue_finetune(
         reason: "correction" (needs >= every_n new corrections), "start_training" (needs any correction),
             "manual" (always) or "periodic" (needs >= min_new new corrections).
         job_func: dotted path of the job function, imported by the worker.
+        namespace: the deployment's key prefix (REDIS_NAMESPACE): its corrections and lock, and the namespace the
+            job works in (written into its spec).
         spec: the fine-tune's recipe (`finetune.spec.FinetuneSpec.to_dict()`, any project): passed to the job as
-            its `spec` keyword with this project filled in, and kept in the job's meta for `clipseg jobs`.
+            its `spec` keyword with this project and `namespace` filled in, and kept in the job's meta for
+            `clipseg jobs`.
         retry_max / retry_intervals: RQ Retry; retry_max=0 disables retries.
         result_ttl / failure_ttl: seconds finished / failed jobs stay visible.
     Returns:
@@ -298,7 +305,7 @@ def maybe_enqueue_finetune(
     }
     kwargs = dict(job_kwargs or {})
     if spec is not None:
-        kwargs["spec"] = {**spec, "project": project}
+        kwargs["spec"] = {**spec, "project": project, "namespace": namespace}
         meta["spec"] = kwargs["spec"]
         meta["total_steps"] = spec.get("steps")
     with conn.pipeline() as pipe:

@@ -1,7 +1,7 @@
 """Model versions, per Label Studio project: every fine-tuned candidate is recorded under the project it was
 trained on; each project has its own active version; servers follow each project's pointer.
 
-Redis keys (`ns` = namespace, default `finetune.keyspace.NAMESPACE`):
+Redis keys (`ns` = the namespace, REDIS_NAMESPACE (finetune.keyspace)):
 
 | key                 | type    | content                                                                      |
 |---------------------|---------|------------------------------------------------------------------------------|

@@ -1,4 +1,5 @@
-"""The RQ worker classes of `clipseg worker`: RQ's, with a cold shutdown that loses no job.
+"""The RQ worker classes of `clipseg worker`: RQ's, with a cold shutdown that loses no job; and the worker's own
+context of fine-tune jobs (`WorkerContext`).
 
 RQ's own shutdown: the first SIGINT/SIGTERM is warm (finish the running job, then exit), a second one is cold (take the
 job down with the worker). The job is then left "started" until its worker is found gone, and is failed or retried
@@ -12,12 +13,23 @@ abandonment), so no second fine-tune is queued behind it; a pre-label chunk is g
 (`backend.prelabel.jobs.work_job`), so the requeued job claims it again without waiting for the lease to run out.
 A job that cannot be interrupted in time (stuck in one long C call) is SIGKILLed by serve and recovered from its
 heartbeat on the next start (`finetune.triggers.recover_abandoned`).
+
+What a fine-tune takes from its worker, not from its spec: DATA_DIR (checkpoints, feature cache) and DEVICE, the
+`WorkerContext` that `clipseg worker` installs from its settings (read in backend.settings) before taking jobs. A
+`SpawnWorker`'s work horse is a fresh interpreter that inherits no module state: the worker hands the context down in
+the horse's environment (`CONTEXT_ENV`, as RQ itself hands down RQ_WORKER_ID and RQ_JOB_ID), and the horse reads it
+back on first use. That variable is a hand-off between the two processes of one worker, written and read only here;
+it is no setting. A process with neither (a plain `rq worker`) refuses fine-tunes instead of guessing a directory.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 from rq import worker as rq_worker
 from rq.job import Job
@@ -25,6 +37,44 @@ from rq.queue import Queue
 from rq.utils import now
 
 log = logging.getLogger(__name__)
+
+
+CONTEXT_ENV = "CLIPSEG_WORKER_CONTEXT"  # worker -> spawned work horse (JSON of a WorkerContext)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What the worker, not the job, decides: where files go (its DATA_DIR) and which device trains (its DEVICE)."""
+
+    data_dir: str
+    device: str
+
+    _current: ClassVar["WorkerContext | None"] = None
+
+    @classmethod
+    def install(cls, data_dir: str | Path, device: str) -> "WorkerContext":
+        """Make (data_dir, device) this process's context: `clipseg worker` with its settings, tests, `--inline`."""
+        cls._current = cls(str(data_dir), device)
+        return cls._current
+
+    @classmethod
+    def current(cls) -> "WorkerContext":
+        """This process's context: the installed one, else the one a spawning worker handed down (read on first use).
+        Raises RuntimeError where there is neither."""
+        if cls._current is None:
+            raw = os.environ.get(CONTEXT_ENV)
+            if not raw:
+                raise RuntimeError("this process has no fine-tune worker context (its DATA_DIR and DEVICE): "
+                                   "run fine-tunes with `clipseg worker`")
+            data = json.loads(raw)
+            cls._current = cls(str(data["data_dir"]), str(data["device"]))
+        return cls._current
+
+    @classmethod
+    def hand_down(cls, environ: Any = os.environ) -> None:
+        """Put the installed context into `environ` for a work horse about to be spawned (nothing if none is)."""
+        if cls._current is not None:
+            environ[CONTEXT_ENV] = json.dumps(asdict(cls._current))
 
 
 class JobAbandoned(BaseException):
@@ -80,4 +130,8 @@ class SimpleWorker(AbandonOnShutdown, rq_worker.SimpleWorker):
 
 
 class SpawnWorker(AbandonOnShutdown, rq_worker.SpawnWorker):
-    """A fresh process per job."""
+    """A fresh process per job; it gets this worker's `WorkerContext` through its environment."""
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        WorkerContext.hand_down(os.environ)  # RQ spawns the horse with os.environ (RQ_JOB_ID is passed the same way)
+        super().fork_work_horse(job, queue)

@@ -82,7 +82,8 @@ def test_second_fine_tune_draws_its_new_corrections_at_the_first_ones_share(redi
     """The real job twice in one project: the first records the watermark it trained to; the second, from it,
     counts only the corrections after it as new and draws them 1/(1+ratio) of the time (uniform: ~1/4 here)."""
     from finetune.corrections import CorrectionStore, Region
-    from finetune.jobs import finetune_project, set_worker_context
+    from finetune.jobs import finetune_project
+    from finetune.worker import WorkerContext
     from finetune.versions import VersionRegistry
     from tests.fixtures.webhooks import scene
 
@@ -93,7 +94,7 @@ def test_second_fine_tune_draws_its_new_corrections_at_the_first_ones_share(redi
             jpeg, mask = scene(96, 64, seed=i)
             store.put_annotation(4, i + 1, 700 + i, [Region("cat", mask, "cat")], jpeg)
 
-    set_worker_context(tmp_path / "data", "cpu")
+    WorkerContext.install(tmp_path / "data", "cpu")
     spec = FinetuneSpec("4", base_model=str(tiny_model_factory("tiny-clipseg")), steps=6, lr=3e-3, min_evidence=3,
                         threshold_min_samples=3, promote_epsilon=1.0, replay_ratio=1.0)
     send(0, 12)

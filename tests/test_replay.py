@@ -109,7 +109,8 @@ def test_job_records_its_replay_source_and_evidence(redis_conn, redis_url, tiny_
     """The real job, inline: self-distillation replay by default; the record says so, with the gate's evidence and
     the calibrated threshold, and the checkpoint carries the threshold the server will use."""
     from finetune.corrections import CorrectionStore, Region
-    from finetune.jobs import finetune_project, set_worker_context
+    from finetune.jobs import finetune_project
+    from finetune.worker import WorkerContext
     from finetune.versions import VersionRegistry
     from tests.fixtures.webhooks import scene
 
@@ -117,7 +118,7 @@ def test_job_records_its_replay_source_and_evidence(redis_conn, redis_url, tiny_
     for i in range(12):
         jpeg, mask = scene(96, 64, seed=i)
         store.put_annotation(3, i + 1, 500 + i, [Region("cat", mask, "cat")], jpeg)
-    set_worker_context(tmp_path / "data", "cpu")
+    WorkerContext.install(tmp_path / "data", "cpu")
     spec = FinetuneSpec("3", base_model=str(tiny_model_factory("tiny-clipseg")), steps=20, lr=3e-3, min_evidence=3,
                         min_base_evidence=3, threshold_min_samples=3, promote_epsilon=1.0)
     summary = finetune_project("3", spec.to_dict(), redis_url=redis_url)

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, settings) -> int:
     from finetune.corrections import CorrectionStore
     from finetune.exemplars import ExemplarStore
 
-    store = CorrectionStore(_redis(settings))
+    store = CorrectionStore(_redis(settings), settings.namespace)
     project = str(args.project)
     prompts = PromptSettings.from_settings(settings)
     listing = rows(store, LabelConfigs(settings), prompts, project)

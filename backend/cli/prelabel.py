@@ -60,7 +60,7 @@ def _store_exemplar(settings, conn, project: str, ref: str) -> str:
 
     try:
         client, label_config = connect(settings, project)
-        exemplar = exemplar_from_task(ExemplarStore(conn), client, ImageFetcher.from_settings(settings), project,
+        exemplar = exemplar_from_task(ExemplarStore(conn, settings.namespace), client, ImageFetcher.from_settings(settings), project,
                                       label_config, ref)
     except (PrelabelError, ImageFetchError) as exc:
         raise ClipsegError(f"--exemplar {ref}: {exc}") from None
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, settings) -> int:
     from finetune.commands import _redis
 
     conn = _redis(settings)
-    runs = PrelabelRuns(conn)
+    runs = PrelabelRuns(conn, settings.namespace)
     if args.status:
         try:
             _print_summary(runs.summary(args.status), args.json)

@@ -292,7 +292,8 @@ def run(args: argparse.Namespace, settings) -> int:
 
             supervisor.add("redis", start_redis, lambda proc: server.stop())
             settings = dataclasses.replace(settings, redis_url=server.url)
-        env = {**os.environ, "REDIS_URL": settings.redis_url, "DATA_DIR": str(data_dir)}
+        env = {**os.environ, "REDIS_URL": settings.redis_url, "DATA_DIR": str(data_dir),
+               "REDIS_NAMESPACE": settings.namespace}
         if with_worker:
             supervisor.add("worker", lambda: _child(["worker"], env))
         if with_scheduler:

@@ -3,6 +3,8 @@
 Every job carries the run's `PrelabelSpec` (as a dict). Job paths stored in Redis are `backend.prelabel.jobs.plan_job`
 and `backend.prelabel.jobs.work_job`; the previous release queued `backend.prelabel.plan_job` / `work_job` without a
 spec, which still resolve (re-exported by the package) and fall back to the worker's own settings, with a warning.
+Every key a job reads and writes is in the spec's namespace (`PrelabelSpec.namespace`); jobs of the previous release
+carry theirs as a `namespace` keyword instead (always "clipseg"), which fills in for a spec without one.
 """
 from __future__ import annotations
 
@@ -44,17 +46,18 @@ def _retry():
 
 
 def queue_prelabel(conn: Redis, spec: PrelabelSpec, *, task_ids: Sequence[int] | None = None,
-                   reason: str = "manual", namespace: str = NAMESPACE) -> tuple[str, bool]:
-    """Queue a pre-label run of `spec.project` (all its tasks, or `task_ids`); (run id, created). A project has at
-    most one unfinished run: asking again returns that run. With `spec.version` the run waits until it is served."""
+                   reason: str = "manual") -> tuple[str, bool]:
+    """Queue a pre-label run of `spec.project` (all its tasks, or `task_ids`) in `spec.namespace`; (run id, created).
+    A project has at most one unfinished run: asking again returns that run. With `spec.version` the run waits until
+    it is served."""
     from rq import Queue
 
-    runs = PrelabelRuns(conn, namespace)
+    runs = PrelabelRuns(conn, spec.namespace)
     run_id, created = runs.create(spec.project, task_ids=task_ids, unlabeled_only=spec.unlabeled_only,
                                   chunk_size=spec.chunk_size, version=spec.version, reason=reason, spec=spec.to_dict())
     if created:
         Queue(PRELABEL_QUEUE, connection=conn).enqueue(
-            PLAN_JOB, run_id, namespace=namespace, spec=spec.to_dict(), job_id=plan_job_id(run_id),
+            PLAN_JOB, run_id, spec=spec.to_dict(), job_id=plan_job_id(run_id),
             job_timeout=spec.job_timeout, retry=_retry(),
             meta={"kind": "prelabel", "run": run_id, "project": spec.project, "stage": "planning",
                   "spec": spec.summary()},
@@ -62,15 +65,22 @@ def queue_prelabel(conn: Redis, spec: PrelabelSpec, *, task_ids: Sequence[int] |
     return run_id, created
 
 
-def _spec_of(info: RunInfo, spec: Mapping[str, Any] | None, context: WorkerContext) -> PrelabelSpec:
-    """The run's recipe: the job's spec, else the run record's, else (a job of the previous release) the worker's."""
+def _namespace_of(spec: Mapping[str, Any] | None, namespace: str | None) -> str:
+    """The namespace a job works in: its spec's, else its `namespace` keyword (the previous release's), else the
+    default."""
+    return str((spec or {}).get("namespace") or namespace or NAMESPACE)
+
+
+def _spec_of(info: RunInfo, spec: Mapping[str, Any] | None, context: WorkerContext, namespace: str) -> PrelabelSpec:
+    """The run's recipe in `namespace`: the job's spec, else the run record's, else (a job of the previous release)
+    the worker's settings."""
     data = spec or info.spec
     if data:
-        return PrelabelSpec.from_dict(data)
+        return PrelabelSpec.from_dict({**data, "namespace": namespace})
     log.warning("pre-label run %s carries no spec (queued by the previous release): using this worker's settings",
                 info.run_id)
     return PrelabelSpec.from_settings(context.settings, info.project, version=info.version, unlabeled_only=info.unlabeled_only,
-                                          chunk_size=info.chunk_size)
+                                      chunk_size=info.chunk_size, namespace=namespace)
 
 
 def _job_start(run_id: str, namespace: str):
@@ -82,16 +92,19 @@ def _job_start(run_id: str, namespace: str):
     return job, job.connection, WorkerContext.current(), runs, runs.info(run_id)
 
 
-def plan_job(run_id: str, namespace: str = NAMESPACE, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """RQ job: check Label Studio access, list the run's tasks, split them into chunks, queue one work job each."""
+def plan_job(run_id: str, namespace: str | None = None, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """RQ job: check Label Studio access, list the run's tasks, split them into chunks, queue one work job each.
+    `namespace`: only in jobs of the previous release (this one's specs carry it)."""
     from rq import Queue
 
+    namespace = _namespace_of(spec, namespace)
     job, conn, context, runs, info = _job_start(run_id, namespace)
     if info is None:
         raise PrelabelError(f"pre-label run {run_id} does not exist")
     if info.state != "planning":  # an RQ retry of a plan that failed for good or already went through
         return {"run": run_id, "project": info.project, "state": info.state, "error": info.error}
-    recipe = _spec_of(info, spec, context)
+    recipe = _spec_of(info, spec, context, namespace)
+    registry = VersionRegistry(conn, namespace)
     client = None
     try:
         client, _ = connect(context.settings, info.project)
@@ -99,17 +112,17 @@ def plan_job(run_id: str, namespace: str = NAMESPACE, spec: Mapping[str, Any] | 
     except PrelabelError as exc:
         runs.fail(run_id, str(exc))
         if client is not None and recipe.notify:
-            RunNotice.for_project(client, info.project, VersionRegistry(conn), recipe.version).show(
+            RunNotice.for_project(client, info.project, registry, recipe.version).show(
                 failed_notice(str(exc)), final=True)
         raise
     chunks = [task_ids[i:i + info.chunk_size] for i in range(0, len(task_ids), info.chunk_size)]
     runs.plan(run_id, chunks)
     if recipe.notify:
-        RunNotice.for_project(client, info.project, VersionRegistry(conn), recipe.version).show(
+        RunNotice.for_project(client, info.project, registry, recipe.version).show(
             progress_notice(0, len(task_ids), recipe.version), final=True)
     queue = Queue(PRELABEL_QUEUE, connection=conn)
     for i in range(len(chunks)):
-        queue.enqueue(WORK_JOB, run_id, namespace=namespace, spec=recipe.to_dict(), job_id=work_job_id(run_id, i),
+        queue.enqueue(WORK_JOB, run_id, spec=recipe.to_dict(), job_id=work_job_id(run_id, i),
                       job_timeout=recipe.job_timeout, retry=_retry(),
                       meta={"kind": "prelabel", "run": run_id, "project": info.project, "stage": "queued",
                             "spec": recipe.summary()},
@@ -172,22 +185,24 @@ class _Lease:
         self._thread.join()
 
 
-def work_job(run_id: str, namespace: str = NAMESPACE, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """RQ job: claim chunks of the run until none is left (waiting for others' leases to finish or run out)."""
+def work_job(run_id: str, namespace: str | None = None, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """RQ job: claim chunks of the run until none is left (waiting for others' leases to finish or run out).
+    `namespace`: only in jobs of the previous release (this one's specs carry it)."""
     from backend.labelstudio.config import parse_label_config
 
+    namespace = _namespace_of(spec, namespace)
     job, conn, context, runs, info = _job_start(run_id, namespace)
     if info is None or info.state in ("done", "failed"):
         return {"run": run_id, "chunks": [], "note": "run already settled"}
-    recipe = _spec_of(info, spec, context)
+    recipe = _spec_of(info, spec, context, namespace)
     client, label_config = connect(context.settings, info.project)
     segmenter = context.segmenter(conn, recipe)
     config = parse_label_config(label_config, polygon=recipe.polygon)
-    service = context.service(conn)
+    service = context.service(conn, namespace)
     exemplar = ExemplarStore(conn, namespace).get(info.project, recipe.exemplar) if recipe.exemplar else None
     # Versions this backend made or started from (a record's parent is the version it replaced, e.g. the base model):
     # only their predictions are ever replaced; predictions imported from elsewhere stay.
-    registry = VersionRegistry(conn)
+    registry = VersionRegistry(conn, namespace)
     ours = registry.known_versions()
     notice = (RunNotice.for_project(client, info.project, registry, recipe.version, segmenter.version)
               if recipe.notify else None)
@@ -239,7 +254,7 @@ def work_job(run_id: str, namespace: str = NAMESPACE, spec: Mapping[str, Any] | 
             else:
                 log.warning("chunk %d of run %s was taken over by another worker", index, run_id)
     finally:
-        context.recorder(conn).flush()  # a forked job process ends with the job: write the review records first
+        context.recorder(conn, namespace).flush()  # a forked job process ends with the job: write the review records first
         job.meta.update({"stage": "done"})
         job.save_meta()
     summary = runs.summary(run_id)

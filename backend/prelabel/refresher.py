@@ -10,7 +10,6 @@ from backend.prelabel.jobs import queue_prelabel
 from backend.prelabel.runs import PrelabelRuns
 from backend.prelabel.spec import PrelabelSpec
 from finetune.version_events import VersionActivated, VersionEvents
-from finetune.keyspace import NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -18,15 +17,16 @@ log = logging.getLogger(__name__)
 class PromotionRefresher:
     """Subscribed to the process's `VersionEvents`: when a project's version is activated, queues a pre-label run
     of that project's unannotated tasks with that version (once per version, however many servers listen). The run
-    carries this server's `PrelabelSpec`, so its suggestions are what /predict would answer."""
+    carries this server's `PrelabelSpec`, so its suggestions are what /predict would answer. Everything is in the
+    server's namespace (`settings.namespace`): the versions it hears of, the once-per-version mark, the run."""
 
-    def __init__(self, conn: Redis, settings, namespace: str = NAMESPACE, events: VersionEvents | None = None,
+    def __init__(self, conn: Redis, settings, events: VersionEvents | None = None,
                  spec_for: Callable[..., PrelabelSpec] | None = None):
         from finetune.versions import VersionRegistry
 
-        self.conn, self.settings, self.ns = conn, settings, namespace
-        self.registry = VersionRegistry(conn)
-        self.runs = PrelabelRuns(conn, namespace)
+        self.conn, self.settings = conn, settings
+        self.registry = VersionRegistry(conn, settings.namespace)
+        self.runs = PrelabelRuns(conn, settings.namespace)
         self.events = events
         self.spec_for = spec_for or (lambda project, **changes: PrelabelSpec.from_settings(settings, project, **changes))
         self._own_events = False
@@ -47,7 +47,7 @@ class PromotionRefresher:
         if not self.runs.mark_refreshed(event.version):
             return None  # another server queued it
         spec = self.spec_for(project, unlabeled_only=True, version=event.version)
-        run_id, _ = queue_prelabel(self.conn, spec, reason=f"promoted {event.version}", namespace=self.ns)
+        run_id, _ = queue_prelabel(self.conn, spec, reason=f"promoted {event.version}")
         log.info("version %s of project %s is active: pre-label run %s queued for its unannotated tasks",
                  event.version, project, run_id)
         return run_id

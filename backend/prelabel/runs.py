@@ -1,6 +1,6 @@
 """The Redis side of pre-label runs: run records, chunk leases (Lua, so a claim is atomic) and progress.
 
-Redis keys (`ns` = namespace, default `finetune.keyspace.NAMESPACE`; `R` = run id):
+Redis keys (`ns` = the namespace, REDIS_NAMESPACE (finetune.keyspace); `R` = run id):
 
 | key                          | type   | content                                                                  |
 |------------------------------|--------|--------------------------------------------------------------------------|
@@ -266,7 +266,7 @@ class PrelabelRuns:
         used = sorted({str(c["version"]) for c in chunks.values() if c.get("version")})
         if used:
             return ", ".join(used)
-        active = VersionRegistry(self.conn).active(info.project)
+        active = VersionRegistry(self.conn, self.ns).active(info.project)
         model = (info.spec or {}).get("model")
         served = active[0] if active else base_version_name(model) if model else None
         return f"the project's served version (now {served})" if served else "the project's served version"

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from backend.labelstudio.prompts import PromptSettings
 from backend.settings import Settings
+from finetune.keyspace import NAMESPACE
 from finetune.spec import spec_from_dict
 
 
@@ -21,7 +22,7 @@ from finetune.spec import spec_from_dict
 SETTINGS_FIELDS = {"model": "model", "threshold": "threshold", "prompt_field": "prompt_field",
                    "label_prompts": "label_prompts", "polygon": "polygon", "replace_older": "prelabel_replace_older",
                    "chunk_size": "prelabel_chunk", "job_timeout": "job_timeout",
-                   "notify": "sync_label_studio", "precision": "precision"}
+                   "notify": "sync_label_studio", "precision": "precision", "namespace": "namespace"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class PrelabelSpec:
         precision: PRECISION for the worker: a server queues the precision it chose (fp32, bf16, int8), so the
             run's masks are the ones /predict answers; "auto": the worker chooses on its own CPU.
         notify: show the run's progress and end in the ML backend's title (SYNC_LABEL_STUDIO).
+        namespace: REDIS_NAMESPACE of the queuer: the prefix of every key the run's jobs read and write (its run
+            record, versions, exemplars, recorded predictions), whatever the worker's own.
         exemplar: name of a stored exemplar of the project (`finetune.exemplars`): every task is pre-labelled with
             everything like it (its label) instead of the phrases; its predictions are versioned
             "<version>+<exemplar>", so they sit beside the phrase predictions and a rerun skips what it wrote.
@@ -61,6 +64,7 @@ class PrelabelSpec:
     notify: bool = True
     precision: str = "auto"
     exemplar: str | None = None
+    namespace: str = NAMESPACE
     extra: dict[str, Any] = field(default_factory=dict)  # options of later versions; ignored today
 
     def __post_init__(self) -> None:
@@ -73,7 +77,8 @@ class PrelabelSpec:
     @classmethod
     def from_settings(cls, settings: Settings, project: str | int, **changes: Any) -> "PrelabelSpec":
         """The spec the queuer's `settings` describe (MODEL, THRESHOLD, PROMPT_FIELD, LABEL_PROMPTS, POLYGONS,
-        PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT, SYNC_LABEL_STUDIO, PRECISION); `changes` override fields."""
+        PRELABEL_REPLACE_OLDER, PRELABEL_CHUNK, JOB_TIMEOUT, SYNC_LABEL_STUDIO, PRECISION, REDIS_NAMESPACE); `changes`
+        override fields."""
         fields = {name: getattr(settings, setting) for name, setting in SETTINGS_FIELDS.items()}
         return cls(**{"project": str(project), **fields, **changes})
 

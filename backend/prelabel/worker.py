@@ -3,7 +3,8 @@
 A job's recipe comes from the `PrelabelSpec` it carries; a worker adds only what is its own: Redis (the job's
 connection), Label Studio's URL and key (secrets stay out of Redis), DEVICE, DATA_DIR, BF16 and cache sizes. The
 context also holds what a worker process keeps between jobs: the served model per (model, threshold) and one
-predict service (its thread pools and image cache) per Label Studio account.
+predict service (its thread pools and image cache) per Label Studio account. Redis keys are in the run's namespace
+(`PrelabelSpec.namespace`), not the worker's: the caches are kept per namespace.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class WorkerContext:
         self.settings = settings
         self._models: dict[tuple, Any] = {}
         self._services: dict[tuple, Any] = {}
-        self._recorders: dict[int, Any] = {}
+        self._recorders: dict[tuple, Any] = {}
 
     @classmethod
     def current(cls) -> "WorkerContext":
@@ -52,11 +53,12 @@ class WorkerContext:
         from backend.serving.model import ServingModel
         from finetune.versions import VersionRegistry
 
-        s = self.settings_for(spec)
-        key = (s.model, s.device, s.threshold, s.precision_mode, str(s.data_dir))
+        s = self.settings_for(spec)  # s.namespace: the run's
+        key = (s.model, s.device, s.threshold, s.precision_mode, str(s.data_dir), s.namespace)
         model = self._models.get(key)
         if model is None:
-            model = ServingModel.from_settings(s, registry_factory=lambda: VersionRegistry(conn), check_interval=0.0)
+            model = ServingModel.from_settings(s, registry_factory=lambda: VersionRegistry(conn, s.namespace),
+                                               check_interval=0.0)
             model.start()
             self._models[key] = model
         deadline = time.monotonic() + timeout
@@ -71,28 +73,29 @@ class WorkerContext:
                 raise PrelabelError(model.error or f"model version {spec.version} did not load within {timeout:.0f} s")
             time.sleep(0.2)
 
-    def recorder(self, conn: Redis):
-        """The prediction recorder writing to `conn`'s corrections store: pre-labelled tasks are recorded like
-        /predict's, so the review IoU covers them."""
+    def recorder(self, conn: Redis, namespace: str):
+        """The prediction recorder writing to `conn`'s corrections store in `namespace` (the run's): pre-labelled
+        tasks are recorded like /predict's, so the review IoU covers them."""
         from backend.serving.prediction_log import PredictionRecorder
         from finetune.corrections import CorrectionStore
 
-        recorder = self._recorders.get(id(conn))
+        recorder = self._recorders.get((id(conn), namespace))
         if recorder is None:
-            recorder = self._recorders[id(conn)] = PredictionRecorder(lambda: CorrectionStore(conn))
+            recorder = self._recorders[(id(conn), namespace)] = PredictionRecorder(
+                lambda: CorrectionStore(conn, namespace))
         return recorder
 
-    def service(self, conn: Redis):
-        """The predict service of this worker (one per process and Label Studio account: thread pools and the image
-        cache are reused across jobs), recording its predictions through `recorder(conn)`."""
+    def service(self, conn: Redis, namespace: str):
+        """The predict service of this worker (one per process, Label Studio account and namespace: thread pools and
+        the image cache are reused across jobs), recording its predictions through `recorder(conn, namespace)`."""
         from backend.images import ImageFetcher
         from backend.metrics import BackendMetrics
         from backend.serving.predict_service import PredictService
 
         s = self.settings
-        key = (s.label_studio_url, s.label_studio_api_key, id(conn))  # in memory only, never logged or stored
+        key = (s.label_studio_url, s.label_studio_api_key, id(conn), namespace)  # in memory only, never logged
         service = self._services.get(key)
         if service is None:
             service = self._services[key] = PredictService(ImageFetcher.from_settings(s), BackendMetrics(),
-                                                           on_prediction=self.recorder(conn).on_prediction)
+                                                           on_prediction=self.recorder(conn, namespace).on_prediction)
         return service
