@@ -4,11 +4,14 @@
    are trained from the same random start on generated colour phrases that never say "green" (no training scene
    shows green; `--unseen-in-training distractor`: green shapes appear, unnamed, never a target): one on phrases only, one with visual prompts mixed in
    (`TrainConfig.visual_prompt_ratio`: a share of the phrases is conditioned on an engineered crop of another object
-   of the same colour in the batch instead of, or mixed with, the text; `finetune.visual_training`).
+   of the same colour in the batch instead of, or mixed with, the text; `finetune.visual_training`), with a
+   visual-only phrase's scene and crops turned by one random hue angle up to `--visual-hue` degrees (30; the
+   turned colours stay 39 degrees of hue from green): "this example's colour" on a continuum, not six classes.
 2. On held-out scenes with one green shape, each model is asked for it (`ExemplarSegmenter`, the serving path) by
    (a) its text, the word it never learnt ("the green shape"), (b) ONE example region (a green object's mask in
    another scene), (c) five examples (averaged embeddings), (d) the text mixed with one example (w = 0.5), and on
-   held-out scenes of the known colours by text alone.
+   held-out scenes of the known colours by text alone. Printed after: one example by each engineering mode
+   (`visual_prompt.ENGINEERING`, at inference) on the unseen and the known colours.
 
     .venv/bin/python benchmarks/visual_prompts.py --json out.json     # numbers in docs/visual_prompts.md
     .venv/bin/python benchmarks/visual_prompts.py --quick             # seconds: the plumbing, not the numbers
@@ -43,6 +46,7 @@ from clipseg_model.loading import load_model  # noqa: E402
 from clipseg_model.numerics import flush_denormals  # noqa: E402
 from clipseg_model.predictor import Segmenter  # noqa: E402
 from clipseg_model.segmenter_base import SegmentationModel  # noqa: E402
+from clipseg_model.visual_prompt import ENGINEERING  # noqa: E402
 from clipseg_model.vocab import word_level_tokenizer  # noqa: E402
 from finetune.metrics import iou  # noqa: E402
 from finetune.recipe import TRAIN_PRESETS  # noqa: E402
@@ -84,6 +88,30 @@ def measure(model: SegmentationModel, unseen: list[ReferringSample], known: list
     return {key: _mean(values) for key, values in scores.items()}
 
 
+def engineering(model: SegmentationModel, unseen: list[ReferringSample], known: list[ReferringSample],
+                examples: list[ReferringSample], known_examples: list[ReferringSample]) -> dict[str, dict[str, float]]:
+    """One-shot mIoU per visual-prompt engineering mode (`visual_prompt.ENGINEERING`, at inference only: the model
+    trained with one of them) on the unseen concept and on the known ones (each known scene's example: an object of
+    its target's colour in another scene)."""
+    by_concept: dict[str, list[ReferringSample]] = {}
+    for example in known_examples:
+        by_concept.setdefault(example.meta["concept"], []).append(example)
+    out: dict[str, dict[str, float]] = {}
+    for mode in ENGINEERING:
+        seg = ExemplarSegmenter(Segmenter(model, threshold=0.5), mode=mode)
+        ious: dict[str, list[float]] = {"unseen": [], "known": []}
+        for i, sample in enumerate(unseen):
+            example = examples[i % len(examples)]
+            ious["unseen"].append(iou(seg.predict(sample.image, [(example.image, example.mask)]).mask, sample.mask))
+        for i, sample in enumerate(known):
+            pool = by_concept.get(sample.meta["concept"])
+            if pool:
+                example = pool[i % len(pool)]
+                ious["known"].append(iou(seg.predict(sample.image, [(example.image, example.mask)]).mask, sample.mask))
+        out[mode] = {"one_shot_unseen": _mean(ious["unseen"]), "one_shot_known": _mean(ious["known"])}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500, help="training steps of each model (after --shared-steps)")
@@ -92,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                              "(a cheaper comparison on a busy machine: they differ in their last --steps only)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--visual-ratio", type=float, default=0.5, help="TrainConfig.visual_prompt_ratio")
+    parser.add_argument("--visual-ratio", type=float, default=0.75, help="TrainConfig.visual_prompt_ratio")
     parser.add_argument("--visual-mix", type=float, default=0.3, help="TrainConfig.visual_prompt_mix")
     parser.add_argument("--visual-shots", type=int, default=1, help="TrainConfig.visual_prompt_shots")
+    parser.add_argument("--visual-hue", type=float, default=30.0,
+                        help="TrainConfig.visual_prompt_hue: max hue turn (degrees) of a visual-only phrase's image "
+                             "and its example crops (30: no turned training colour comes within 39 degrees of green's "
+                             "hue 129, within 21 of its jittered 118-140)")
     parser.add_argument("--mode", default="crop_blur_darken", help="visual-prompt engineering (train and test)")
     parser.add_argument("--shots", type=int, default=5, help="examples of the few-shot column")
     parser.add_argument("--val", type=int, default=100, help="held-out scenes per group")
@@ -129,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     unseen = list(ShapesDataset(args.val, seed=3000, require_words={UNSEEN}, **shapes))
     known = list(ShapesDataset(args.val, seed=4000, exclude_words={UNSEEN}, **hidden, **shapes))
     examples = list(ShapesDataset(max(args.val, 20), seed=5000, require_words={UNSEEN}, **shapes))
+    known_examples = list(ShapesDataset(args.val, seed=6000, exclude_words={UNSEEN}, **hidden, **shapes))
     base = TRAIN_PRESETS["improved"].replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps,
                                              warmup_fraction=0.03, log_every=25, seed=args.seed)
     runs = {"text_only": base,
             "visual_mixed_in": base.replace(visual_prompt_ratio=args.visual_ratio, visual_prompt_mix=args.visual_mix,
-                                            visual_prompt_shots=args.visual_shots, visual_prompt_mode=args.mode)}
+                                            visual_prompt_shots=args.visual_shots, visual_prompt_mode=args.mode,
+                                            visual_prompt_hue=args.visual_hue)}
     shared_seconds = 0.0
     if args.shared_steps > 0:
         t0 = time.time()
@@ -152,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train(model, train_data, None, cfg, work / name, "cpu", progress=sys.stderr.isatty())
         trained = time.time() - t0
         models[name] = {**measure(model, unseen, known, examples, args.shots, args.mode),
-                        "final_loss": round(result.final_loss, 4), "train_seconds": round(trained, 1)}
+                        "final_loss": round(result.final_loss, 4), "train_seconds": round(trained, 1),
+                        "engineering": engineering(model, unseen, known, examples, known_examples)}
         log.info("%s: %s", name, models[name])
     nothing = {key: float("nan") for key in ("unseen_text", "one_shot", "five_shot", "mixed", "self_shot", "known_text")}
     visual, text_only = models.get("visual_mixed_in", nothing), models.get("text_only", nothing)
@@ -167,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "unseen_concept": UNSEEN, "unseen_in_training": args.unseen_in_training, "shots": args.shots, "mode": args.mode,
         "train": {"shared_steps": args.shared_steps, "shared_seconds": round(shared_seconds, 1), "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                   "visual_prompt_ratio": args.visual_ratio, "visual_prompt_mix": args.visual_mix,
-                  "visual_prompt_shots": args.visual_shots},
+                  "visual_prompt_shots": args.visual_shots, "visual_prompt_hue": args.visual_hue},
         "val_scenes": args.val, "models": models, "load_average": load, "threads": args.threads,
         "total_seconds": round(time.time() - started, 1), "quick": args.quick, "out": str(work),
     })
@@ -179,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['mixed']:.3f}; known colours by text {summary['known_text']:.3f} (text-only model "
           f"{summary['known_text_text_only']:.3f}, delta {summary['known_text_delta']:+.3f}); "
           f"{summary['total_seconds'] / 60:.1f} min, load average {' '.join(map(str, load))}")
+    for name, model_numbers in models.items():
+        print(f"{name}, one example by engineering mode (trained with {args.mode}): " + "; ".join(
+            f"{mode} unseen {v['one_shot_unseen']:.3f} known {v['one_shot_known']:.3f}"
+            for mode, v in model_numbers["engineering"].items()))
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -40,6 +40,9 @@ class TrainConfig:
     visual_prompt_mix: float = 0.5
     visual_prompt_shots: int = 1
     visual_prompt_mode: str = "crop_blur_darken"  # visual_prompt.ENGINEERING
+    # max hue rotation (degrees) of a visual-only phrase's image and its crops alike: unnamed colours to match, so
+    # the vision tower embeds colours it never saw apart from the known ones (`visual_training`); 0: off
+    visual_prompt_hue: float = 0.0
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU stays fp32
     seed: int = 0
 

@@ -181,6 +181,9 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
                        help="share of those mixed with their phrase at a random weight (default 0.5)")
     train.add_argument("--visual-prompt-shots", type=int, default=None,
                        help="up to this many example crops per such phrase, averaged (default 1)")
+    train.add_argument("--visual-prompt-hue", type=float, default=None,
+                       help="turn a visual-only phrase's image and its crops by a random hue angle up to this many "
+                            "degrees, so examples of unnamed colours work (default 0: off)")
     train.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too")
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.csv, loss.png)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
@@ -194,7 +197,8 @@ def _train_config(args: argparse.Namespace):
     cfg = train_preset(args.preset)
     changes: dict[str, Any] = {}
     for name in ("steps", "epochs", "batch_size", "lr", "eval_every", "num_workers", "seed", "align_weight", "hflip",
-                 "phrases_per_image", "visual_prompt_ratio", "visual_prompt_mix", "visual_prompt_shots"):
+                 "phrases_per_image", "visual_prompt_ratio", "visual_prompt_mix", "visual_prompt_shots",
+                 "visual_prompt_hue"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value

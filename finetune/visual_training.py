@@ -8,6 +8,12 @@ None means no example crop stands for the phrase ("the leftmost circle"), so it 
 the key (RefCOCO, corrections) is its own example (the crop of its target, what an annotator's box on the object
 gives at inference). The draws are a pure function of (seed, epoch, index), like `Augmented`'s flips, so a
 resumed run sees the same prompts.
+
+Hue jitter (`visual_prompt_hue`): a phrase conditioned on examples alone (w = 1) may have its image AND its example
+crops rotated by one random hue angle, so the concept becomes "this example's colour" on a continuum of unnamed
+colours instead of the few named ones. Without it the vision tower learns to sort crops into the named colours and
+embeds a colour it never saw near a known one (measured: a green crop's embedding at cosine 0.87 to blue's, one-shot
+0.20), see docs/visual_prompts.md. Only single-phrase items are rotated: a scene group's other phrases are text.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from finetune.recipe import TrainConfig
 from finetune.samples import ReferringDataset, ReferringSample, SceneGroup
 
 DRAW_KEY = "visual_prompt_draw"  # meta entry `VisualPromptDraws` adds to a sample: this sample's draw
+SOURCE_KEY = "visual_prompt_source"  # meta entry of a hue-turned sample: its image as the scene showed it
 _OWN = object()  # a sample without meta["concept"]: its own target is its example
 
 
@@ -36,6 +43,7 @@ class VisualPromptRecipe:
     mix: float  # share of those mixed with their phrase at a random weight w ~ U(0, 1); the rest use w = 1
     shots: int  # each such phrase gets k ~ U{1..shots} crops, averaged (a k-shot prototype)
     mode: str  # the crops' engineering (`visual_prompt.ENGINEERING`)
+    hue: float = 0.0  # max hue rotation (degrees) of a visual-only phrase's image and its crops, U(-hue, hue); 0: off
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0 or not 0.0 <= self.mix <= 1.0:
@@ -44,13 +52,16 @@ class VisualPromptRecipe:
             raise ValueError(f"visual_prompt_shots must be >= 1, got {self.shots}")
         if self.mode not in ENGINEERING:
             raise ValueError(f"unknown visual-prompt engineering {self.mode!r}; one of {ENGINEERING}")
+        if not 0.0 <= self.hue <= 180.0:
+            raise ValueError(f"visual_prompt_hue must be in [0, 180] degrees, got {self.hue}")
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "VisualPromptRecipe | None":
         """The recipe `cfg` asks for, or None when it trains on phrases only (visual_prompt_ratio 0)."""
         if cfg.visual_prompt_ratio <= 0:
             return None
-        return cls(cfg.visual_prompt_ratio, cfg.visual_prompt_mix, cfg.visual_prompt_shots, cfg.visual_prompt_mode)
+        return cls(cfg.visual_prompt_ratio, cfg.visual_prompt_mix, cfg.visual_prompt_shots, cfg.visual_prompt_mode,
+                   cfg.visual_prompt_hue)
 
 
 class VisualPromptDraws:
@@ -68,15 +79,32 @@ class VisualPromptDraws:
         item = self.dataset[index]
         rng = np.random.default_rng([self.seed, self.epoch, index, 28])
         if isinstance(item, (list, tuple)):
-            return [self._mark(sample, rng) for sample in item]
-        return self._mark(item, rng)
+            if len(item) == 1:
+                return [self._mark(item[0], rng, rotate=True)]
+            return [self._mark(sample, rng, rotate=False) for sample in item]
+        return self._mark(item, rng, rotate=True)
 
-    def _mark(self, sample: ReferringSample, rng: np.random.Generator) -> ReferringSample:
+    def _mark(self, sample: ReferringSample, rng: np.random.Generator, rotate: bool) -> ReferringSample:
         r = self.recipe
         use, mixed, weight = rng.random() < r.ratio, rng.random() < r.mix, float(rng.random())
         k = int(rng.integers(1, r.shots + 1))
-        draw: dict[str, Any] = {"use": bool(use), "weight": weight if mixed else 1.0, "picks": rng.random(k).tolist()}
-        return dataclasses.replace(sample, meta={**sample.meta, DRAW_KEY: draw})
+        angle = float(rng.uniform(-r.hue, r.hue)) if r.hue > 0 else 0.0
+        draw: dict[str, Any] = {"use": bool(use), "weight": weight if mixed else 1.0, "picks": rng.random(k).tolist(),
+                                "hue": 0.0}
+        meta = {**sample.meta, DRAW_KEY: draw}
+        if use and not mixed and rotate and angle:
+            draw["hue"] = angle  # its own image turns; its example crops turn alike in `visual_prompts`
+            meta[SOURCE_KEY] = sample.image
+            sample = dataclasses.replace(sample, image=rotate_hue(sample.image, angle))
+        return dataclasses.replace(sample, meta=meta)
+
+
+def rotate_hue(image: Image.Image, degrees: float) -> Image.Image:
+    """`image` (RGB) with every pixel's hue turned by `degrees` (saturation and value kept, 8-bit HSV)."""
+    h, s, v = image.convert("RGB").convert("HSV").split()
+    shift = int(round(degrees / 360.0 * 256)) % 256
+    h = h.point(lambda x: (x + shift) % 256)
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
 def visual_prompts(samples: Sequence[ReferringSample], model: SegmentationModel,
@@ -97,7 +125,11 @@ def visual_prompts(samples: Sequence[ReferringSample], model: SegmentationModel,
             if concept == concepts[p] and q.image is not sample.image and q.mask.any()]
         chosen = [pool[min(int(u * len(pool)), len(pool) - 1)] for u in draw["picks"]] if pool else [sample]
         for example in chosen:
-            crop = engineer_prompt(np.asarray(example.image), example.mask, recipe.mode)
+            # the example as its own scene showed it, turned by this phrase's hue angle (its image's turn)
+            source = example.meta.get(SOURCE_KEY, example.image)
+            if draw.get("hue"):
+                source = rotate_hue(source, draw["hue"])
+            crop = engineer_prompt(np.asarray(source), example.mask, recipe.mode)
             crops.append(Image.fromarray(crop))
             index.append(p)
             weight.append(float(draw["weight"]))

@@ -2,18 +2,21 @@
 on tiny random models (CPU)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clipseg_model.errors import ClipsegError
 from clipseg_model.loading import load_model
-from clipseg_model.visual_prompt import encode_visual
+from clipseg_model.visual_prompt import encode_visual, engineer_prompt
 from finetune.batching import collate, make_loader
 from finetune.recipe import TrainConfig
 from finetune.samples import SampleList
 from finetune.shapes import ShapesDataset
 from finetune.training import train
-from finetune.visual_training import DRAW_KEY, VisualPromptDraws, VisualPromptRecipe, visual_prompts
+from finetune.visual_training import (DRAW_KEY, SOURCE_KEY, VisualPromptDraws, VisualPromptRecipe, rotate_hue,
+                                      visual_prompts)
 
 SHAPES = dict(image_size=64, kinds=("color",), min_objects=2, max_objects=3)
 
@@ -130,3 +133,30 @@ def test_make_loader_without_a_recipe_has_no_visual_prompts(tiny_model_factory):
     model = load_model(tiny_model_factory("tiny-seed"), "cpu")
     batch = next(iter(make_loader(ShapesDataset(4, seed=0, **SHAPES), model, 4, range(4))))
     assert batch.visual is None
+
+
+def test_hue_jitter_turns_a_visual_only_phrase_and_its_examples_alike(tiny_model_factory):
+    """visual_prompt_hue: a phrase conditioned on examples alone gets its image AND its example crops turned by one
+    hue angle (the concept "this example's colour", not one of the named colours); an example from another scene
+    is cut from that scene as it was, turned by the phrase's own angle; text and mixed phrases keep their images."""
+    model = load_model(tiny_model_factory("tiny-seed"), "cpu")
+    samples = [s for s in ShapesDataset(40, seed=0, **SHAPES)]
+    recipe = VisualPromptRecipe(1.0, 0.0, 1, "crop_blur_darken", hue=90.0)
+    marked = [VisualPromptDraws(SampleList(samples), recipe, seed=0, epoch=0)[i] for i in range(len(samples))]
+    for original, sample in zip(samples, marked):
+        angle = sample.meta[DRAW_KEY]["hue"]
+        assert 0 < abs(angle) <= 90
+        assert sample.meta[SOURCE_KEY] is original.image
+        assert np.array_equal(np.asarray(sample.image), np.asarray(rotate_hue(original.image, angle)))
+        assert not np.array_equal(np.asarray(sample.image), np.asarray(original.image))
+    # two phrases about one colour: each one's crop is the OTHER scene's object, turned by its own angle
+    p, q = next((i, j) for i in range(len(marked)) for j in range(len(marked))
+                if i != j and marked[i].meta["concept"] == marked[j].meta["concept"])
+    batch = collate([marked[p], marked[q]], model, visual=recipe)
+    expected = [engineer_prompt(np.asarray(rotate_hue(marked[b].meta[SOURCE_KEY], marked[a].meta[DRAW_KEY]["hue"])),
+                                marked[b].mask, "crop_blur_darken") for a, b in ((p, q), (q, p))]
+    assert torch.allclose(batch.visual.pixel_values, model.preprocess([Image.fromarray(e) for e in expected]))
+    # mixed with text (w < 1): the phrase still names the colour, so nothing turns; nor with hue 0
+    for kept in (VisualPromptRecipe(1.0, 1.0, 1, "crop_blur_darken", hue=90.0), _recipe()):
+        for original, sample in zip(samples, VisualPromptDraws(SampleList(samples), kept, 0, 0)):
+            assert sample.image is original.image and SOURCE_KEY not in sample.meta
