@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from backend.prelabel.client import is_annotated, post_json, prediction_versions, read_tasks
 from backend.prelabel.runs import PrelabelError
+from finetune.prototypes import served_version
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,12 @@ class ChunkPredictor:
         self._writer.shutdown(wait=True)
 
     def _older_ours(self, task: Mapping[str, Any], version: str) -> list[int]:
-        """Ids of the task's predictions this run replaces: older versions of ours, on unannotated tasks only."""
+        """Ids of the task's predictions this run replaces: older versions of ours (with or without label prototypes),
+        on unannotated tasks only."""
         if not self.replace_older or is_annotated(task):
             return []
-        return [pid for pid, v in prediction_versions(task) if pid is not None and v != version and v in self.our_versions]
+        return [pid for pid, v in prediction_versions(task)
+                if pid is not None and v != version and served_version(v) in self.our_versions]
 
     def _write(self, rows: list[tuple[dict[str, Any], dict[str, Any]]], result: ChunkResult) -> None:
         if not rows:

@@ -185,6 +185,10 @@ def work_job(run_id: str, namespace: str = NAMESPACE, spec: Mapping[str, Any] | 
     config = parse_label_config(label_config, polygon=recipe.polygon)
     service = context.service(conn)
     exemplar = ExemplarStore(conn, namespace).get(info.project, recipe.exemplar) if recipe.exemplar else None
+    if exemplar is None:  # the project's label prototypes, as its /predict applies them (same records, same version)
+        from backend.serving.prototypes import ProjectPrototypes
+
+        segmenter = ProjectPrototypes(conn, service.visual_prompts.exemplar).apply(info.project, segmenter)
     # Versions this backend made or started from (a record's parent is the version it replaced, e.g. the base model):
     # only their predictions are ever replaced; predictions imported from elsewhere stay.
     registry = VersionRegistry(conn)

@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
 from backend.images import FetchedImage, ImageFetchError, ImageFetcher
 from backend.labelstudio.config import LabelConfig
 from backend.labelstudio.image_refs import task_image_ref
@@ -102,8 +104,11 @@ class PredictService:
             if exemplar is not None:
                 visual = {i: regions_of.get(i, []) for i, _, _ in ok}
             batched = [(i, image, requests) for i, image, requests in ok if i not in visual]
+            # Label-prompted requests of a label with a prototype (`backend.serving.prototypes`) are decoded from
+            # the phrase mixed with it; the others in one batch, as before.
             results = segmenter.predict_batch([f.image for _, f, _ in batched],
-                                              [[p.text for p in ps] for _, _, ps in batched]) if batched else []
+                                              [[p.text for p in ps if not self._prototype(segmenter, p)]
+                                               for _, _, ps in batched]) if batched else []
             for i, image, requests in ok:
                 if i in visual:
                     try:
@@ -113,7 +118,7 @@ class PredictService:
                         log.warning("task %s: visual prompt ignored: %s", tasks[i].get("id"), exc)
                         preds = segmenter.predict_batch([image.image], [[p.text for p in requests]])[0]
                 else:
-                    preds = results.pop(0)
+                    preds = self._with_prototypes(segmenter, image, requests, results.pop(0))
                 answers[i] = self._to_answer(image, requests, preds, config)
                 self.metrics.tasks.labels("ok").inc()
                 if self.on_prediction is not None and requests:
@@ -122,6 +127,29 @@ class PredictService:
                     except Exception as exc:  # noqa: BLE001 - the review signal is best effort
                         log.warning("could not record the prediction of task %s: %s", tasks[i].get("id"), exc)
         return [a if a is not None else TaskAnswer([], 0.0) for a in answers]
+
+    @staticmethod
+    def _prototype(segmenter: Segmenter, request: PromptRequest):
+        find = getattr(segmenter, "prototype_for", None)  # a PrototypedSegmenter: a project with label prototypes
+        return find(request) if find is not None else None
+
+    def _with_prototypes(self, segmenter: Segmenter, image: FetchedImage, requests: Sequence[PromptRequest],
+                         text_preds: Sequence[MaskPrediction]) -> list[MaskPrediction]:
+        """One prediction per request, in order: `text_preds` for the requests without a prototype, the phrase
+        mixed with its label's prototype for the others."""
+        plain = iter(text_preds)
+        out = []
+        for request in requests:
+            proto = self._prototype(segmenter, request)
+            if proto is None:
+                out.append(next(plain))
+                continue
+            exemplar = self.visual_prompts.exemplar(segmenter.segmenter)  # type: ignore[attr-defined]
+            visual = torch.from_numpy(proto.embedding).reshape(1, -1)  # (1, D)
+            pred = exemplar.predict_embedding(image.image, visual, request.text, proto.weight,
+                                              state=segmenter.state)  # type: ignore[attr-defined]
+            out.append(replace(pred, prompt=request.text))
+        return out
 
     def _visual(self, segmenter: Segmenter, config: LabelConfig, settings: PromptSettings, image: FetchedImage,
                 regions: Sequence[ContextRegion], prompts: Sequence[PromptRequest], exemplar: Exemplar | None = None,
