@@ -50,6 +50,9 @@ class FinetuneSpec:
         threshold: the mask threshold set explicitly (None: calibrate one per version).
         threshold_min_samples: fewest held-out corrections a calibrated threshold is chosen on (else 0.5).
         feature_cache_bytes: bound of the on-disk cache of frozen features under DATA_DIR/features.
+        visual_prompt_ratio: share of the fine-tune's phrases conditioned on a visual prompt (the engineered crop of
+            the correction's own target, `TrainConfig.visual_prompt_ratio`) instead of their text; 0 (the default,
+            nothing measured says more helps a fine-tune): phrases only, the cached-features path.
         data_dir / device: the enqueuer's values, used only where the worker has none of its own (a spawned horse).
     """
 
@@ -72,6 +75,7 @@ class FinetuneSpec:
     threshold: float | None = None
     threshold_min_samples: int = 6
     feature_cache_bytes: int = 4 * 1024**3
+    visual_prompt_ratio: float = 0.0
     seed: int = 0
     data_dir: str = "data"
     device: str = "auto"
