@@ -184,3 +184,49 @@ def test_prototypes_survive_a_restart_and_are_listed(trained, redis_conn, redis_
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"prototype 'zqx': 6 example(s), weight {stored.weight:g}; leave-one-out IoU phrase 'zqx' alone" in out.stdout
+
+
+def test_a_prelabel_run_with_one_exemplar_per_label(trained, redis_conn):
+    """`clipseg prelabel --exemplar A --exemplar B` (one region per label): every task gets one region per label,
+    each exactly what that label's example alone gives (the chunk's code path, `PredictService.answer`), so the
+    red example's label covers the red object and the blue example's does not; the spec carries both names."""
+    from backend.images import ImageFetcher
+    from backend.labelstudio.config import parse_label_config
+    from backend.labelstudio.prompts import PromptSettings
+    from backend.metrics import BackendMetrics
+    from backend.prelabel.spec import PrelabelSpec
+    from backend.serving.predict_service import PredictService
+    from clipseg_model.loading import load_model
+    from clipseg_model.predictor import Segmenter
+    from finetune.exemplars import ExemplarStore
+    from finetune.shapes import ShapesDataset
+
+    store = ExemplarStore(redis_conn)
+    red_image, red_mask = red_scenes(1, seed=10)[0]
+    blue = next(iter(ShapesDataset(1, seed=11, require_words={"blue"}, **SHAPES)))
+    red = store.put(PROJECT, "task1-r", png(red_image), red_mask, "zqx", "task 1 region r")
+    other = store.put(PROJECT, "task2-b", png(blue.image), blue.mask, "smudge", "task 2 region b")
+    spec = PrelabelSpec(PROJECT, exemplars=[red.name, other.name])
+    assert PrelabelSpec.from_dict(spec.to_dict()).exemplar_names == ["task1-r", "task2-b"]
+    assert "exemplar task1-r, task2-b" in spec.summary()
+
+    service = PredictService(ImageFetcher.from_settings(Settings()), BackendMetrics())
+    segmenter = Segmenter(load_model(trained, "cpu"), threshold=0.5).for_state(None)
+    config, prompts = parse_label_config(CONFIG), PromptSettings("", {})
+    scenes = red_scenes(3, seed=99)
+    tasks = [{"id": i + 1, "data": {"image": data_uri(image)}} for i, (image, _) in enumerate(scenes)]
+    both = service.answer(segmenter, config, prompts, tasks, None, PROJECT,
+                          exemplars=[store.get(PROJECT, red.name), store.get(PROJECT, other.name)])
+    red_only = service.answer(segmenter, config, prompts, tasks, None, PROJECT, exemplar=store.get(PROJECT, red.name))
+    blue_only = service.answer(segmenter, config, prompts, tasks, None, PROJECT, exemplar=store.get(PROJECT, other.name))
+    own, wrong = [], []
+    for answer, alone_red, alone_blue, (_, truth) in zip(both, red_only, blue_only, scenes):
+        labels = sorted(item["value"]["brushlabels"][0] for item in answer.result)
+        assert labels == ["smudge", "zqx"], labels
+        as_json = {"results": [{"result": answer.result}]}
+        zqx, smudge = label_mask(as_json, "zqx", truth.shape), label_mask(as_json, "smudge", truth.shape)
+        assert np.array_equal(zqx, label_mask({"results": [{"result": alone_red.result}]}, "zqx", truth.shape))
+        assert np.array_equal(smudge, label_mask({"results": [{"result": alone_blue.result}]}, "smudge", truth.shape))
+        own.append(mask_iou(zqx, truth))
+        wrong.append(mask_iou(smudge, truth))
+    assert np.mean(own) > np.mean(wrong) + 0.2, (own, wrong)

@@ -79,10 +79,16 @@ class PredictService:
 
     def answer(self, segmenter: Segmenter, config: LabelConfig, prompts: PromptSettings,
                tasks: Sequence[Mapping[str, Any]], context: Mapping[str, Any] | None,
-               project: str | None = None, exemplar: Exemplar | None = None) -> list[TaskAnswer]:
+               project: str | None = None, exemplar: Exemplar | None = None,
+               exemplars: Sequence[Exemplar] = ()) -> list[TaskAnswer]:
         """One TaskAnswer per task, in order; phrases by the prompt rule with `config` and `prompts`. With `exemplar`
         (a stored example region), every task is answered with everything like it, labelled with its label, instead
-        of the phrases (`clipseg prelabel --exemplar`)."""
+        of the phrases (`clipseg prelabel --exemplar`); with `exemplars` (several), one region per label, each from
+        that label's own examples (averaged where a label has several)."""
+        shown = ([exemplar] if exemplar is not None else []) + list(exemplars)
+        by_label: dict[str, list[Exemplar]] = {}
+        for ex in shown:
+            by_label.setdefault(ex.label, []).append(ex)
         answers: list[TaskAnswer | None] = [None] * len(tasks)
         version = segmenter.version
         for start in range(0, len(tasks), IMAGES_PER_PASS):
@@ -101,7 +107,7 @@ class PredictService:
             # Example regions drawn with a smart tool make it a visual prompt (interactive requests: one task).
             regions_of = {i: context_regions(context, image.width, image.height) for i, image, _ in ok} if context else {}
             visual = {i: regions for i, regions in regions_of.items() if any(r.positive for r in regions)}
-            if exemplar is not None:
+            if shown:
                 visual = {i: regions_of.get(i, []) for i, _, _ in ok}
             batched = [(i, image, requests) for i, image, requests in ok if i not in visual]
             # Label-prompted requests of a label with a prototype (`backend.serving.prototypes`) are decoded from
@@ -112,8 +118,14 @@ class PredictService:
             for i, image, requests in ok:
                 if i in visual:
                     try:
-                        requests, preds = self._visual(segmenter, config, prompts, image, visual[i], requests,
-                                                       exemplar)
+                        if len(by_label) > 1:  # one region per label, from its own examples
+                            pairs = [self._visual(segmenter, config, prompts, image, visual[i], requests, group)
+                                     for group in by_label.values()]
+                            requests = [r for rs, _ in pairs for r in rs]
+                            preds = [p for _, ps in pairs for p in ps]
+                        else:
+                            requests, preds = self._visual(segmenter, config, prompts, image, visual[i], requests,
+                                                           shown)
                     except NotImplementedError as exc:  # a model that cannot take visual prompts: its text answer
                         log.warning("task %s: visual prompt ignored: %s", tasks[i].get("id"), exc)
                         preds = segmenter.predict_batch([image.image], [[p.text for p in requests]])[0]
@@ -152,16 +164,16 @@ class PredictService:
         return out
 
     def _visual(self, segmenter: Segmenter, config: LabelConfig, settings: PromptSettings, image: FetchedImage,
-                regions: Sequence[ContextRegion], prompts: Sequence[PromptRequest], exemplar: Exemplar | None = None,
+                regions: Sequence[ContextRegion], prompts: Sequence[PromptRequest], exemplars: Sequence[Exemplar] = (),
                 ) -> tuple[list[PromptRequest], list[MaskPrediction]]:
-        """The answer to a visual prompt (`backend.serving.visual_prompts`): one region, labelled with the example's
+        """The answer to a visual prompt (`backend.serving.visual_prompts`): one region, labelled with the examples'
         label (else as the phrase would be), for the typed phrase mixed in when there is one. The request's phrase
         (the typed one, else the label's) is what a correction of this region is trained with."""
         typed = next((p.text for p in prompts if p.source == "typed"), None)
-        example_label = exemplar.label if exemplar is not None else next(r for r in regions if r.positive).label
+        example_label = exemplars[0].label if exemplars else next(r for r in regions if r.positive).label
         control, label = label_for_text(config, settings, example_label or (typed or ""))
         similar = any(r.from_name in config.similar_tools for r in regions if r.positive)
-        examples = [(exemplar.image, exemplar.mask)] if exemplar is not None else []
+        examples = [(ex.image, ex.mask) for ex in exemplars]
         pred = self.visual_prompts.predict(segmenter, image.image, regions, typed, similar, examples)
         text = typed or label_phrase(settings, control, label)
         return [PromptRequest(text, label, control, "typed" if typed else "label")], [replace(pred, prompt=text)]
