@@ -3,12 +3,14 @@ label's phrase where the label's own corrections say it helps (issue 28, build 3
 
 A label's prototype is the mean visual embedding (`ExemplarSegmenter.embed`: the engineered crop of the region,
 cached by content) of its latest corrections. The weight w it gets against the label's phrase ((1 - w) * phrase +
-w * prototype) is chosen from evidence on those corrections alone, leave-one-out: each correction is predicted from
-its phrase alone and from the phrase mixed with the prototype of the *other* corrections at each of `WEIGHTS`; the
-weight with the best mean IoU is kept only if it beats the phrase alone by `MIN_GAIN` and on at least half of the
-corrections, else w = 0 (the phrase alone: nothing changes). Labels with fewer than `MIN_EXAMPLES` corrections get
-no prototype. So a prototype never replaces a phrase that works, and a phrase that cannot work (a word the model
-never learnt, a part number) gets the corrections' look instead.
+w * prototype) is chosen from evidence on those corrections alone, held out by image: each correction is predicted
+from its phrase alone and from the phrase mixed with the prototype of the corrections on *other* images, at each of
+`WEIGHTS`. The weight with the best mean IoU is kept only if it beats the phrase alone by `MIN_GAIN` on average, on
+at least half of the corrections, and by the fine-tune gate's rule (`finetune.gate.paired_evidence`: the one-sided
+lower bound of the paired difference > 0, at `CONFIDENCE` corrected for the weights tried); else w = 0, the phrase
+alone, and nothing changes. Labels with corrections on fewer than `MIN_EXAMPLES` images get no prototype. So a
+prototype never replaces a phrase that works, and a phrase that cannot work (a word the model never learnt, a part
+number) gets the corrections' look instead.
 
 The corrections are the exemplars (one home: `finetune.corrections`); what is derived from them is kept beside them,
 so it survives restarts and every server and pre-label worker reads the same:
@@ -42,6 +44,7 @@ MIN_EXAMPLES = 3  # corrections a label needs before its prototype is tried (lea
 MAX_EXAMPLES = 24  # the label's latest corrections used (each costs 1 + len(WEIGHTS) decodes per refresh)
 WEIGHTS = (0.25, 0.5, 0.75, 1.0)  # visual weights tried against the phrase alone (w = 0)
 MIN_GAIN = 0.05  # mean held-out IoU a weight must add over the phrase alone to be used
+CONFIDENCE = 0.9  # the fine-tune gate's: one-sided confidence that the best weight beats the phrase alone
 PROTOTYPE_SUFFIX = "+proto."
 
 
@@ -155,7 +158,7 @@ def basis_of(samples: Sequence[CorrectionSample], phrase: str, model_version: st
     """Fingerprint of what a label's prototype is computed from (see the module docstring)."""
     ids = [[s.task_id, s.annotation_id, s.region, s.seq, s.image_sha256] for s in samples]
     raw = json.dumps([model_version, phrase, round(float(threshold), 6), mode, MIN_EXAMPLES, list(WEIGHTS), MIN_GAIN,
-                      ids])
+                      CONFIDENCE, ids])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -167,36 +170,55 @@ def choose_weight(text_ious: Sequence[float], mixed_ious: Mapping[float, Sequenc
         text_ious: (n,) IoU of each held-out correction from the phrase alone.
         mixed_ious: weight -> (n,) IoUs of the same corrections from the phrase mixed with the others' prototype.
     """
+    from finetune.gate import paired_evidence
+
     text = float(np.mean(text_ious))
     means = {w: float(np.mean(v)) for w, v in mixed_ious.items()}
     best = max(means, key=lambda w: (means[w], -w))  # ties: the smaller weight
     wins = int(sum(m > t for m, t in zip(mixed_ious[best], text_ious)))
+    # The fine-tune gate's rule (paired per correction, one-sided t bound), at a confidence corrected for the
+    # weights tried (Bonferroni): the best of several weights is not taken for better by chance.
+    paired = paired_evidence(text_ious, mixed_ious[best], MIN_EXAMPLES, 1 - (1 - CONFIDENCE) / len(mixed_ious))
     gain = means[best] - text
-    weight = best if gain >= min_gain and 2 * wins >= len(text_ious) else 0.0
+    weight = best if gain >= min_gain and paired.better and 2 * wins >= len(text_ious) else 0.0
+    bound = paired.bound if np.isfinite(paired.bound) else None
     evidence = {"held_out": "leave-one-out", "text": round(text, 4),
                 "mixed": {f"{w:g}": round(v, 4) for w, v in sorted(means.items())},
-                "best": f"{best:g}", "gain": round(gain, 4), "wins": wins, "n": len(text_ious)}
+                "best": f"{best:g}", "gain": round(gain, 4), "bound": None if bound is None else round(bound, 4),
+                "confidence": round(paired.confidence, 4), "wins": wins, "n": len(text_ious)}
     return float(weight), evidence
 
 
 def evaluate_label(exemplar, state, examples: Sequence[tuple[Any, np.ndarray]], phrase: str,
+                   images: Sequence[str] | None = None,
                    weights: Sequence[float] = WEIGHTS) -> tuple[np.ndarray, float, dict[str, Any]]:
     """Prototype, chosen weight and evidence of one label from its `examples` ((PIL RGB image, (H, W) bool mask)
-    pairs, n >= 2) with `exemplar` (a `clipseg_model.exemplar_segmenter.ExemplarSegmenter`) and trainable `state`.
-    Returns ((D,) float32 mean embedding, weight, evidence)."""
+    pairs) with `exemplar` (a `clipseg_model.exemplar_segmenter.ExemplarSegmenter`) and trainable `state`.
+
+    `images` (one id per example, e.g. the image's sha256; None: all different) hold out by image: a correction is
+    predicted from the prototype of the corrections on *other* images only (the same image annotated twice would
+    otherwise show the model its own answer). Returns ((D,) float32 mean embedding, weight, evidence); weight 0
+    when fewer than MIN_EXAMPLES corrections could be held out."""
     import torch
 
+    images = list(images) if images is not None else [str(i) for i in range(len(examples))]
     embeddings = exemplar.embed_examples(examples, state)  # (n, D)
+    prototype = embeddings.mean(dim=0).numpy().astype(np.float32)
     text_ious: list[float] = []
     mixed: dict[float, list[float]] = {float(w): [] for w in weights}
     for i, (image, mask) in enumerate(examples):
+        rest = [j for j, other in enumerate(images) if other != images[i]]
+        if not rest:
+            continue
         text_ious.append(mask_iou(exemplar.segmenter.predict(image, [phrase], state)[0].mask, mask))
-        others = torch.cat([embeddings[:i], embeddings[i + 1:]]).mean(dim=0, keepdim=True)  # (1, D)
+        others = embeddings[torch.tensor(rest)].mean(dim=0, keepdim=True)  # (1, D)
         for w in mixed:
             pred = exemplar.predict_embedding(image, others, phrase, w, state=state)
             mixed[w].append(mask_iou(pred.mask, mask))
+    if len(set(images)) < MIN_EXAMPLES:
+        return prototype, 0.0, {"reason": f"corrections on fewer than {MIN_EXAMPLES} images", "n": len(text_ious)}
     weight, evidence = choose_weight(text_ious, mixed)
-    return embeddings.mean(dim=0).numpy().astype(np.float32), weight, evidence
+    return prototype, weight, evidence
 
 
 def refresh_prototypes(store, prototypes: PrototypeStore, exemplar, state, model_version: str, threshold: float,
@@ -227,7 +249,8 @@ def refresh_prototypes(store, prototypes: PrototypeStore, exemplar, state, model
                                    round(time.time(), 3))
         else:
             examples = [(Image.open(io.BytesIO(s.load_image())).convert("RGB"), s.mask) for s in group]
-            embedding, weight, evidence = evaluate_label(exemplar, state, examples, phrase)
+            embedding, weight, evidence = evaluate_label(exemplar, state, examples, phrase,
+                                                         [s.image_sha256 for s in group])
             proto = LabelPrototype(project, label, phrase, len(group), weight, evidence, basis, model_version,
                                    round(time.time(), 3), embedding)
         prototypes.put(proto)

@@ -160,7 +160,8 @@ def test_a_prototype_that_does_not_help_keeps_weight_zero_and_changes_nothing(tr
 
 def test_prototypes_survive_a_restart_and_are_listed(trained, redis_conn, redis_url, tmp_path):
     """(c) Prototypes live in Redis beside the corrections: a new server (nothing recomputed) answers with the same
-    version and masks, and `clipseg corrections` lists each label's examples, weight and evidence."""
+    version and masks; `clipseg corrections` lists each label's examples, weight and evidence, `clipseg status`
+    each label's weight."""
     store_corrections(redis_conn, "zqx", red_scenes(6, seed=10), first_task=1)
     image = red_scenes(1, seed=99)[0][0]
     app, runtime = app_for(trained, redis_url, tmp_path / "one")
@@ -184,6 +185,9 @@ def test_prototypes_survive_a_restart_and_are_listed(trained, redis_conn, redis_
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"prototype 'zqx': 6 example(s), weight {stored.weight:g}; leave-one-out IoU phrase 'zqx' alone" in out.stdout
+    status = subprocess.run([sys.executable, "-m", "backend.cli", "status"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert f"prototype 'zqx' weight {stored.weight:g} (6 examples)" in status.stdout, status.stdout + status.stderr
 
 
 def test_a_prelabel_run_with_one_exemplar_per_label(trained, redis_conn):
