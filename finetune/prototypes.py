@@ -182,7 +182,7 @@ def choose_weight(text_ious: Sequence[float], mixed_ious: Mapping[float, Sequenc
     gain = means[best] - text
     weight = best if gain >= min_gain and paired.better and 2 * wins >= len(text_ious) else 0.0
     bound = paired.bound if np.isfinite(paired.bound) else None
-    evidence = {"held_out": "leave-one-out", "text": round(text, 4),
+    evidence = {"held_out": "leave-one-image-out", "text": round(text, 4),
                 "mixed": {f"{w:g}": round(v, 4) for w, v in sorted(means.items())},
                 "best": f"{best:g}", "gain": round(gain, 4), "bound": None if bound is None else round(bound, 4),
                 "confidence": round(paired.confidence, 4), "wins": wins, "n": len(text_ious)}
