@@ -44,9 +44,14 @@ class BackendRuntime:
             from backend.studio.model_version import ModelVersionSync
 
             self.version_sync = ModelVersionSync(lambda: (self.fetcher.base_url, self.fetcher.api_key),
-                                                 lambda project: self.model.for_project(project).version)
+                                                 lambda project: self.project_model(project).version)
+        self.prototypes = None
         if settings.redis_url:
             from backend.intake.inbox import CorrectionsInbox
+            from backend.serving.prototypes import ProjectPrototypes
+
+            self.prototypes = ProjectPrototypes(lambda: self.redis, self.predict_service.visual_prompts.exemplar,
+                                                self.label_phrase, namespace=settings.namespace)
 
             self.inbox = CorrectionsInbox(str(Path(settings.data_dir) / "spool"), self.ingester, self.fetcher.fetch_bytes,
                                           self._corrections_arrived)
@@ -83,6 +88,7 @@ class BackendRuntime:
                                       namespace=s.namespace, spec=s.finetune_spec(project).to_dict())
 
     def _corrections_arrived(self, project: str) -> None:
+        self.refresh_prototypes(project, background=True)
         result = self.trigger(project, "correction")
         if result.enqueued:
             log.info("fine-tune %s queued for project %s (%d new corrections)", result.job_id, project, result.new_corrections)
@@ -96,7 +102,28 @@ class BackendRuntime:
         self.fetcher.use_setup_credentials(hostname, access_token)
         if self.version_sync is not None:  # Label Studio's model_version: equal to ours once it has saved its own
             self.version_sync.request(project)
+        if project:
+            self.refresh_prototypes(project, background=True)
         return config
+
+    def label_phrase(self, project: str, label: str) -> str:
+        """The phrase a label-prompted /predict of `project` sends for `label` (the prompt rule's step 4)."""
+        from backend.intake.ingest import project_label_config
+        from backend.labelstudio.prompts import label_phrase
+
+        config = self.configs.for_project(project, project_label_config(self.store(), project))
+        control = next((c for c in config.controls if label in c.labels), None) if config is not None else None
+        return label_phrase(self.prompts, control, label)
+
+    def refresh_prototypes(self, project: str, background: bool = False):
+        """Bring `project`'s label prototypes (`backend.serving.prototypes`) up to date with its corrections and
+        the version it is served; in the background, or now (returns label -> LabelPrototype)."""
+        if self.prototypes is None or not self.model.ready:
+            return {}
+        if background:
+            self.prototypes.schedule(project, self.model.for_project)
+            return {}
+        return self.prototypes.refresh(project, self.model.for_project(project))
 
     def config_for_predict(self, schema: str | None, project: str | None) -> LabelConfig:
         """/predict's config: the request's `label_config`, else the project's from /setup. Raises
@@ -156,10 +183,14 @@ class BackendRuntime:
     # ---- per-project models ----------------------------------------------------------------------------
     def project_model(self, project: str | None, refresh: bool = False):
         """The segmenter (a `StateSegmenter`) that serves `project` now: its own version, else the default, else
-        the base model; `refresh` re-reads the pointers first (/setup). Raises ModelNotReady."""
+        the base model, with the project's label prototypes (a `PrototypedSegmenter` whose version says so);
+        `refresh` re-reads the pointers first (/setup). Raises ModelNotReady."""
         if refresh:
             self.model.check_for_update(force=True)
-        return self.model.for_project(project)
+        view = self.model.for_project(project)
+        if self.prototypes is None:
+            return view
+        return self.prototypes.apply(project, view, on_stale=lambda p: self.refresh_prototypes(p, background=True))
 
     @property
     def base_version(self) -> str:

@@ -67,6 +67,7 @@ class Settings:
     distill_epsilon: float = field(default=0.10, metadata={"env": "DISTILL_EPSILON", "help": "forgetting budget when the base score is agreement with the parent (self-distillation)"})
     min_base_evidence: int = field(default=24, metadata={"env": "MIN_BASE_EVIDENCE", "help": "fewest base-validation samples forgetting is judged on (else: inconclusive)"})
     finetune_anchor: float = field(default=0.0, metadata={"env": "FINETUNE_ANCHOR", "help": "L2-SP weight anchoring a fine-tune's weights to its parent's (0: off)"})
+    finetune_visual_ratio: float = field(default=0.0, metadata={"env": "FINETUNE_VISUAL_PROMPT_RATIO", "help": "share of a fine-tune's phrases conditioned on the crop of the correction's own target instead of their text (0: phrases only)"})
     refcoco_dir: str = field(default="", metadata={"env": "REFCOCO_DIR", "help": "local RefCOCO for replay, any of the three formats (docs/loop.md)"})
     replay: str = field(default="auto", metadata={"env": "REPLAY", "help": "replay source: auto (RefCOCO, fetched subset, REPLAY_SHAPES, else self-distillation), refcoco, fetched, shapes, distill, none"})
     distill_phrases: tuple[str, ...] = field(default=(), metadata={"env": "DISTILL_PHRASES", "help": "comma-separated phrases self-distillation asks the parent about (empty: common COCO objects)"})
@@ -135,6 +136,7 @@ class Settings:
             replay_shapes=self.replay_shapes, distill_phrases=self.distill_phrases,
             promote_epsilon=self.promote_epsilon, distill_epsilon=self.distill_epsilon,
             min_base_evidence=self.min_base_evidence, anchor_weight=self.finetune_anchor,
+            visual_prompt_ratio=self.finetune_visual_ratio,
             min_evidence=self.min_evidence, threshold=self.threshold,
             namespace=self.namespace,
         )

@@ -45,6 +45,14 @@ class ExemplarSegmenter:
         self.cache.put(key, row)
         return row
 
+    def embed_examples(self, examples: Sequence[tuple[Image.Image, np.ndarray]],
+                       state: TrainableState | None = None) -> torch.Tensor:
+        """(V, projection_dim) float32 embeddings of V examples (RGB image, (H, W) bool mask) with `state`'s
+        trainable part (None: the model's own), each cached by content."""
+        with self.segmenter._lock:  # the vision passes see one state of the model
+            self.segmenter._use_state(state)
+            return torch.stack([self.embed(im, m) for im, m in examples])
+
     def predict(self, image: Image.Image, examples: Sequence[tuple[Image.Image, np.ndarray]],
                 text: str | None = None, visual_weight: float = 1.0, name: str = "exemplar",
                 state: TrainableState | None = None) -> MaskPrediction:
@@ -53,12 +61,22 @@ class ExemplarSegmenter:
         the model's own). The MaskPrediction's probability and mask are (H, W)."""
         if not examples:
             raise ValueError("at least one example is needed")
-        seg, model = self.segmenter, self.segmenter.model
-        if getattr(model.config, "word_attention", False):
-            raise NotImplementedError("visual prompts with word_attention models are not supported yet")
-        with seg._lock:  # the embedding passes and the decode see one state of the model
+        self._check_model()
+        return self.predict_embedding(image, self.embed_examples(examples, state), text, visual_weight, name, state)
+
+    def predict_embedding(self, image: Image.Image, visual: torch.Tensor, text: str | None = None,
+                          visual_weight: float = 1.0, name: str = "exemplar",
+                          state: TrainableState | None = None) -> MaskPrediction:
+        """Like `predict` for examples already embedded: `visual` (V, projection_dim) (e.g. a label's prototype,
+        (1, D)). Without `text` the condition is the examples alone; with it (1 - w) * text + w * mean(visual)."""
+        self._check_model()
+        seg = self.segmenter
+        with seg._lock:  # the phrase's embedding and the decode see one state of the model
             seg._use_state(state)
-            visual = torch.stack([self.embed(im, m) for im, m in examples])  # (V, D)
             text_row = seg._text_embeddings([text])[0] if text else None
-        condition = mix(text_row, visual, visual_weight if text else 1.0)  # (1, D)
+        condition = mix(text_row, visual.float().reshape(len(visual), -1), visual_weight if text else 1.0)  # (1, D)
         return seg.predict_condition(image, condition, text or name, state)
+
+    def _check_model(self) -> None:
+        if getattr(self.segmenter.model.config, "word_attention", False):
+            raise NotImplementedError("visual prompts with word_attention models are not supported yet")

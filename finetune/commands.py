@@ -319,7 +319,10 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
     projects = sorted(set(store.projects()) | set(registry.projects()), key=lambda p: (len(p), p))
     from clipseg_model.checkpoint import base_version_name
 
+    from finetune.prototypes import PrototypeStore
+
     base = base_version_name(settings.model)
+    prototypes = PrototypeStore(conn)
     status = {
         "redis": {"url": settings.redis_url, "namespace": settings.namespace, "version": conn.info("server").get("redis_version"),
                   "used_memory": conn.info("memory").get("used_memory_human")},
@@ -327,7 +330,9 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
                   "failed": queue.failed_job_registry.count, "scheduled": queue.scheduled_job_registry.count},
         "workers": [{"name": w.name, "state": str(w.get_state()), "job": w.get_current_job_id()} for w in workers],
         "projects": {p: {"corrections": store.count(p), "new": store.new_since_last_finetune(p),
-                         "active_version": _active_of(default, pointers, p) or base, "own_version": p in pointers}
+                         "active_version": _active_of(default, pointers, p) or base, "own_version": p in pointers,
+                         "prototypes": {label: {"examples": r.examples, "weight": r.weight}
+                                        for label, r in sorted(prototypes.all(p).items())}}
                      for p in projects},
         "active_version": default[0] if default else base,
         "versions": len(registry.list()),
@@ -343,7 +348,9 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
     print(f"workers   {len(workers)}: " + (", ".join(f"{w['name']} ({w['state']})" for w in status["workers"]) or "none"))
     for p, c in status["projects"].items():
         print(f"project   {p}: model {c['active_version']}{'' if c['own_version'] else ' (the default)'}, "
-              f"{c['corrections']} corrections, {c['new']} new since the last fine-tune")
+              f"{c['corrections']} corrections, {c['new']} new since the last fine-tune"
+              + "".join(f"; prototype {label!r} weight {r['weight']:g} ({r['examples']} examples)"
+                        for label, r in c["prototypes"].items()))
     print(f"model     {status['active_version']} for projects without their own ({status['versions']} versions recorded)")
     for line in extra_lines:
         print(line)

@@ -48,6 +48,7 @@ from finetune.gate import (
 )
 from finetune.optimization import make_optimizer, make_scheduler, precision_policy, training_step
 from finetune.recipe import TrainConfig
+from finetune.visual_training import VisualPromptDraws, VisualPromptRecipe, visual_prompts
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def training_target(sample: ReferringSample, size: int) -> torch.Tensor:
 def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample], steps: int, batch_size: int = 4,
                     lr: float = 1e-4, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
                     frozen: FrozenInputs | None = None, recipe: TrainConfig = FINETUNE_RECIPE,
-                    anchor_weight: float = 0.0, weights: Sequence[float] | None = None) -> list[float]:
+                    anchor_weight: float = 0.0, weights: Sequence[float] | None = None,
+                    stats: dict[str, int] | None = None) -> list[float]:
     """Fine-tune the trainable part of `model` in place with `finetune.optimization.training_step`; returns the loss
     per step. With `frozen`, steps run on the cached frozen features (same losses as the full forward pass).
 
@@ -142,6 +144,9 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
 
     `weights` (one per sample, finetune.mixing.sample_weights): each batch is drawn with these probabilities
     instead of uniformly (None: uniformly).
+
+    `recipe.visual_prompt_ratio` > 0 mixes visual prompts in (`finetune.visual_training`: a correction is its own
+    example, the crop of its target); those steps run the full forward. `stats["visual_prompts"]` counts them.
     """
     if weights is not None and len(weights) != len(samples):
         raise ValueError(f"{len(weights)} weights for {len(samples)} samples")
@@ -163,6 +168,9 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
         start = [p.detach().clone() for p in params]
         anchor = lambda: anchor_weight * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))  # noqa: E731
     cumulative = list(itertools.accumulate(weights)) if weights is not None else None
+    visual = VisualPromptRecipe.from_config(cfg)
+    stats = stats if stats is not None else {}
+    stats.setdefault("visual_prompts", 0)
     losses = []
     for step in range(1, steps + 1):
         if weights is None:
@@ -170,7 +178,15 @@ def train_candidate(model: SegmentationModel, samples: Sequence[ReferringSample]
         else:
             picked = rng.choices(samples, cum_weights=cumulative, k=batch_size)
         masks = torch.stack([training_target(s, size) for s in picked]).to(device)
-        if frozen is not None:
+        shown = None
+        if visual is not None:  # the draws of this step's samples, then their crops (None: none drawn)
+            drawn = VisualPromptDraws(picked, visual, seed, step)
+            shown = visual_prompts([drawn[i] for i in range(len(picked))], model, visual)
+        if shown is not None:
+            stats["visual_prompts"] += len(set(shown.index.tolist()))
+            pixels = model.preprocess([s.image for s in picked]).to(device)
+            forward = lambda: model(pixels, [s.phrase for s in picked], visual=shown)  # noqa: E731
+        elif frozen is not None:
             forward = lambda: frozen.logits([s.image for s in picked], [s.phrase for s in picked], model)  # noqa: E731
         else:
             pixels = model.preprocess([s.image for s in picked]).to(device)
@@ -322,8 +338,10 @@ def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None
     progress.stage("training", 0.2, f"{len(train)} corrections ({len(new)} new since the parent, drawn "
                    f"{shares.new:.0%}) + {len(replay)} replayed samples ({source.kind})")
     train_started = time.perf_counter()
+    trained: dict[str, int] = {}
     losses = train_candidate(candidate, mix, spec.steps, spec.batch_size, spec.lr, seed=spec.seed,
-                             on_step=progress.step, frozen=frozen, anchor_weight=spec.anchor_weight, weights=weights)
+                             on_step=progress.step, frozen=frozen, anchor_weight=spec.anchor_weight, weights=weights,
+                             recipe=FINETUNE_RECIPE.replace(visual_prompt_ratio=spec.visual_prompt_ratio), stats=trained)
     train_s = time.perf_counter() - train_started
 
     progress.stage("evaluating", 0.85, "scoring the candidate")
@@ -342,6 +360,7 @@ def finetune_project(project: str, spec: Mapping[str, Any] | FinetuneSpec | None
     metrics = {"corrections_miou": cand_held.metrics["miou"], "base_miou": kept.candidate_score,
                "parent_corrections_miou": parent_held.metrics["miou"], "parent_base_miou": kept.parent_score,
                "forgetting": asdict(kept), "anchor_weight": spec.anchor_weight,
+               "visual_prompt_ratio": spec.visual_prompt_ratio, "visual_prompts": trained["visual_prompts"],
                "mix": {"new": len(new), "learnt": len(learnt), **{f"share_{k}": round(v, 4) for k, v in asdict(shares).items()}},
                "final_loss": losses[-1] if losses else None, "steps": spec.steps, "lr": spec.lr,
                "threshold": threshold, "threshold_sweep": threshold_info, "evidence": asdict(evidence),

@@ -54,6 +54,9 @@ class FinetuneSpec:
         threshold: the mask threshold set explicitly (None: calibrate one per version).
         threshold_min_samples: fewest held-out corrections a calibrated threshold is chosen on (else 0.5).
         feature_cache_bytes: bound of the on-disk cache of frozen features under DATA_DIR/features.
+        visual_prompt_ratio: share of the fine-tune's phrases conditioned on a visual prompt (the engineered crop of
+            the correction's own target, `TrainConfig.visual_prompt_ratio`) instead of their text; 0 (the default,
+            nothing measured says more helps a fine-tune): phrases only, the cached-features path.
         namespace: REDIS_NAMESPACE of the enqueuer: the prefix of every key the job reads and writes
             (finetune.keyspace); a spec of the previous release has none: the default.
     """
@@ -77,6 +80,7 @@ class FinetuneSpec:
     threshold: float | None = None
     threshold_min_samples: int = 6
     feature_cache_bytes: int = 4 * 1024**3
+    visual_prompt_ratio: float = 0.0
     seed: int = 0
     namespace: str = NAMESPACE
     extra: dict[str, Any] = field(default_factory=dict)  # room for options of later versions; ignored today

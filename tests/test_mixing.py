@@ -109,3 +109,37 @@ def test_second_fine_tune_draws_its_new_corrections_at_the_first_ones_share(redi
     assert mix["learnt"] == one.samples["corrections"] and mix["new"] == two.samples["corrections"] - mix["learnt"] > 0
     assert mix["share_new"] == pytest.approx(0.5)  # uniform drawing would give new / (2 x all) < 0.3
     assert mix["new"] / (2 * two.samples["corrections"]) < 0.3
+
+
+def test_the_fine_tune_mixes_visual_prompts_in_at_the_specs_ratio(redis_conn, redis_url, tiny_model_factory, tmp_path):
+    """FinetuneSpec.visual_prompt_ratio (FINETUNE_VISUAL_PROMPT_RATIO) reaches the job's training loop: with 1 every
+    drawn correction is conditioned on its own target's crop (other losses than the phrases' from the same start),
+    the version record counts them; 0 (the default) is the text-only loop, unchanged."""
+    from backend.settings import Settings
+    from finetune.corrections import CorrectionStore, Region
+    from finetune.jobs import FINETUNE_RECIPE, finetune_project, set_worker_context, train_candidate
+    from finetune.versions import VersionRegistry
+    from tests.fixtures.webhooks import scene
+    from tests.test_training import _samples
+
+    factory = tiny_model_factory("tiny-seed")
+    data = list(_samples(6, seed=3))
+    stats: dict[str, int] = {}
+    text = train_candidate(load_model(factory, "cpu"), data, steps=3, batch_size=2, lr=3e-3, seed=4)
+    zero = train_candidate(load_model(factory, "cpu"), data, steps=3, batch_size=2, lr=3e-3, seed=4,
+                           recipe=FINETUNE_RECIPE.replace(visual_prompt_ratio=0.0), stats=stats)
+    assert zero == text and stats["visual_prompts"] == 0
+    visual = train_candidate(load_model(factory, "cpu"), data, steps=3, batch_size=2, lr=3e-3, seed=4,
+                             recipe=FINETUNE_RECIPE.replace(visual_prompt_ratio=1.0), stats=stats)
+    assert stats["visual_prompts"] == 6 and not np.allclose(visual, text)
+
+    store = CorrectionStore(redis_conn)
+    for i in range(8):
+        jpeg, mask = scene(96, 64, seed=i)
+        store.put_annotation(5, i + 1, 800 + i, [Region("cat", mask, "cat")], jpeg)
+    set_worker_context(tmp_path / "data", "cpu")
+    spec = FinetuneSpec("5", base_model=str(factory), steps=3, lr=3e-3, min_evidence=3, threshold_min_samples=3,
+                        promote_epsilon=1.0, replay="none", visual_prompt_ratio=1.0)
+    assert Settings(finetune_visual_ratio=0.5).finetune_spec("5").visual_prompt_ratio == 0.5
+    record = VersionRegistry(redis_conn).get(finetune_project("5", spec.to_dict(), redis_url=redis_url)["version"])
+    assert record.metrics["visual_prompt_ratio"] == 1.0 and record.metrics["visual_prompts"] == 3 * spec.batch_size

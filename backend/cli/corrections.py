@@ -1,7 +1,8 @@
 """`clipseg corrections --project P [--json] [--reprompt]`: what the model will learn from.
 
 Lists every stored region of a project: task, annotation, label, the phrase it will be trained with (and where
-that phrase came from), the mask's size and area, and the image's hash. Stored corrections keep the task data and
+that phrase came from), the mask's size and area, and the image's hash; then the project's exemplars and each
+label's prototype (`finetune.prototypes`: examples, the weight mixed with the label's phrase, its evidence). Stored corrections keep the task data and
 typed texts their phrases were resolved from, so after a change of PROMPT_FIELD or LABEL_PROMPTS the listing
 shows, per region, the phrase the current settings would give (`now`), and `--reprompt` rewrites the stored
 phrases with them. Re-prompting is explicit rather than automatic: a fine-tune's data should change only when
@@ -57,12 +58,14 @@ def run(args: argparse.Namespace, settings) -> int:
     from finetune.commands import _redis
     from finetune.corrections import CorrectionStore
     from finetune.exemplars import ExemplarStore
+    from finetune.prototypes import PrototypeStore
 
     store = CorrectionStore(_redis(settings), settings.namespace)
     project = str(args.project)
     prompts = PromptSettings.from_settings(settings)
     listing = rows(store, LabelConfigs(settings), prompts, project)
     exemplars = ExemplarStore(store.conn, store.ns).list(project)
+    prototypes = PrototypeStore(store.conn, store.ns).all(project)
     if not listing and not exemplars:
         if project not in store.projects():
             raise ClipsegError(f"project {project} has no stored corrections (projects with some: "
@@ -76,6 +79,8 @@ def run(args: argparse.Namespace, settings) -> int:
             print(json.dumps(row))
         for ex in exemplars:
             print(json.dumps({"exemplar": ex["name"], **{k: v for k, v in ex.items() if k != "name"}}))
+        for label, proto in sorted(prototypes.items()):
+            print(json.dumps({"prototype": label, **{k: v for k, v in proto.meta().items() if k != "label"}}))
         return 0
     header = f"{'task':>6} {'ann':>6} {'#':>2} {'label':<12} {'mask':>9} {'area':>7} {'image':<12} prompt (source)"
     print(header)
@@ -94,6 +99,8 @@ def run(args: argparse.Namespace, settings) -> int:
     for ex in exemplars:
         print(f"exemplar {ex['name']}: label {ex['label']!r}, {ex['area']} pixels of {ex['shape'][1]}x{ex['shape'][0]}, "
               f"from {ex['origin']}")
+    for _, proto in sorted(prototypes.items()):  # each label's corrections as its visual prompt (finetune.prototypes)
+        print(proto.describe())
     return 0
 
 

@@ -1,7 +1,8 @@
 """`clipseg prelabel --project P [--unlabeled-only] [--wait] [--chunk N] [--exemplar TASK[:REGION]]`: queue a
 pre-label run (backend.prelabel) that any number of `clipseg worker`s share; `--status RUN` shows a run chunk by
 chunk. `--exemplar` stores an annotated region as the project's exemplar and pre-labels every task with everything
-like it (a visual prompt) instead of the phrases."""
+like it (a visual prompt) instead of the phrases; repeated (one region per label), each label's region of every
+task comes from its own example."""
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,10 @@ def configure(parser: argparse.ArgumentParser, settings) -> None:
     parser.add_argument("--unlabeled-only", action="store_true", help="only tasks without an annotation")
     parser.add_argument("--chunk", type=int, default=settings.prelabel_chunk,
                         help=f"tasks per chunk, the unit workers share (default PRELABEL_CHUNK={settings.prelabel_chunk})")
-    parser.add_argument("--exemplar", metavar="TASK[:REGION]",
+    parser.add_argument("--exemplar", metavar="TASK[:REGION]", action="append",
                         help="pre-label with everything like this annotated region (default: the first region of the "
-                             "task's latest annotation) instead of the phrases; stored with the corrections")
+                             "task's latest annotation) instead of the phrases; stored with the corrections. Repeat "
+                             "it, one region per label, to pre-label each label from its own example")
     parser.add_argument("--wait", action="store_true", help="show a progress bar until the run is done")
     parser.add_argument("--status", metavar="RUN", help="show a run (chunk by chunk) instead of queueing one")
     parser.add_argument("--json", action="store_true", help="with --status or --wait: the summary as JSON")
@@ -83,14 +85,16 @@ def run(args: argparse.Namespace, settings) -> int:
         return 0
     if not args.project:
         raise ClipsegError("--project is required (or --status RUN)")
-    exemplar = _store_exemplar(settings, conn, args.project, args.exemplar) if args.exemplar else None
+    names = [_store_exemplar(settings, conn, args.project, ref) for ref in args.exemplar or []]
+    exemplar, exemplars = (names[0], ()) if len(names) == 1 else (None, tuple(names))
     from backend.cli.status import precision_state
 
     # The precision a server on this machine measured for MODEL (cached under DATA_DIR): the run's masks are then
     # the ones /predict answers, instead of the worker timing its own choice.
     measured = precision_state(settings)["precision"]
     spec = PrelabelSpec.from_settings(settings, args.project, unlabeled_only=args.unlabeled_only, chunk_size=args.chunk,
-                                      exemplar=exemplar, precision=measured or settings.precision_mode)
+                                      exemplar=exemplar, exemplars=exemplars,
+                                      precision=measured or settings.precision_mode)
     run_id, created = queue_prelabel(conn, spec, reason="clipseg prelabel")
     print(f"{'queued' if created else 'already running:'} pre-label run {run_id} for project {args.project}; "
           f"`clipseg worker`s on any machine with REDIS_URL, LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY share it")

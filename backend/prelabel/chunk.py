@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from backend.prelabel.client import is_annotated, post_json, prediction_versions, read_tasks
 from backend.prelabel.runs import PrelabelError
+from finetune.prototypes import served_version
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,15 @@ class ChunkPredictor:
 
     def __init__(self, client, project: str, config, prompts, segmenter, service, *, our_versions: Iterable[str] = (),
                  unlabeled_only: bool = False, replace_older: bool = True, batch: int = BATCH_CPU,
-                 still_mine=lambda: True, on_progress=lambda result: None, exemplar=None):
+                 still_mine=lambda: True, on_progress=lambda result: None, exemplar=None, exemplars=()):
         # config: the project's LabelConfig; prompts: the run's PromptSettings (its spec's, not this worker's)
         self.client, self.project, self.config, self.prompts = client, project, config, prompts
         self.segmenter, self.service = segmenter, service
         self.our_versions = set(our_versions)
         self.unlabeled_only, self.replace_older, self.batch = unlabeled_only, replace_older, batch
         self.still_mine, self.on_progress = still_mine, on_progress
-        self.exemplar = exemplar  # finetune.exemplars.Exemplar: a visual-prompt run (PrelabelSpec.exemplar)
+        # finetune.exemplars.Exemplar(s): a visual-prompt run (PrelabelSpec.exemplar / exemplars)
+        self.exemplars = ([exemplar] if exemplar is not None else []) + list(exemplars)
         self.timings = {"read": 0.0, "wait_downloads": 0.0, "predict": 0.0, "write": 0.0, "wait_writes": 0.0}
         self._prefetch = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prelabel-fetch")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="prelabel-write")
@@ -53,10 +55,12 @@ class ChunkPredictor:
         self._writer.shutdown(wait=True)
 
     def _older_ours(self, task: Mapping[str, Any], version: str) -> list[int]:
-        """Ids of the task's predictions this run replaces: older versions of ours, on unannotated tasks only."""
+        """Ids of the task's predictions this run replaces: older versions of ours (with or without label prototypes),
+        on unannotated tasks only."""
         if not self.replace_older or is_annotated(task):
             return []
-        return [pid for pid, v in prediction_versions(task) if pid is not None and v != version and v in self.our_versions]
+        return [pid for pid, v in prediction_versions(task)
+                if pid is not None and v != version and served_version(v) in self.our_versions]
 
     def _write(self, rows: list[tuple[dict[str, Any], dict[str, Any]]], result: ChunkResult) -> None:
         if not rows:
@@ -84,7 +88,7 @@ class ChunkPredictor:
         self.timings["write"] += time.perf_counter() - started
 
     def run(self, task_ids: Sequence[int]) -> ChunkResult:
-        version = self.segmenter.version + (f"+{self.exemplar.name}" if self.exemplar is not None else "")
+        version = self.segmenter.version + "".join(f"+{ex.name}" for ex in self.exemplars)
         result = ChunkResult(total=len(task_ids))
         t0 = time.perf_counter()
         tasks = read_tasks(self.client, self.project, task_ids)
@@ -115,7 +119,7 @@ class ChunkPredictor:
             self.timings["wait_downloads"] += t1 - t0
             rows = []
             for task, answer in zip(ok, self.service.answer(self.segmenter, self.config, self.prompts, ok, None,
-                                                            self.project, exemplar=self.exemplar)):
+                                                            self.project, exemplars=self.exemplars)):
                 if answer.error:  # the bytes did not decode
                     result.failed_tasks.append({"task": task["id"], "error": answer.error})
                 else:

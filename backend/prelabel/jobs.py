@@ -199,7 +199,11 @@ def work_job(run_id: str, namespace: str | None = None, spec: Mapping[str, Any] 
     segmenter = context.segmenter(conn, recipe)
     config = parse_label_config(label_config, polygon=recipe.polygon)
     service = context.service(conn, namespace)
-    exemplar = ExemplarStore(conn, namespace).get(info.project, recipe.exemplar) if recipe.exemplar else None
+    exemplars = [ExemplarStore(conn, namespace).get(info.project, name) for name in recipe.exemplar_names]
+    if not exemplars:  # the project's label prototypes, as its /predict applies them (same records, same version)
+        from backend.serving.prototypes import ProjectPrototypes
+
+        segmenter = ProjectPrototypes(conn, service.visual_prompts.exemplar, namespace=namespace).apply(info.project, segmenter)
     # Versions this backend made or started from (a record's parent is the version it replaced, e.g. the base model):
     # only their predictions are ever replaced; predictions imported from elsewhere stay.
     registry = VersionRegistry(conn, namespace)
@@ -232,9 +236,9 @@ def work_job(run_id: str, namespace: str | None = None, spec: Mapping[str, Any] 
             with _Lease(runs, run_id, index, token) as lease:
                 predictor = ChunkPredictor(client, info.project, config, recipe.prompt_settings, segmenter, service,
                                            our_versions=ours, unlabeled_only=info.unlabeled_only,
-                                           replace_older=recipe.replace_older and exemplar is None,
+                                           replace_older=recipe.replace_older and not exemplars,
                                            batch=batch, still_mine=lambda lease=lease: lease.mine,
-                                           on_progress=progress, exemplar=exemplar)
+                                           on_progress=progress, exemplars=exemplars)
                 try:
                     result = predictor.run(runs.chunk_tasks(run_id, index))
                 except JobAbandoned:  # the worker shuts down: this job is requeued, the chunk is free at once

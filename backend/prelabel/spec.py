@@ -48,6 +48,8 @@ class PrelabelSpec:
         exemplar: name of a stored exemplar of the project (`finetune.exemplars`): every task is pre-labelled with
             everything like it (its label) instead of the phrases; its predictions are versioned
             "<version>+<exemplar>", so they sit beside the phrase predictions and a rerun skips what it wrote.
+        exemplars: names of several stored exemplars (`clipseg prelabel --exemplar A --exemplar B`): every task
+            gets one region per label, each from that label's own examples; versioned "<version>+<A>+<B>".
     """
 
     project: str
@@ -65,6 +67,7 @@ class PrelabelSpec:
     precision: str = "auto"
     exemplar: str | None = None
     namespace: str = NAMESPACE
+    exemplars: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # options of later versions; ignored today
 
     def __post_init__(self) -> None:
@@ -73,6 +76,12 @@ class PrelabelSpec:
         object.__setattr__(self, "project", str(self.project))
         object.__setattr__(self, "chunk_size", int(self.chunk_size))
         object.__setattr__(self, "label_prompts", dict(self.label_prompts or {}))
+        object.__setattr__(self, "exemplars", tuple(self.exemplars or ()))
+
+    @property
+    def exemplar_names(self) -> list[str]:
+        """The stored exemplars the run predicts from ([]: the phrases)."""
+        return ([self.exemplar] if self.exemplar else []) + list(self.exemplars)
 
     @classmethod
     def from_settings(cls, settings: Settings, project: str | int, **changes: Any) -> "PrelabelSpec":
@@ -106,7 +115,7 @@ class PrelabelSpec:
         """One line for `clipseg prelabel --status` and `clipseg jobs`."""
         thr = "calibrated" if self.threshold is None else f"{self.threshold:g}"
         prompts = f"PROMPT_FIELD={self.prompt_field}" if self.prompt_field else "labels/typed"
-        if self.exemplar:
-            prompts = f"exemplar {self.exemplar}"
+        if self.exemplar_names:
+            prompts = f"exemplar {', '.join(self.exemplar_names)}"
         return (f"model {self.model}, version {self.version or 'served'}, threshold {thr}, prompts {prompts}, "
                 f"{'polygons' if self.polygon else 'brush'}, chunks of {self.chunk_size}")

@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
 from backend.images import FetchedImage, ImageFetchError, ImageFetcher
 from backend.labelstudio.config import LabelConfig
 from backend.labelstudio.image_refs import task_image_ref
@@ -77,10 +79,16 @@ class PredictService:
 
     def answer(self, segmenter: Segmenter, config: LabelConfig, prompts: PromptSettings,
                tasks: Sequence[Mapping[str, Any]], context: Mapping[str, Any] | None,
-               project: str | None = None, exemplar: Exemplar | None = None) -> list[TaskAnswer]:
+               project: str | None = None, exemplar: Exemplar | None = None,
+               exemplars: Sequence[Exemplar] = ()) -> list[TaskAnswer]:
         """One TaskAnswer per task, in order; phrases by the prompt rule with `config` and `prompts`. With `exemplar`
         (a stored example region), every task is answered with everything like it, labelled with its label, instead
-        of the phrases (`clipseg prelabel --exemplar`)."""
+        of the phrases (`clipseg prelabel --exemplar`); with `exemplars` (several), one region per label, each from
+        that label's own examples (averaged where a label has several)."""
+        shown = ([exemplar] if exemplar is not None else []) + list(exemplars)
+        by_label: dict[str, list[Exemplar]] = {}
+        for ex in shown:
+            by_label.setdefault(ex.label, []).append(ex)
         answers: list[TaskAnswer | None] = [None] * len(tasks)
         version = segmenter.version
         for start in range(0, len(tasks), IMAGES_PER_PASS):
@@ -99,21 +107,30 @@ class PredictService:
             # Example regions drawn with a smart tool make it a visual prompt (interactive requests: one task).
             regions_of = {i: context_regions(context, image.width, image.height) for i, image, _ in ok} if context else {}
             visual = {i: regions for i, regions in regions_of.items() if any(r.positive for r in regions)}
-            if exemplar is not None:
+            if shown:
                 visual = {i: regions_of.get(i, []) for i, _, _ in ok}
             batched = [(i, image, requests) for i, image, requests in ok if i not in visual]
+            # Label-prompted requests of a label with a prototype (`backend.serving.prototypes`) are decoded from
+            # the phrase mixed with it; the others in one batch, as before.
             results = segmenter.predict_batch([f.image for _, f, _ in batched],
-                                              [[p.text for p in ps] for _, _, ps in batched]) if batched else []
+                                              [[p.text for p in ps if not self._prototype(segmenter, p)]
+                                               for _, _, ps in batched]) if batched else []
             for i, image, requests in ok:
                 if i in visual:
                     try:
-                        requests, preds = self._visual(segmenter, config, prompts, image, visual[i], requests,
-                                                       exemplar)
+                        if len(by_label) > 1:  # one region per label, from its own examples
+                            pairs = [self._visual(segmenter, config, prompts, image, visual[i], requests, group)
+                                     for group in by_label.values()]
+                            requests = [r for rs, _ in pairs for r in rs]
+                            preds = [p for _, ps in pairs for p in ps]
+                        else:
+                            requests, preds = self._visual(segmenter, config, prompts, image, visual[i], requests,
+                                                           shown)
                     except NotImplementedError as exc:  # a model that cannot take visual prompts: its text answer
                         log.warning("task %s: visual prompt ignored: %s", tasks[i].get("id"), exc)
                         preds = segmenter.predict_batch([image.image], [[p.text for p in requests]])[0]
                 else:
-                    preds = results.pop(0)
+                    preds = self._with_prototypes(segmenter, image, requests, results.pop(0))
                 answers[i] = self._to_answer(image, requests, preds, config)
                 self.metrics.tasks.labels("ok").inc()
                 if self.on_prediction is not None and requests:
@@ -123,17 +140,40 @@ class PredictService:
                         log.warning("could not record the prediction of task %s: %s", tasks[i].get("id"), exc)
         return [a if a is not None else TaskAnswer([], 0.0) for a in answers]
 
+    @staticmethod
+    def _prototype(segmenter: Segmenter, request: PromptRequest):
+        find = getattr(segmenter, "prototype_for", None)  # a PrototypedSegmenter: a project with label prototypes
+        return find(request) if find is not None else None
+
+    def _with_prototypes(self, segmenter: Segmenter, image: FetchedImage, requests: Sequence[PromptRequest],
+                         text_preds: Sequence[MaskPrediction]) -> list[MaskPrediction]:
+        """One prediction per request, in order: `text_preds` for the requests without a prototype, the phrase
+        mixed with its label's prototype for the others."""
+        plain = iter(text_preds)
+        out = []
+        for request in requests:
+            proto = self._prototype(segmenter, request)
+            if proto is None:
+                out.append(next(plain))
+                continue
+            exemplar = self.visual_prompts.exemplar(segmenter.segmenter)  # type: ignore[attr-defined]
+            visual = torch.from_numpy(proto.embedding).reshape(1, -1)  # (1, D)
+            pred = exemplar.predict_embedding(image.image, visual, request.text, proto.weight,
+                                              state=segmenter.state)  # type: ignore[attr-defined]
+            out.append(replace(pred, prompt=request.text))
+        return out
+
     def _visual(self, segmenter: Segmenter, config: LabelConfig, settings: PromptSettings, image: FetchedImage,
-                regions: Sequence[ContextRegion], prompts: Sequence[PromptRequest], exemplar: Exemplar | None = None,
+                regions: Sequence[ContextRegion], prompts: Sequence[PromptRequest], exemplars: Sequence[Exemplar] = (),
                 ) -> tuple[list[PromptRequest], list[MaskPrediction]]:
-        """The answer to a visual prompt (`backend.serving.visual_prompts`): one region, labelled with the example's
+        """The answer to a visual prompt (`backend.serving.visual_prompts`): one region, labelled with the examples'
         label (else as the phrase would be), for the typed phrase mixed in when there is one. The request's phrase
         (the typed one, else the label's) is what a correction of this region is trained with."""
         typed = next((p.text for p in prompts if p.source == "typed"), None)
-        example_label = exemplar.label if exemplar is not None else next(r for r in regions if r.positive).label
+        example_label = exemplars[0].label if exemplars else next(r for r in regions if r.positive).label
         control, label = label_for_text(config, settings, example_label or (typed or ""))
         similar = any(r.from_name in config.similar_tools for r in regions if r.positive)
-        examples = [(exemplar.image, exemplar.mask)] if exemplar is not None else []
+        examples = [(ex.image, ex.mask) for ex in exemplars]
         pred = self.visual_prompts.predict(segmenter, image.image, regions, typed, similar, examples)
         text = typed or label_phrase(settings, control, label)
         return [PromptRequest(text, label, control, "typed" if typed else "label")], [replace(pred, prompt=text)]
