@@ -10,6 +10,10 @@ than the /predict budget allows) are connected to the backend as Settings -> Mod
   centre on screen, IoU >= 0.9 with the decoded masks); the "Prediction score" column shows the stored scores.
 - Editor, Auto-Annotation on: a phrase typed in the TextArea comes back as a suggestion drawn where the backend's
   mask is (same pixel comparison); accepted and submitted, it is the annotation's region.
+- Editor, Auto-Annotation on, project "box" (the README's config plus a smart RectangleLabels, issue 28): the smart
+  rectangle tool, the box's label, a box dragged around an object: the backend's answer to the box as a visual
+  prompt is drawn as a suggestion (same pixel comparison with the accepted region's RLE), in the box's label and
+  inside the box.
 - Editor: type two lines in the TextArea, paint a brush stroke, Submit: `clipseg corrections` lists that stroke
   with the line just typed (not the older one).
 - Project "ending" (a dozen tasks, on a second `clipseg serve` whose budget they exceed): select all -> Retrieve
@@ -17,6 +21,8 @@ than the /predict budget allows) are connected to the backend as Settings -> Mod
   takes it; reloading, the card says "12 tasks pre-labelled at HH:MM UTC with <version>" (its "pre-labelling: N of
   M" title is screenshotted when a reload happens to catch it, never asserted), and the data manager's footer and
   score column show the 12 predictions.
+- After that run, a new version of the ending project is activated as a promotion: the worker re-predicts the
+  unannotated tasks and the "Prediction score" column shows the new version's scores (none on the annotated task).
 - Big project: select all -> Retrieve Predictions: the model card (Settings -> Model) says a pre-label run was
   queued (Label Studio itself shows nothing of the backend's 503).
 
@@ -24,6 +30,9 @@ Measured (2 cores shared with other sessions, LS venv and template cached): 43 s
 91-135 s at load 3-15 before the ending project; with it 153 s at load 6-10 (103 s without it in the same hour):
 its test takes 32-47 s (the worker's start and model load ~13 s of it), the second backend ~5-15 s of the fixtures
 (Label Studio, two backends, 1,012 tasks imported: 37-47 s).
+2026-12-07, with the box and promotion tests (the backends now load while Label Studio starts; one worker for the
+ending and promotion tests): 130 s for the file at load 4-6 (fixtures 38 s, box test 13 s, promotion test 5 s);
+the same file before them took 112 s at load 3-5.
 
 Failures save a screenshot and the page's HTML under test-artifacts/browser/ (paths printed); passing runs leave
 the screenshots docs/ may use there too. Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's `chromium`
@@ -50,7 +59,7 @@ import requests
 from PIL import Image, ImageDraw
 
 from tests.conftest import REDIS_TEST_URL
-from tests.e2e.ls_harness import LabelStudioServer, ManagedProcess, free_port
+from tests.e2e.ls_harness import DEFAULT_LEGACY_TOKEN, LabelStudioServer, ManagedProcess, free_port
 from tests.e2e.test_backend_e2e import clipseg_command, decode_brush, scene_png, wait_backend_ready, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -166,21 +175,26 @@ def studio(tiny_model_factory, tmp_path_factory):
     conn.flushdb()
     tmp = tmp_path_factory.mktemp("browser-e2e")
     with contextlib.ExitStack() as resources:
-        ls = resources.enter_context(LabelStudioServer("legacy"))
+        # The backends import torch and load their model while Label Studio starts (its port and legacy token are
+        # chosen up front): ~10 s less than one after the other.
+        ls_port = free_port()
+        ls_url = f"http://127.0.0.1:{ls_port}"
         backends = []
         for name, extra in (("backend", {"PREDICT_BUDGET": str(PREDICT_BUDGET_S)}),
                             ("budgeted", {"PREDICT_BUDGET": str(ENDING_BUDGET_S), "PRELABEL_CHUNK": "4"})):
-            port = free_port()
+            port = free_port(avoid=[ls_port])
             proc = ManagedProcess(
                 [*clipseg_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker",
                  "--no-scheduler"],
                 env={"MODEL": str(model_dir), "DATA_DIR": str(tmp / f"data-{name}"), "REDIS_URL": REDIS_TEST_URL,
-                     "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.legacy_token, "LOG_LEVEL": "INFO",
+                     "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": DEFAULT_LEGACY_TOKEN, "LOG_LEVEL": "INFO",
                      "PRECISION": "fp32", **extra},
                 cwd=ROOT, log_path=tmp / f"{name}.log", name=name)
             resources.callback(proc.stop)
             backends.append(proc.start())  # both load at once
             proc.health_url = f"http://127.0.0.1:{port}/health"
+        ls = resources.enter_context(LabelStudioServer("legacy", port=ls_port))
+        assert (ls.url, ls.legacy_token) == (ls_url, DEFAULT_LEGACY_TOKEN), (ls.url, ls.legacy_token)
         for proc in backends:
             proc.wait_ready()
             wait_backend_ready(proc)
