@@ -97,6 +97,32 @@ def breakdown(evaluation, val_data: ShapesDataset) -> dict[str, float]:
     return out
 
 
+def one_shot_breakdown(model, val_data: ShapesDataset) -> dict[str, float]:
+    """One-shot mIoU per phrase kind through the serving path (`ExemplarSegmenter`): each held-out sample whose
+    target has a visual concept (`meta["concept"]`) is prompted by the next held-out sample of that concept (another
+    scene's object) instead of its phrase; samples whose concept has no other instance are left out (`n` counts
+    the rest)."""
+    from clipseg_model.exemplar_segmenter import ExemplarSegmenter
+    from clipseg_model.predictor import Segmenter
+
+    samples = [val_data[i] for i in range(len(val_data))]
+    by_concept: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        if s.meta.get("concept"):
+            by_concept.setdefault(s.meta["concept"], []).append(i)
+    seg = ExemplarSegmenter(Segmenter(model, threshold=0.5))
+    per_kind: dict[str, list[float]] = {}
+    for indices in by_concept.values():
+        for j, i in enumerate(indices[:-1] if len(indices) > 1 else []):
+            target, example = samples[i], samples[indices[j + 1]]
+            mask = seg.predict(target.image, [(example.image, example.mask)]).mask
+            union = (mask | target.mask).sum()
+            per_kind.setdefault(target.meta["kind"], []).append(float((mask & target.mask).sum() / union) if union else 1.0)
+    values = [v for vs in per_kind.values() for v in vs]
+    out = {f"miou_{kind}": round(sum(vs) / len(vs), 4) for kind, vs in sorted(per_kind.items())}
+    return {**out, "miou": round(sum(values) / max(1, len(values)), 4), "n": len(values)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     recipe = TRAIN_PRESETS[TRAIN_PRESET]
@@ -152,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=0,
                         help=f"also validate on {recipe.max_eval_samples} held-out samples every N steps (default 0: "
                              "only the final evaluation, which is what the 10-minute budget counts)")
+    parser.add_argument("--visual-prompt-ratio", type=float, default=recipe.visual_prompt_ratio,
+                        help="share of phrases conditioned on an example crop instead (TrainConfig.visual_prompt_ratio); "
+                             "> 0 adds a one-shot column (each held-out scene prompted by another scene's object of "
+                             "its target's concept) and needs --no-word-attention (a crop has no word states)")
+    parser.add_argument("--visual-prompt-hue", type=float, default=recipe.visual_prompt_hue,
+                        help="hue jitter (degrees) of visual-only phrases (TrainConfig.visual_prompt_hue)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -164,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                           pixel_token_layers=args.pixel_token_layers,
                           text_alignment=args.align_weight > 0,
                           **{name: getattr(args, name) for name in flags})
+    if args.visual_prompt_ratio > 0 and preset.config.word_attention:
+        parser.error("--visual-prompt-ratio > 0 needs --no-word-attention: a visual prompt has no word states")
     image_size = preset.config.image_size
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     boost = tuple(k.strip() for k in args.boost_kind.split(",") if k.strip())
@@ -183,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     val_data = ShapesDataset(args.val_samples, seed=2000 + args.seed, config=shapes)
     cfg = recipe.replace(lr=args.lr, batch_size=args.batch_size, steps=args.steps, warmup_fraction=args.warmup,
                          dice_weight=args.dice_weight, eval_every=args.eval_every, align_weight=args.align_weight,
-                         seed=args.seed, num_workers=args.num_workers, phrases_per_image=args.phrases_per_scene)
+                         seed=args.seed, num_workers=args.num_workers, phrases_per_image=args.phrases_per_scene,
+                         visual_prompt_ratio=args.visual_prompt_ratio, visual_prompt_hue=args.visual_prompt_hue)
     tokenizer = word_level_tokenizer(phrase_words()) if args.tokenizer == "word" else build_tokenizer(None)[0]
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="learning-cpu-"))
     started, cpu_started = time.time(), time.process_time()
@@ -193,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = time.time()
     evaluation = evaluate(model, val_data, batch_size=64)
     metrics = evaluation.metrics
+    one_shot = one_shot_breakdown(model, val_data) if args.visual_prompt_ratio > 0 else {}
     total = time.time() - started
     # CPU seconds / threads is the wall time an otherwise idle machine needs (the 2 cores may be shared).
     cpu = time.process_time() - cpu_started
@@ -203,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": dataclasses.asdict(preset.config) | {"backbone": dataclasses.asdict(preset.backbone)},
                "tokenizer": args.tokenizer, "shapes": shapes_desc, "train": cfg.to_dict(),
                "boost": {"kind": args.boost_kind, "share": args.boost_share, "train_stream_length": len(train_data)},
-               "final_loss": result.final_loss, "heldout": metrics, "breakdown": breakdown(evaluation, val_data), "train_seconds": round(trained - started, 1),
+               "final_loss": result.final_loss, "heldout": metrics, "breakdown": breakdown(evaluation, val_data),
+               "one_shot": one_shot, "train_seconds": round(trained - started, 1),
                "total_seconds": round(total, 1), "cpu_seconds": round(cpu, 1),
                "idle_estimate_seconds": round(cpu / args.threads, 1), "load_average": load, "out": str(work)}
     print(json.dumps(summary, indent=2))
@@ -211,10 +248,17 @@ def main(argv: list[str] | None = None) -> int:
           f"in {total / 60:.1f} min wall time ({cpu / 60:.1f} CPU-min on {args.threads} threads, "
           f"~{cpu / args.threads / 60:.1f} min on an idle machine; load average {' '.join(load)})")
     table = breakdown(evaluation, val_data)
-    print("| phrase kind | held-out mIoU |\n|---|---|")
-    for kind in kinds:
-        print(f"| {kind} | {table.get(f'miou_{kind}', float('nan')):.3f} |")
-    print(f"| all | {metrics['miou']:.3f} |")
+    if one_shot:  # the visual-prompt column: the same held-out targets, prompted by an example instead of words
+        print("| phrase kind | held-out mIoU | one-shot mIoU |\n|---|---|---|")
+        for kind in kinds:
+            print(f"| {kind} | {table.get(f'miou_{kind}', float('nan')):.3f} | "
+                  f"{one_shot.get(f'miou_{kind}', float('nan')):.3f} |")
+        print(f"| all | {metrics['miou']:.3f} | {one_shot['miou']:.3f} (n={one_shot['n']}) |")
+    else:
+        print("| phrase kind | held-out mIoU |\n|---|---|")
+        for kind in kinds:
+            print(f"| {kind} | {table.get(f'miou_{kind}', float('nan')):.3f} |")
+        print(f"| all | {metrics['miou']:.3f} |")
     if not args.out:
         shutil.rmtree(work, ignore_errors=True)
     return 0

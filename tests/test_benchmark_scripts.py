@@ -68,6 +68,22 @@ def test_learning_cpu_trains_and_reports_every_kind():
     assert float(rows["all"]) == pytest.approx(summary["heldout"]["miou"], abs=5e-4)
 
 
+def test_learning_cpu_with_visual_prompts_adds_a_one_shot_column():
+    """The visual-prompt column (issue 28): trained with visual prompts mixed in, the table gets each kind's one-shot
+    mIoU (prompted by another held-out scene's object of the same concept); word attention is refused."""
+    done = bench("learning_cpu.py", "--steps", "3", "--batch-size", "2", "--train-samples", "24", "--val-samples",
+                 "16", "--num-workers", "0", "--no-word-attention", "--visual-prompt-ratio", "0.5")
+    text, _, lines = done.stdout.partition("\nheld-out mIoU ")
+    summary = json.loads(text)
+    assert summary["train"]["visual_prompt_ratio"] == 0.5 and summary["one_shot"]["n"] > 0, summary["one_shot"]
+    rows = {k: (a, b) for k, a, b in re.findall(r"^\| (\w+) \| ([\d.]+|nan) \| ([\d.]+|nan)", lines, re.M)}
+    assert {"color", "all"} <= set(rows), lines
+    assert float(rows["all"][1]) == pytest.approx(summary["one_shot"]["miou"], abs=5e-4)
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning_cpu.py"), "--visual-prompt-ratio",
+                              "0.5", "--steps", "1"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--no-word-attention" in refused.stderr, refused.stderr[-500:]
+
+
 def test_faults_row_loses_nothing(tmp_path):
     """One fault row for real (a second `clipseg serve` on the same DATA_DIR): refused, every acknowledged
     correction stored, and the table row says so."""

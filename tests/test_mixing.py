@@ -117,7 +117,8 @@ def test_the_fine_tune_mixes_visual_prompts_in_at_the_specs_ratio(redis_conn, re
     the version record counts them; 0 (the default) is the text-only loop, unchanged."""
     from backend.settings import Settings
     from finetune.corrections import CorrectionStore, Region
-    from finetune.jobs import FINETUNE_RECIPE, finetune_project, set_worker_context, train_candidate
+    from finetune.jobs import FINETUNE_RECIPE, finetune_project, train_candidate
+    from finetune.worker import WorkerContext
     from finetune.versions import VersionRegistry
     from tests.fixtures.webhooks import scene
     from tests.test_training import _samples
@@ -137,7 +138,7 @@ def test_the_fine_tune_mixes_visual_prompts_in_at_the_specs_ratio(redis_conn, re
     for i in range(8):
         jpeg, mask = scene(96, 64, seed=i)
         store.put_annotation(5, i + 1, 800 + i, [Region("cat", mask, "cat")], jpeg)
-    set_worker_context(tmp_path / "data", "cpu")
+    WorkerContext.install(tmp_path / "data", "cpu")
     spec = FinetuneSpec("5", base_model=str(factory), steps=3, lr=3e-3, min_evidence=3, threshold_min_samples=3,
                         promote_epsilon=1.0, replay="none", visual_prompt_ratio=1.0)
     assert Settings(finetune_visual_ratio=0.5).finetune_spec("5").visual_prompt_ratio == 0.5
