@@ -101,7 +101,9 @@ class BackendRuntime:
         self.configs.remember(project, config)
         self.fetcher.use_setup_credentials(hostname, access_token)
         if self.version_sync is not None:  # Label Studio's model_version: equal to ours once it has saved its own
-            self.version_sync.request(project)
+            from backend.studio.model_version import REFUSED
+
+            self.version_sync.request(project, unless=REFUSED)
         if project:
             self.refresh_prototypes(project, background=True)
         return config
@@ -176,7 +178,7 @@ class BackendRuntime:
             except Exception as exc:  # noqa: BLE001 - Redis blip: the run is queued, only its notice is lost
                 log.warning("project %s: no notice of the queued run in Label Studio: %s", project, exc)
                 return
-            notice.show(queued_notice(tasks, waiting_for_worker=not listening), final=True)
+            notice.show(queued_notice(tasks, waiting_for_worker=not listening), final=True, keep=True)
 
         threading.Thread(target=announce, name="prelabel-notice", daemon=True).start()
 

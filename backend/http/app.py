@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.intake.inbox import SpoolUnavailable
 from backend.http.health import health_report
-from backend.studio.model_version import AFTER_PREDICT_S
+from backend.studio.model_version import AFTER_PREDICT_S, IN_SYNC
 from backend.http.json_provider import OrjsonProvider, loads as json_loads
 from backend.labelstudio.config import UnsupportedConfigError
 from backend.metrics import CONTENT_TYPE, spool_gauges
@@ -186,7 +186,7 @@ def predict():
     budget.observe(len(tasks), time.perf_counter() - started)
     runtime.metrics.predict_latency.observe(time.perf_counter() - started)
     if runtime.version_sync is not None and any(a.result for a in answers):
-        runtime.version_sync.request(project, AFTER_PREDICT_S, unless_in_sync=True)
+        runtime.version_sync.request(project, AFTER_PREDICT_S, unless=IN_SYNC)
     log.info("predicted %d tasks (%d regions) with %s in %.2f s", len(tasks),
              sum(len(a.result) for a in answers), version, time.perf_counter() - started)
     return jsonify({"results": [a.to_json(version) for a in answers], "model_version": version})

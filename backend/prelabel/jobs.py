@@ -113,7 +113,7 @@ def plan_job(run_id: str, namespace: str | None = None, spec: Mapping[str, Any] 
         runs.fail(run_id, str(exc))
         if client is not None and recipe.notify:
             RunNotice.for_project(client, info.project, registry, recipe.version).show(
-                failed_notice(str(exc)), final=True)
+                failed_notice(str(exc)), final=True, keep=True)
         raise
     chunks = [task_ids[i:i + info.chunk_size] for i in range(0, len(task_ids), info.chunk_size)]
     runs.plan(run_id, chunks)
@@ -137,9 +137,10 @@ def _tell(notice: RunNotice, runs: PrelabelRuns, run_id: str, version: str | Non
     summary = runs.summary(run_id)
     if summary["state"] == "done":
         _follow(notice, version)
-        notice.show(done_notice(summary["done"] - summary["failed"], version, summary["failed"]), final=True)
+        notice.show(done_notice(summary["done"] - summary["failed"], version, summary["failed"]), final=True,
+                    keep=True)
     elif summary["state"] == "failed":
-        notice.show(failed_notice(summary["error"] or "see `clipseg prelabel --status`"), final=True)
+        notice.show(failed_notice(summary["error"] or "see `clipseg prelabel --status`"), final=True, keep=True)
     else:
         notice.show(progress_notice(summary["done"], summary["tasks"], version, summary["failed"]), final=final)
 

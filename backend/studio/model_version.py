@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 AFTER_SETUP_S = (0.5, 2.0, 5.0, 10.0)  # Label Studio saves its own model_version after /setup answers
 AFTER_ACTIVATION_S = (0.0, 2.0)
 AFTER_PREDICT_S = (2.0, 10.0)  # Label Studio stores "Retrieve predictions" answers after /predict returns
+IN_SYNC = ("unchanged", "set")
+REFUSED = ("refused",)  # HTTP 400: no ML backend titled so and no prediction of it in the project
 
 
 def set_model_version(client, project: str, version: str) -> tuple[str, str | None]:
@@ -51,7 +53,7 @@ class SyncState:
 
     served: str | None = None
     in_label_studio: str | None = None
-    outcome: str = "pending"  # pending, unchanged, set, no-credentials, error: ...
+    outcome: str = "pending"  # pending, unchanged, set, no-credentials, refused: ..., error: ...
     at: float = 0.0
 
     def as_dict(self) -> dict:
@@ -76,18 +78,21 @@ class ModelVersionSync:
         self._thread: threading.Thread | None = None
 
     # ---- what asks for a sync ---------------------------------------------------------------------------
-    def request(self, project: str | None, delays: tuple[float, ...] = AFTER_SETUP_S, unless_in_sync: bool = False) -> None:
-        """Check `project` after each of `delays` seconds (from now); None is ignored (no project). With
-        `unless_in_sync` (every /predict asks), nothing when the last check found it equal to the version served now."""
+    def request(self, project: str | None, delays: tuple[float, ...] = AFTER_SETUP_S,
+                unless: tuple[str, ...] = ()) -> None:
+        """Check `project` after each of `delays` seconds (from now); None is ignored (no project). Nothing when the
+        last check of the version served now ended in an outcome `unless` names: IN_SYNC for every /predict, REFUSED
+        for every /setup (Label Studio checks its backends at each load of the model page: a refused version stays
+        refused until predictions of it are stored, which a /predict or a run's end reports)."""
         if not project:
             return
-        if unless_in_sync:
-            state = self.state.get(project)
+        state = self.state.get(project)
+        if unless and state is not None:
             try:
                 served = self.served_version(project)
             except Exception:  # noqa: BLE001 - still loading
                 return
-            if state is not None and state.outcome in ("unchanged", "set") and state.served == served:
+            if state.served == served and state.outcome.split(":", 1)[0] in unless:
                 return
         now = time.monotonic()
         with self._cond:
@@ -133,9 +138,10 @@ class ModelVersionSync:
             state.outcome, _ = set_model_version(client, project, state.served)
             state.in_label_studio = state.served
         except (ApiError, OSError, ValueError) as exc:
-            state.outcome = f"error: {api_error_text(exc)[:200]}"
             if getattr(exc, "status_code", None) == 400:
+                state.outcome = f"refused: {api_error_text(exc)[:200]}"
                 return state  # no prediction of the served version stored yet: set after the next /predict or run
+            state.outcome = f"error: {api_error_text(exc)[:200]}"
             if project not in self._warned:
                 self._warned.add(project)
                 log.warning("project %s: cannot set Label Studio's model_version to %s: %s", project, state.served,

@@ -9,6 +9,12 @@ pre-labelled at 08:14 UTC …" or "clipseg · pre-label run failed: …". The pa
 Which backend is ours: the project's only one, else those whose `model_version` (what our /setup answered) is one
 of `our_versions`. Updates are throttled (MIN_INTERVAL_S) except the last one of a run; each PATCH makes Label Studio
 call /setup again, which is cheap.
+
+A notice can be lost: Label Studio checks a backend (`MLBackend.update_state`: /health, /setup, then `save()` of the
+whole row) on every listing of a project's backends, e.g. each load of the model page or the data manager. A check
+that read the row before our PATCH and saves after it writes the old title back (seen in the browser tests: the
+queued notice gone 0.2 s after it was written, while the model page loaded). So a notice that nothing will follow
+(`keep`: queued, done, failed) is read back after KEEP_AFTER_S and written again if it is gone.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ log = logging.getLogger(__name__)
 SEPARATOR = " · "
 MIN_INTERVAL_S = 5.0
 MAX_TITLE = 240  # Label Studio's column is 255 characters
+KEEP_AFTER_S = 2.0  # a check of the backend (two requests to this server) takes well under this
+KEEP_TRIES = 3
 
 
 def base_title(title: str | None) -> str:
@@ -64,20 +72,19 @@ class RunNotice:
         """True when a non-final notice would be shown now (not within MIN_INTERVAL_S of the last)."""
         return not self._failed and time.monotonic() - self._last >= MIN_INTERVAL_S
 
-    def show(self, notice: str, final: bool = False) -> bool:
-        """Put `notice` into the title; skipped (False) within MIN_INTERVAL_S of the last one unless `final`."""
-        from backend.studio.api import api_error_text, api_json
+    def show(self, notice: str, final: bool = False, keep: bool = False) -> bool:
+        """Put `notice` into the title; skipped (False) within MIN_INTERVAL_S of the last one unless `final`.
+        `keep`: read it back and write it again while a concurrent save in Label Studio drops it (blocks about
+        KEEP_AFTER_S)."""
+        from backend.studio.api import api_error_text
 
         now = time.monotonic()
         if notice == self._last_text or (not final and now - self._last < MIN_INTERVAL_S):
             return False
         try:
-            for backend in self.backends():
-                title = titled(backend.get("title"), notice)
-                api_json(self.client, "PATCH", f"api/ml/{int(backend['id'])}",
-                         {"title": title, "project": int(self.project), "url": backend.get("url")})
-                # (without "url", Label Studio 1.23.2 answers 500: healthcheck_() missing 'url')
-                backend["title"] = title
+            self._write(self.backends(), notice)
+            if keep:
+                self._keep(notice)
         except Exception as exc:  # noqa: BLE001 - a notice must never fail a run
             if not self._failed:
                 log.warning("project %s: cannot show the run in the ML backend's title: %s", self.project,
@@ -86,6 +93,30 @@ class RunNotice:
             return False
         self._last, self._last_text = now, notice
         return True
+
+    def _write(self, backends: list[dict], notice: str) -> None:
+        from backend.studio.api import api_json
+
+        for backend in backends:
+            title = titled(backend.get("title"), notice)
+            api_json(self.client, "PATCH", f"api/ml/{int(backend['id'])}",
+                     {"title": title, "project": int(self.project), "url": backend.get("url")})
+            # (without "url", Label Studio 1.23.2 answers 500: healthcheck_() missing 'url')
+            backend["title"] = title
+
+    def _keep(self, notice: str) -> None:
+        from backend.studio.api import api_json
+
+        for _ in range(KEEP_TRIES):
+            time.sleep(KEEP_AFTER_S)
+            lost = [b for b in self.backends()
+                    if (api_json(self.client, "GET", f"api/ml/{int(b['id'])}") or {}).get("title") != b["title"]]
+            if not lost:
+                return
+            log.info("project %s: Label Studio saved an older title over the run's notice (a concurrent check of "
+                     "the backend); written again", self.project)
+            self._write(lost, notice)
+        log.warning("project %s: the run's notice kept being overwritten in Label Studio", self.project)
 
 
 def progress_notice(done: int, total: int, version: str | None, failed: int = 0) -> str:

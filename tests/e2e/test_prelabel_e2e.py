@@ -377,3 +377,67 @@ def test_an_exemplar_run_prelabels_every_task_with_everything_like_the_region(wo
                             text=True, timeout=60, cwd=ROOT, env=env)
     assert f"exemplar {name}: label 'circle', 400 pixels of 64x48, from task {first} region ex1" in listed.stdout, \
         listed.stdout + listed.stderr
+
+
+def test_a_notice_that_a_stale_save_overwrites_is_written_again(world: World, monkeypatch):
+    """Label Studio checks an ML backend (/health, /setup, then a save of the whole row) at every listing of a
+    project's backends, e.g. each load of the model page: a check that read the row before a notice was written
+    saves the old title over it (the browser tests caught the queued notice gone that way). A kept notice (queued,
+    done, failed) is read back and written again. The stale save is made here by PATCHing the old title back just
+    after the notice appears, as the check's save does."""
+    import threading
+
+    from backend.studio import run_notice
+    from backend.studio.api import api_json, open_client
+    from backend.studio.run_notice import RunNotice, titled
+
+    monkeypatch.setattr(run_notice, "KEEP_AFTER_S", 4.0)  # room for the stale save on a loaded machine
+    client = open_client(world.ls.url, world.ls.legacy_token, timeout=10.0)
+    (ml,) = world.ls.client.ml_backends(world.project)
+    before = ml["title"]
+    notice = "pre-label run of 7 tasks queued (waiting for a worker)"
+    stale: list[str] = []
+
+    def stale_save() -> None:
+        wait_for(lambda: notice in world.title(), 10, "the notice in the title", interval=0.05)
+        api_json(client, "PATCH", f"api/ml/{ml['id']}", {"title": before, "project": world.project, "url": ml["url"]})
+        stale.append(world.title())
+
+    saver = threading.Thread(target=stale_save)
+    saver.start()
+    try:
+        assert RunNotice(client, str(world.project)).show(notice, final=True, keep=True)
+        saver.join(20)
+        assert stale == [before], f"the stale save did not land: {stale}"
+        assert world.title() == titled(before, notice)
+    finally:
+        saver.join(20)
+        api_json(client, "PATCH", f"api/ml/{ml['id']}", {"title": before, "project": world.project, "url": ml["url"]})
+
+
+def test_a_refused_model_version_is_not_asked_again_at_each_setup(world: World):
+    """Right after connecting, no prediction of the served version exists, so Label Studio refuses it as the
+    project's model_version (400). Label Studio calls /setup at every load of the model page or data manager; the
+    backend used to ask again four times per call (72 refused PATCHes in 30 s of a browser test). Now only a
+    /predict or a run's end (predictions stored) makes it ask again."""
+    import requests
+
+    c = world.ls.client
+    project = c.create_project("refused model version", LABEL_CONFIG)
+    c.import_tasks(project, [{"image": MISSING_IMAGE}])
+    c.add_ml_backend(project, world.backend.base_url, "clipseg", is_interactive=False)
+    health = f"{world.backend.base_url}/health"
+
+    def state() -> dict | None:
+        return (requests.get(health, timeout=10).json().get("label_studio_model_version") or {}).get(str(project))
+
+    refused = wait_for(lambda: (s := state()) and s["outcome"].startswith("refused") and s, 30,
+                       f"the refused sync of project {project}: {state()}\n{world.logs()}", interval=0.5)
+    time.sleep(11)  # the connect's own checks (AFTER_SETUP_S) are over
+    settled = state()
+    for _ in range(3):  # each listing of the project's backends makes Label Studio call /setup
+        c.ml_backends(project)
+    time.sleep(3)
+    after = state()
+    assert after["at"] == settled["at"], (refused, settled, after)
+    assert after["outcome"].startswith("refused") and c.project(project)["model_version"] != after["served"]
