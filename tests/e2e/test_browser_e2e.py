@@ -345,16 +345,25 @@ def show_column(browser: Browser, title: str) -> None:
 
 def column_cells(browser: Browser, title: str, tasks: list[int]) -> dict[int, str | None]:
     """The text the open data manager shows in column `title` for each task's row (read where the annotator sees
-    it: the element under the column header's centre, at the row's height)."""
-    header = browser.find_text(title, "*")
-    out = {}
-    for task in tasks:
-        row = browser.find(f'input[aria-label="Select Task {task}"]')
-        out[task] = browser.driver.execute_script("""
-            const [h, r] = arguments; const hb = h.getBoundingClientRect(), rb = r.getBoundingClientRect();
+    it: the element under the column header's centre, at the row's height); None where the header or the row is
+    not drawn. One script, so a re-render of the table (it redraws when the project's model_version changes) cannot
+    leave a stale element between finding the header and reading a cell."""
+    return {int(k): v for k, v in browser.driver.execute_script("""
+        const [title, tasks] = arguments;
+        const found = document.evaluate(`//*[normalize-space(.)=${JSON.stringify(title)}]`, document, null,
+                                        XPathResult.ORDERED_NODE_SNAPSHOT_TYPE, null);
+        let header = null;
+        for (let i = 0; i < found.snapshotLength && !header; i++)
+            if (found.snapshotItem(i).getClientRects().length) header = found.snapshotItem(i);
+        const out = {};
+        for (const task of tasks) {
+            const row = document.querySelector(`input[aria-label="Select Task ${task}"]`);
+            if (!header || !row) { out[task] = null; continue; }
+            const hb = header.getBoundingClientRect(), rb = row.getBoundingClientRect();
             const e = document.elementFromPoint(hb.left + hb.width / 2, rb.top + rb.height / 2);
-            return e ? e.innerText : null;""", header, row)
-    return out
+            out[task] = e ? e.innerText : null;
+        }
+        return out;""", title, tasks).items()}
 
 
 def is_number(text: str | None) -> bool:
