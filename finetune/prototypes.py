@@ -204,6 +204,9 @@ def evaluate_label(exemplar, state, examples: Sequence[tuple[Any, np.ndarray]], 
     images = list(images) if images is not None else [str(i) for i in range(len(examples))]
     embeddings = exemplar.embed_examples(examples, state)  # (n, D)
     prototype = embeddings.mean(dim=0).numpy().astype(np.float32)
+    if len(set(images)) < MIN_EXAMPLES:  # (an example can be held out when another image exists)
+        return prototype, 0.0, {"reason": f"corrections on fewer than {MIN_EXAMPLES} images",
+                                "n": len(examples) if len(set(images)) > 1 else 0}
     text_ious: list[float] = []
     mixed: dict[float, list[float]] = {float(w): [] for w in weights}
     for i, (image, mask) in enumerate(examples):
@@ -215,8 +218,6 @@ def evaluate_label(exemplar, state, examples: Sequence[tuple[Any, np.ndarray]], 
         for w in mixed:
             pred = exemplar.predict_embedding(image, others, phrase, w, state=state)
             mixed[w].append(mask_iou(pred.mask, mask))
-    if len(set(images)) < MIN_EXAMPLES:
-        return prototype, 0.0, {"reason": f"corrections on fewer than {MIN_EXAMPLES} images", "n": len(text_ious)}
     weight, evidence = choose_weight(text_ious, mixed)
     return prototype, weight, evidence
 

@@ -17,6 +17,7 @@ from PIL import Image
 from backend.http.app import create_app
 from backend.settings import Settings
 from finetune.corrections import CorrectionStore, Region, mask_iou
+from finetune.keyspace import NAMESPACE
 from finetune.prototypes import PrototypeStore
 from tests.test_app import data_uri
 
@@ -76,17 +77,18 @@ def png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def store_corrections(conn, label: str, pairs, first_task: int) -> None:
-    store = CorrectionStore(conn)
+def store_corrections(conn, label: str, pairs, first_task: int, namespace: str = NAMESPACE) -> None:
+    store = CorrectionStore(conn, namespace)
     for i, (image, mask) in enumerate(pairs):
         region = Region(label, mask, label=label, source="label", key=f"r{i}")
         assert store.put_annotation(PROJECT, first_task + i, 1000 + first_task + i, [region], png(image),
                                     updated=1.0).status == "stored"
 
 
-def app_for(trained: Path, redis_url: str, data_dir: Path):
+def app_for(trained: Path, redis_url: str, data_dir: Path, namespace: str = NAMESPACE):
     app = create_app(Settings(model=str(trained), device="cpu", precision="fp32", threshold=0.5, data_dir=data_dir,
-                              redis_url=redis_url, finetune_every=10_000, sync_label_studio=False))
+                              redis_url=redis_url, finetune_every=10_000, sync_label_studio=False,
+                              namespace=namespace))
     runtime = app.extensions["clipseg_runtime"]
     assert runtime.model.wait_ready(60)
     return app, runtime
@@ -158,6 +160,20 @@ def test_a_prototype_that_does_not_help_keeps_weight_zero_and_changes_nothing(tr
         runtime.stop()
 
 
+def test_corrections_on_fewer_than_three_images_get_no_weight(trained, redis_conn, redis_url, tmp_path):
+    """Six corrections of two images (each annotated three times): held out by image, each is predicted from one
+    other image's look only, too little evidence: weight 0, said why."""
+    scenes = red_scenes(2, seed=10)
+    store_corrections(redis_conn, "zqx", scenes * 3, first_task=1)
+    app, runtime = app_for(trained, redis_url, tmp_path / "d")
+    try:
+        zqx = runtime.refresh_prototypes(PROJECT)["zqx"]
+        assert zqx.examples == 6 and zqx.weight == 0 and not zqx.applied, zqx.describe()
+        assert zqx.evidence == {"reason": "corrections on fewer than 3 images", "n": 6}, zqx.evidence
+    finally:
+        runtime.stop()
+
+
 def test_prototypes_survive_a_restart_and_are_listed(trained, redis_conn, redis_url, tmp_path):
     """(c) Prototypes live in Redis beside the corrections: a new server (nothing recomputed) answers with the same
     version and masks; `clipseg corrections` lists each label's examples, weight and evidence, `clipseg status`
@@ -188,6 +204,21 @@ def test_prototypes_survive_a_restart_and_are_listed(trained, redis_conn, redis_
     status = subprocess.run([sys.executable, "-m", "backend.cli", "status"], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert f"prototype 'zqx' weight {stored.weight:g} (6 examples)" in status.stdout, status.stdout + status.stderr
+
+
+def test_a_server_in_another_namespace_makes_prototypes_from_its_own_corrections(trained, redis_conn, redis_url,
+                                                                               tmp_path):
+    """REDIS_NAMESPACE: a server in namespace "team-b" computes its prototypes from team-b's corrections and keeps
+    them in team-b's store, where its /predict reads them; the default namespace's store stays empty."""
+    store_corrections(redis_conn, "zqx", red_scenes(6, seed=10), first_task=1, namespace="team-b")
+    app, runtime = app_for(trained, redis_url, tmp_path / "d", namespace="team-b")
+    try:
+        assert runtime.refresh_prototypes(PROJECT)["zqx"].examples == 6
+        assert PrototypeStore(redis_conn, "team-b").all(PROJECT)["zqx"].weight > 0
+        assert PrototypeStore(redis_conn).all(PROJECT) == {}
+        assert "+proto." in predict(app.test_client(), red_scenes(1, seed=99)[0][0])["model_version"]
+    finally:
+        runtime.stop()
 
 
 def test_a_prelabel_run_with_one_exemplar_per_label(trained, redis_conn):
@@ -221,8 +252,8 @@ def test_a_prelabel_run_with_one_exemplar_per_label(trained, redis_conn):
     tasks = [{"id": i + 1, "data": {"image": data_uri(image)}} for i, (image, _) in enumerate(scenes)]
     both = service.answer(segmenter, config, prompts, tasks, None, PROJECT,
                           exemplars=[store.get(PROJECT, red.name), store.get(PROJECT, other.name)])
-    red_only = service.answer(segmenter, config, prompts, tasks, None, PROJECT, exemplar=store.get(PROJECT, red.name))
-    blue_only = service.answer(segmenter, config, prompts, tasks, None, PROJECT, exemplar=store.get(PROJECT, other.name))
+    red_only = service.answer(segmenter, config, prompts, tasks, None, PROJECT, exemplars=[store.get(PROJECT, red.name)])
+    blue_only = service.answer(segmenter, config, prompts, tasks, None, PROJECT, exemplars=[store.get(PROJECT, other.name)])
     own, wrong = [], []
     for answer, alone_red, alone_blue, (_, truth) in zip(both, red_only, blue_only, scenes):
         labels = sorted(item["value"]["brushlabels"][0] for item in answer.result)

@@ -71,10 +71,6 @@ class ProjectPrototypes:
     def store(self) -> PrototypeStore:
         return PrototypeStore(self._redis(), self.namespace)
 
-    def applied(self, project: str, version: str) -> dict[str, LabelPrototype]:
-        """label -> prototype of `project` made for `version` with weight > 0 (one Redis read)."""
-        return {label: p for label, p in self.store().all(project).items() if p.applied and p.model_version == version}
-
     def apply(self, project: str | None, view: StateSegmenter, on_stale: Callable[[str], None] | None = None) -> StateSegmenter:
         """`view` with `project`'s applied prototypes (a PrototypedSegmenter), or `view` itself when there are none
         (or Redis cannot be read: the phrases alone, never an error). `on_stale(project)` is called when stored
@@ -101,7 +97,8 @@ class ProjectPrototypes:
         conn = self._redis()
         exemplar = self.exemplars(view.segmenter)
         try:
-            return refresh_prototypes(CorrectionStore(conn), PrototypeStore(conn), exemplar, view.state, view.version,
+            return refresh_prototypes(CorrectionStore(conn, self.namespace), PrototypeStore(conn, self.namespace),
+                                      exemplar, view.state, view.version,
                                       view.segmenter.threshold_for(view.state), project,
                                       lambda label: self.phrase_of(project, label))  # type: ignore[misc]
         except NotImplementedError as exc:  # a model that cannot take visual prompts
