@@ -37,15 +37,14 @@ class ChunkPredictor:
 
     def __init__(self, client, project: str, config, prompts, segmenter, service, *, our_versions: Iterable[str] = (),
                  unlabeled_only: bool = False, replace_older: bool = True, batch: int = BATCH_CPU,
-                 still_mine=lambda: True, on_progress=lambda result: None, exemplar=None, exemplars=()):
+                 still_mine=lambda: True, on_progress=lambda result: None, exemplars=()):
         # config: the project's LabelConfig; prompts: the run's PromptSettings (its spec's, not this worker's)
         self.client, self.project, self.config, self.prompts = client, project, config, prompts
         self.segmenter, self.service = segmenter, service
         self.our_versions = set(our_versions)
         self.unlabeled_only, self.replace_older, self.batch = unlabeled_only, replace_older, batch
         self.still_mine, self.on_progress = still_mine, on_progress
-        # finetune.exemplars.Exemplar(s): a visual-prompt run (PrelabelSpec.exemplar / exemplars)
-        self.exemplars = ([exemplar] if exemplar is not None else []) + list(exemplars)
+        self.exemplars = list(exemplars)  # finetune.exemplars.Exemplar: a visual-prompt run (PrelabelSpec.exemplar_names)
         self.timings = {"read": 0.0, "wait_downloads": 0.0, "predict": 0.0, "write": 0.0, "wait_writes": 0.0}
         self._prefetch = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prelabel-fetch")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="prelabel-write")

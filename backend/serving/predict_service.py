@@ -79,13 +79,12 @@ class PredictService:
 
     def answer(self, segmenter: Segmenter, config: LabelConfig, prompts: PromptSettings,
                tasks: Sequence[Mapping[str, Any]], context: Mapping[str, Any] | None,
-               project: str | None = None, exemplar: Exemplar | None = None,
-               exemplars: Sequence[Exemplar] = ()) -> list[TaskAnswer]:
-        """One TaskAnswer per task, in order; phrases by the prompt rule with `config` and `prompts`. With `exemplar`
-        (a stored example region), every task is answered with everything like it, labelled with its label, instead
-        of the phrases (`clipseg prelabel --exemplar`); with `exemplars` (several), one region per label, each from
-        that label's own examples (averaged where a label has several)."""
-        shown = ([exemplar] if exemplar is not None else []) + list(exemplars)
+               project: str | None = None, exemplars: Sequence[Exemplar] = ()) -> list[TaskAnswer]:
+        """One TaskAnswer per task, in order; phrases by the prompt rule with `config` and `prompts`. With
+        `exemplars` (stored example regions, `clipseg prelabel --exemplar`), every task is answered with everything
+        like them instead of the phrases: one region per label, each from that label's own examples (averaged where
+        a label has several), labelled with it."""
+        shown = list(exemplars)
         by_label: dict[str, list[Exemplar]] = {}
         for ex in shown:
             by_label.setdefault(ex.label, []).append(ex)
