@@ -322,7 +322,7 @@ def run_status(args: argparse.Namespace, settings, extra: dict[str, dict] | None
     from finetune.prototypes import PrototypeStore
 
     base = base_version_name(settings.model)
-    prototypes = PrototypeStore(conn)
+    prototypes = PrototypeStore(conn, settings.namespace)
     status = {
         "redis": {"url": settings.redis_url, "namespace": settings.namespace, "version": conn.info("server").get("redis_version"),
                   "used_memory": conn.info("memory").get("used_memory_human")},

@@ -219,6 +219,10 @@ def test_a_server_in_another_namespace_makes_prototypes_from_its_own_corrections
         assert "+proto." in predict(app.test_client(), red_scenes(1, seed=99)[0][0])["model_version"]
     finally:
         runtime.stop()
+    env = {**os.environ, "REDIS_URL": redis_url, "REDIS_NAMESPACE": "team-b", "PYTHONPATH": str(ROOT)}
+    status = subprocess.run([sys.executable, "-m", "backend.cli", "status"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert "prototype 'zqx' weight" in status.stdout, status.stdout + status.stderr
 
 
 def test_a_prelabel_run_with_one_exemplar_per_label(trained, redis_conn):
