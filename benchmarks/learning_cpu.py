@@ -49,6 +49,7 @@ from clipseg_model.random_init import write_backbone  # noqa: E402
 from clipseg_model.vocab import build_tokenizer, word_level_tokenizer  # noqa: E402
 from finetune.shapes import KINDS, ShapesConfig, ShapesDataset, phrase_words  # noqa: E402
 from finetune.evaluation import evaluate  # noqa: E402
+from finetune.metrics import iou  # noqa: E402
 from finetune.recipe import TRAIN_PRESETS  # noqa: E402
 from finetune.training import train  # noqa: E402
 
@@ -116,8 +117,7 @@ def one_shot_breakdown(model, val_data: ShapesDataset) -> dict[str, float]:
         for j, i in enumerate(indices[:-1] if len(indices) > 1 else []):
             target, example = samples[i], samples[indices[j + 1]]
             mask = seg.predict(target.image, [(example.image, example.mask)]).mask
-            union = (mask | target.mask).sum()
-            per_kind.setdefault(target.meta["kind"], []).append(float((mask & target.mask).sum() / union) if union else 1.0)
+            per_kind.setdefault(target.meta["kind"], []).append(iou(mask, target.mask))
     values = [v for vs in per_kind.values() for v in vs]
     out = {f"miou_{kind}": round(sum(vs) / len(vs), 4) for kind, vs in sorted(per_kind.items())}
     return {**out, "miou": round(sum(values) / max(1, len(values)), 4), "n": len(values)}
