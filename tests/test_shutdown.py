@@ -155,3 +155,27 @@ def test_ctrl_c_abandons_a_real_fine_tune_and_the_embedded_redis_keeps_it_queued
         assert Queue(QUEUE_NAME, connection=conn).get_job_ids()[:1] == [job_id]
         assert conn.get(lock_key(8)) == job_id.encode()
         assert not Queue(QUEUE_NAME, connection=conn).failed_job_registry.get_job_ids()
+
+
+def test_a_worker_leaves_its_command_channel_at_once(redis_conn):
+    """RQ 3.0 sends UNSUBSCRIBE before it stops its pub/sub thread; when the reply reaches the thread first, the
+    thread blocks in get_message for another 60 s and redis-py 8.2's stop() waits for it: 1 in 5 `--burst` workers
+    took 60.4 s to exit here. The main thread descheduled right after sending (a loaded machine) is that order made
+    certain: our workers still leave at once."""
+    from finetune.worker import SimpleWorker
+
+    worker = SimpleWorker([Queue(QUEUE_NAME, connection=redis_conn)], connection=redis_conn, name="leaves-at-once")
+    worker.subscribe()
+    time.sleep(0.2)  # the thread is in get_message
+    send = worker.pubsub.unsubscribe
+
+    def send_then_stall(*args, **kwargs):
+        out = send(*args, **kwargs)
+        time.sleep(0.5)  # the reply arrives while the main thread is away
+        return out
+
+    worker.pubsub.unsubscribe = send_then_stall
+    started = time.monotonic()
+    worker.unsubscribe()
+    took = time.monotonic() - started
+    assert not worker.pubsub_thread.is_alive() and took < 5, f"unsubscribing took {took:.1f} s"
