@@ -14,7 +14,7 @@ import pytest
 import redis
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
 
 from finetune.corrections import CorrectionStore, Region
 from finetune.triggers import active_job_id, lock_key, maybe_enqueue_finetune, periodic_check
