@@ -58,6 +58,7 @@ import pytest
 import requests
 from PIL import Image, ImageDraw
 
+from finetune.metrics import iou
 from tests.conftest import REDIS_TEST_URL
 from tests.e2e.ls_harness import DEFAULT_LEGACY_TOKEN, LabelStudioServer, ManagedProcess, free_port
 from tests.e2e.test_backend_e2e import clipseg_command, decode_brush, scene_png, wait_backend_ready, wait_for
@@ -381,7 +382,26 @@ def open_task(browser: Browser, project: int, task: int) -> None:
     browser.open(f"/projects/{project}/data?task={task}")
     browser.find('img[alt="image"]')
     browser.find('button[aria-label="Hide all regions"]')
-    time.sleep(1.5)  # the image and the regions' bitmaps are drawn asynchronously
+    settled(browser)  # the image and the regions' bitmaps are drawn asynchronously
+
+
+def settled(browser: Browser, timeout: float = 10.0, interval: float = 0.3) -> np.ndarray:
+    """The viewport's screenshot once the image's area on screen stops changing (two screenshots `interval` apart
+    the same there; the TextArea's blinking caret is outside it), or the last one after `timeout`."""
+    d = browser.driver
+    left, top, width, height = (int(v) for v in d.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height]",
+        browser.find('img[alt="image"]')))
+    area = (slice(max(0, top), max(0, top + height)), slice(max(0, left), max(0, left + width)))
+    last = browser.screenshot()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        shot = browser.screenshot()
+        if np.array_equal(shot[area], last[area]):
+            return shot
+        last = shot
+    return last
 
 
 def type_phrase(browser: Browser, phrase: str) -> None:
@@ -464,8 +484,8 @@ def drawn_mask(browser: Browser, image_size: tuple[int, int], change: Callable[[
     visible = np.array(visible_flat, bool).reshape(height, width)
     before = browser.screenshot()
     change()
-    time.sleep(1.0)
-    after = browser.screenshot()
+    time.sleep(0.3)  # the change starts to draw
+    after = settled(browser)
     ix = np.clip(xs.astype(int), 0, before.shape[1] - 1)
     iy = np.clip(ys.astype(int), 0, before.shape[0] - 1)
     delta = np.abs(before - after).max(axis=2)[np.ix_(iy, ix)]
@@ -473,11 +493,6 @@ def drawn_mask(browser: Browser, image_size: tuple[int, int], change: Callable[[
     # region pixel changes by the full overlay (opacity x colour difference). Half the strong changes splits them.
     strong = np.percentile(delta[visible], 99) if visible.any() else 0
     return delta > max(12.0, strong / 2), visible
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
