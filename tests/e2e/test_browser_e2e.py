@@ -32,7 +32,8 @@ its test takes 32-47 s (the worker's start and model load ~13 s of it), the seco
 (Label Studio, two backends, 1,012 tasks imported: 37-47 s).
 2026-12-07, with the box and promotion tests (the backends now load while Label Studio starts; one worker for the
 ending and promotion tests): 130 s for the file at load 4-6 (fixtures 38 s, box test 13 s, promotion test 5 s);
-the same file before them took 112 s at load 3-5.
+the same file before them took 112 s at load 3-5. Later that day, with workers that exit at once (they could wait
+60 s on RQ's pub/sub thread) and settle-waits instead of fixed sleeps: 78-80 s at load ~1, three runs.
 
 Failures save a screenshot and the page's HTML under test-artifacts/browser/ (paths printed); passing runs leave
 the screenshots docs/ may use there too. Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian's `chromium`
