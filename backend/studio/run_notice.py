@@ -14,7 +14,8 @@ A notice can be lost: Label Studio checks a backend (`MLBackend.update_state`: /
 whole row) on every listing of a project's backends, e.g. each load of the model page or the data manager. A check
 that read the row before our PATCH and saves after it writes the old title back (seen in the browser tests: the
 queued notice gone 0.2 s after it was written, while the model page loaded). So a notice that nothing will follow
-(`keep`: queued, done, failed) is read back after KEEP_AFTER_S and written again if it is gone.
+(`keep`: queued, done, failed) is read back after KEEP_AFTER_S and written again if the title is the one from
+before it again (a newer title, another notice or the user's, is left alone).
 """
 from __future__ import annotations
 
@@ -82,9 +83,10 @@ class RunNotice:
         if notice == self._last_text or (not final and now - self._last < MIN_INTERVAL_S):
             return False
         try:
+            before = {int(b["id"]): b.get("title") for b in self.backends()}
             self._write(self.backends(), notice)
             if keep:
-                self._keep(notice)
+                self._keep(notice, before)
         except Exception as exc:  # noqa: BLE001 - a notice must never fail a run
             if not self._failed:
                 log.warning("project %s: cannot show the run in the ML backend's title: %s", self.project,
@@ -104,13 +106,19 @@ class RunNotice:
             # (without "url", Label Studio 1.23.2 answers 500: healthcheck_() missing 'url')
             backend["title"] = title
 
-    def _keep(self, notice: str) -> None:
+    def _keep(self, notice: str, before: dict[int, str | None]) -> None:
+        """Read the titles back; where one is `before` again (a stale save's signature: the row as it was before our
+        PATCH), write the notice again. A title that is neither ours nor that (a newer notice, the user's edit) is
+        left alone."""
         from backend.studio.api import api_json
 
         for _ in range(KEEP_TRIES):
             time.sleep(KEEP_AFTER_S)
-            lost = [b for b in self.backends()
-                    if (api_json(self.client, "GET", f"api/ml/{int(b['id'])}") or {}).get("title") != b["title"]]
+            lost = []
+            for b in self.backends():
+                now = (api_json(self.client, "GET", f"api/ml/{int(b['id'])}") or {}).get("title")
+                if now != b["title"] and now == before.get(int(b["id"])):
+                    lost.append(b)
             if not lost:
                 return
             log.info("project %s: Label Studio saved an older title over the run's notice (a concurrent check of "

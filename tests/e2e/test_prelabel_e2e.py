@@ -384,35 +384,42 @@ def test_a_notice_that_a_stale_save_overwrites_is_written_again(world: World, mo
     project's backends, e.g. each load of the model page: a check that read the row before a notice was written
     saves the old title over it (the browser tests caught the queued notice gone that way). A kept notice (queued,
     done, failed) is read back and written again. The stale save is made here by PATCHing the old title back just
-    after the notice appears, as the check's save does."""
+    after the notice appears, as the check's save does; a newer title written the same way is left alone."""
     import threading
 
     from backend.studio import run_notice
     from backend.studio.api import api_json, open_client
     from backend.studio.run_notice import RunNotice, titled
 
-    monkeypatch.setattr(run_notice, "KEEP_AFTER_S", 4.0)  # room for the stale save on a loaded machine
+    monkeypatch.setattr(run_notice, "KEEP_AFTER_S", 4.0)  # room for the other write on a loaded machine
     client = open_client(world.ls.url, world.ls.legacy_token, timeout=10.0)
     (ml,) = world.ls.client.ml_backends(world.project)
     before = ml["title"]
-    notice = "pre-label run of 7 tasks queued (waiting for a worker)"
-    stale: list[str] = []
 
-    def stale_save() -> None:
-        wait_for(lambda: notice in world.title(), 10, "the notice in the title", interval=0.05)
-        api_json(client, "PATCH", f"api/ml/{ml['id']}", {"title": before, "project": world.project, "url": ml["url"]})
-        stale.append(world.title())
+    def set_title(title: str) -> None:
+        api_json(client, "PATCH", f"api/ml/{ml['id']}", {"title": title, "project": world.project, "url": ml["url"]})
 
-    saver = threading.Thread(target=stale_save)
-    saver.start()
+    def shown_then_overwritten(notice: str, title: str) -> str:
+        """Show `notice` as a kept notice while another writer sets `title` just after it appears; the title then."""
+        def overwrite() -> None:
+            wait_for(lambda: notice in world.title(), 10, f"{notice!r} in the title", interval=0.05)
+            set_title(title)
+
+        writer = threading.Thread(target=overwrite)
+        writer.start()
+        try:
+            assert RunNotice(client, str(world.project)).show(notice, final=True, keep=True)
+        finally:
+            writer.join(20)
+        return world.title()
+
     try:
-        assert RunNotice(client, str(world.project)).show(notice, final=True, keep=True)
-        saver.join(20)
-        assert stale == [before], f"the stale save did not land: {stale}"
-        assert world.title() == titled(before, notice)
+        queued = "pre-label run of 7 tasks queued (waiting for a worker)"
+        assert shown_then_overwritten(queued, before) == titled(before, queued)  # the stale save: written again
+        newer = titled(before, "a newer notice")
+        assert shown_then_overwritten("7 tasks pre-labelled", newer) == newer  # not a stale save: left alone
     finally:
-        saver.join(20)
-        api_json(client, "PATCH", f"api/ml/{ml['id']}", {"title": before, "project": world.project, "url": ml["url"]})
+        set_title(before)
 
 
 def test_a_refused_model_version_is_not_asked_again_at_each_setup(world: World):
