@@ -415,13 +415,27 @@ def type_phrase(browser: Browser, phrase: str) -> None:
     browser.find_text(phrase, "*")
 
 
-def auto_annotation_on(browser: Browser, on: bool = True) -> None:
+def auto_annotation_on(browser: Browser, on: bool = True, timeout: float = 20.0) -> None:
     """Switch the editor's Auto-Annotation on (or off with `on=False`); the browser remembers it from an earlier
-    task, so a blind click may do the opposite."""
-    toggle = browser.find('input[data-testid="bottombar-auto-annotation-toggle"]')
-    if toggle.is_selected() != on:
-        browser.find_text("Auto-Annotation", "span").click()
-    wait_until(lambda: toggle.is_selected() == on, 5, f"Auto-Annotation {'on' if on else 'off'}")
+    task, so a blind click may do the opposite. On a loaded machine a click can land before the bar handles it:
+    clicked again when the state has not changed 3 s later (never sooner, or a slow first click would be undone)."""
+    def state() -> bool | None:
+        try:
+            return browser.driver.find_element("css selector",
+                                               'input[data-testid="bottombar-auto-annotation-toggle"]').is_selected()
+        except Exception:  # noqa: BLE001 - the bar is re-rendering
+            return None
+
+    deadline = time.monotonic() + timeout
+    while state() != on:
+        assert time.monotonic() < deadline, f"Auto-Annotation did not turn {'on' if on else 'off'} in {timeout:.0f} s"
+        try:
+            browser.find_text("Auto-Annotation", "span").click()
+        except Exception:  # noqa: BLE001 - stale or covered while the bar re-renders: look again
+            continue
+        clicked = time.monotonic()
+        while state() != on and time.monotonic() - clicked < 3.0:
+            time.sleep(0.1)
 
 
 def pick_smart_tool(browser: Browser, tool: str) -> None:
