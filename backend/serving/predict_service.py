@@ -84,9 +84,8 @@ class PredictService:
         `exemplars` (stored example regions, `clipseg prelabel --exemplar`), every task is answered with everything
         like them instead of the phrases: one region per label, each from that label's own examples (averaged where
         a label has several), labelled with it."""
-        shown = list(exemplars)
         by_label: dict[str, list[Exemplar]] = {}
-        for ex in shown:
+        for ex in exemplars:
             by_label.setdefault(ex.label, []).append(ex)
         answers: list[TaskAnswer | None] = [None] * len(tasks)
         version = segmenter.version
@@ -106,7 +105,7 @@ class PredictService:
             # Example regions drawn with a smart tool make it a visual prompt (interactive requests: one task).
             regions_of = {i: context_regions(context, image.width, image.height) for i, image, _ in ok} if context else {}
             visual = {i: regions for i, regions in regions_of.items() if any(r.positive for r in regions)}
-            if shown:
+            if exemplars:
                 visual = {i: regions_of.get(i, []) for i, _, _ in ok}
             batched = [(i, image, requests) for i, image, requests in ok if i not in visual]
             # Label-prompted requests of a label with a prototype (`backend.serving.prototypes`) are decoded from
@@ -124,7 +123,7 @@ class PredictService:
                             preds = [p for _, ps in pairs for p in ps]
                         else:
                             requests, preds = self._visual(segmenter, config, prompts, image, visual[i], requests,
-                                                           shown)
+                                                           exemplars)
                     except NotImplementedError as exc:  # a model that cannot take visual prompts: its text answer
                         log.warning("task %s: visual prompt ignored: %s", tasks[i].get("id"), exc)
                         preds = segmenter.predict_batch([image.image], [[p.text for p in requests]])[0]
