@@ -368,6 +368,17 @@ def column_cells(browser: Browser, title: str, tasks: list[int]) -> dict[int, st
         return out;""", title, tasks).items()}
 
 
+def rows_in_view(browser: Browser, tasks: list[int]) -> list[int]:
+    """The tasks whose row of the open data manager is on screen above its footer (40 px)."""
+    window_height = browser.driver.execute_script("return window.innerHeight")
+
+    def bottom(task: int) -> float:
+        _, top, _, height = screen_rect(browser, browser.find(f'input[aria-label="Select Task {task}"]'))
+        return top + height
+
+    return [t for t in tasks if bottom(t) < window_height - 40]
+
+
 def is_number(text: str | None) -> bool:
     return bool(text and re.fullmatch(r"\s*\d+(\.\d+)?\s*", text))
 
@@ -386,13 +397,16 @@ def open_task(browser: Browser, project: int, task: int) -> None:
     settled(browser)  # the image and the regions' bitmaps are drawn asynchronously
 
 
+def screen_rect(browser: Browser, element) -> tuple[float, float, float, float]:
+    """(left, top, width, height) of `element` in the viewport, CSS pixels (a screenshot's pixels here)."""
+    return tuple(browser.driver.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height]", element))
+
+
 def settled(browser: Browser, timeout: float = 10.0, interval: float = 0.3) -> np.ndarray:
     """The viewport's screenshot once the image's area on screen stops changing (two screenshots `interval` apart
     the same there; the TextArea's blinking caret is outside it), or the last one after `timeout`."""
-    d = browser.driver
-    left, top, width, height = (int(v) for v in d.execute_script(
-        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height]",
-        browser.find('img[alt="image"]')))
+    left, top, width, height = (int(v) for v in screen_rect(browser, browser.find('img[alt="image"]')))
     area = (slice(max(0, top), max(0, top + height)), slice(max(0, left), max(0, left + width)))
     last = browser.screenshot()
     deadline = time.monotonic() + timeout
@@ -463,9 +477,7 @@ def drag_box(browser: Browser, image_size: tuple[int, int], box: tuple[int, int,
 
     d = browser.driver
     img, stage = browser.find('img[alt="image"]'), browser.find(".konvajs-content")
-    (il, it, iw, ih), (sl, st, sw, sh) = (d.execute_script(
-        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height]", e)
-        for e in (img, stage))
+    (il, it, iw, ih), (sl, st, sw, sh) = screen_rect(browser, img), screen_rect(browser, stage)
     x0, y0, x1, y1 = box
     ax, ay = il + x0 * iw / image_size[0], it + y0 * ih / image_size[1]
     bx, by = il + x1 * iw / image_size[0], it + y1 * ih / image_size[1]
@@ -485,8 +497,7 @@ def drawn_mask(browser: Browser, image_size: tuple[int, int], change: Callable[[
     d = browser.driver
     img = browser.find('img[alt="image"]')
     # Screen position of each image pixel's centre: the <img> under Konva's stage has the zoom as a CSS transform.
-    left, top, shown_w, shown_h = d.execute_script(
-        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height]", img)
+    left, top, shown_w, shown_h = screen_rect(browser, img)
     xs = left + (np.arange(width) + 0.5) * shown_w / width
     ys = top + (np.arange(height) + 0.5) * shown_h / height
     visible_flat = d.execute_script("""
@@ -744,9 +755,7 @@ def test_run_over_the_budget_is_seen_queued_then_done_on_the_model_card(studio: 
     footer = re.compile(rf"Predictions:\s*{N_ENDING}\b")
     wait_until(lambda: footer.search(browser.find("body").text), 10,
                f"{footer.pattern!r} in the data manager's footer")
-    in_view = [t for t in studio.ending_tasks if browser.driver.execute_script(
-        "const b = arguments[0].getBoundingClientRect(); return b.bottom < window.innerHeight - 40",
-        browser.find(f'input[aria-label="Select Task {t}"]'))]
+    in_view = rows_in_view(browser, studio.ending_tasks)
     assert len(in_view) >= 3, in_view
     scores = {p["task"]: p["score"] for p in preds}
 
@@ -804,9 +813,7 @@ def test_score_column_shows_the_new_versions_scores_after_a_promotion(studio: St
     assert len(changed) >= len(refreshed) // 2, (new, old)  # the new version's scores are not the old ones
 
     data_manager(browser, studio.ending)
-    in_view = [t for t in studio.ending_tasks if browser.driver.execute_script(
-        "const b = arguments[0].getBoundingClientRect(); return b.bottom < window.innerHeight - 40",
-        browser.find(f'input[aria-label="Select Task {t}"]'))]
+    in_view = rows_in_view(browser, studio.ending_tasks)
     assert annotated in in_view and len(in_view) >= 4, in_view
 
     def shows_new() -> dict[int, str | None] | None:
